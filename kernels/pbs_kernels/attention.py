@@ -1,0 +1,140 @@
+"""pbs_attention(): permute -> select -> attend, with a dense fallback and statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops._common import default_scale, resolve_backend
+from .ops.attend import attend
+from .ops.permute import permute_keys
+from .ops.select import BlockList, select_blocks
+
+ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)
+ALLOWED_HEAD_DIMS = (64, 128)
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass
+class PbsStats:
+    """What one pbs_attention call computed.
+
+    density: computed tiles / causal tiles, mean over heads (1.0 on the dense path).
+    density_per_head: [HQ] float32 (mean over the batch).
+    dense: True when the call fell back to dense attention (short prompt).
+    blocks: the kept-tile lists (None on the dense path).
+    pos: original position of each permuted key slot [B, H, N] (None on the dense path).
+    """
+
+    density: float
+    density_per_head: torch.Tensor
+    dense: bool
+    blocks: BlockList | None = None
+    pos: torch.Tensor | None = None
+
+
+def dense_causal_attention(q, k, v, *, scale: float | None = None) -> torch.Tensor:
+    """Dense causal attention through SDPA with grouped-query heads (the fallback path)."""
+    HQ, H = q.shape[1], k.shape[1]
+    if HQ != H:
+        k = k.repeat_interleave(HQ // H, dim=1)
+        v = v.repeat_interleave(HQ // H, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"pbs_attention: {name} must be a 4-D tensor [B, heads, N, D]")
+    B, HQ, N, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"pbs_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"pbs_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
+    if k.shape[2] != N:
+        raise ValueError(
+            f"pbs_attention: q_len {N} != kv_len {k.shape[2]}; PBS is for prefill "
+            "(queries and keys at the same positions); use dense attention for decode"
+        )
+    if HQ % k.shape[1] != 0:
+        raise ValueError(f"pbs_attention: query heads {HQ} must be a multiple of kv heads {k.shape[1]}")
+    if D not in ALLOWED_HEAD_DIMS:
+        raise ValueError(f"pbs_attention: head dim {D} is not supported; allowed {ALLOWED_HEAD_DIMS}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"pbs_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"pbs_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"pbs_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"pbs_attention: {name} is not contiguous in its last dimension; call .contiguous()")
+    if block_size not in ALLOWED_BLOCK_SIZES:
+        raise ValueError(f"pbs_attention: block_size {block_size} is not allowed; use one of {ALLOWED_BLOCK_SIZES}")
+    if segment_size <= 0 or segment_size % block_size:
+        raise ValueError(
+            f"pbs_attention: segment_size {segment_size} must be a positive multiple of block_size {block_size}"
+        )
+    if not (0.0 < float(threshold) <= 1.0):
+        raise ValueError(f"pbs_attention: threshold {threshold} must be in (0, 1]")
+    if backend not in BACKENDS:
+        raise ValueError(f"pbs_attention: backend {backend!r} is not one of {BACKENDS}")
+    if min_seq_len < 0:
+        raise ValueError(f"pbs_attention: min_seq_len {min_seq_len} must be >= 0")
+
+
+def pbs_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 128,
+    segment_size: int = 256,
+    threshold: float = 0.9,
+    permute: bool = True,
+    min_seq_len: int = 0,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """Causal Permuted Block-Sparse attention for prefill.
+
+    q: [B, HQ, N, D]; k, v: [B, H, N, D] with HQ a multiple of H; D in {64, 128}; float16 or
+    bfloat16 on a GPU (float32 works too, more slowly). Any N >= 1.
+
+    1. permute: inside each segment of `segment_size` keys, sort keys by the attention they get
+       from the last `block_size` queries (off: `permute=False`, plain block-sparse).
+    2. select: per query block keep the fewest earlier-segment key blocks whose pooled attention
+       mass reaches `threshold`, plus its own segment and the block holding token 0.
+    3. attend: flash-attention forward over the kept tiles only.
+
+    Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
+    equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter), "torch"
+    (plain torch reference) or "auto" (triton on CUDA, torch elsewhere).
+
+    Returns the output [B, HQ, N, D] in q's dtype, and with `return_stats=True` also a PbsStats.
+    """
+    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len)
+    B, HQ, N, D = q.shape
+    scale = default_scale(D) if scale is None else float(scale)
+    if N <= segment_size or N < min_seq_len:
+        out = dense_causal_attention(q, k, v, scale=scale)
+        if not return_stats:
+            return out
+        return out, PbsStats(1.0, torch.ones(HQ), dense=True)
+
+    be = resolve_backend(backend, q)
+    if permute:
+        k_p, v_p, pos = permute_keys(q, k, v, block_size=block_size, segment_size=segment_size,
+                                     scale=scale, backend=be)
+    else:
+        k_p, v_p = k, v
+        pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
+    blocks = select_blocks(q, k_p, pos, block_size=block_size, segment_size=segment_size,
+                           threshold=float(threshold), scale=scale, backend=be)
+    out = attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be)
+    if not return_stats:
+        return out
+    per_head = blocks.density_per_head().cpu()
+    return out, PbsStats(float(per_head.mean()), per_head, dense=False, blocks=blocks, pos=pos)

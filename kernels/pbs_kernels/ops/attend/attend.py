@@ -1,0 +1,162 @@
+"""Triton forward of permuted block-sparse attention over a compact list of kept tiles.
+
+One program per (query block, batch x query head). It walks the query block's kept key blocks:
+first the blocks of earlier segments with no mask at all (every key there is in the past), then
+the blocks of its own segment, masked token by token with the keys' original positions. K/V are
+read from the query head's KV head directly (grouped-query attention with no copy).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import LOG2E, cdiv
+from ..select.naive import BlockList
+
+
+@triton.jit
+def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_allow, IEEE: tl.constexpr):
+    # [BLOCK_M, BLOCK_N]
+    if IEEE:
+        b_s = tl.dot(b_q, b_k, input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, b_k)
+    b_s = b_s * qk_scale
+    if MASK:
+        b_s = tl.where(m_allow, b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    # A row may see no allowed key yet (masked tile first): keep exp2 away from inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_fwd_kernel(
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_pb, stride_ph,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    N, HQ, G, NQB, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr,
+):
+    # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
+    i_m = NQB - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // HQ).to(tl.int64)
+    i_hq = (i_bh % HQ).to(tl.int64)
+    i_h = i_hq // G
+
+    o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_m = o_m < N
+
+    p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
+    # [BLOCK_SIZE, HEAD_DIM]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    p_kbase = K + i_b * stride_kb + i_h * stride_kh
+    p_vbase = V + i_b * stride_vb + i_h * stride_vh
+    p_pos = POS + i_b * stride_pb + i_h * stride_ph
+    p_idx = IDX + i_b * stride_ib + i_hq * stride_ih + i_m * stride_iq
+    n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_m)
+    n_tot = tl.load(NTOT + i_b * stride_cb + i_hq * stride_ch + i_m)
+
+    m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
+
+    # Tiles of earlier segments: full blocks, all keys in the past, no mask.
+    for t in range(0, n_off):
+        i_j = tl.load(p_idx + t).to(tl.int64)
+        for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            o_n = i_j * BLOCK_SIZE + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
+            # [HEAD_DIM, BLOCK_N]
+            b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None])
+            # [BLOCK_N, HEAD_DIM]
+            b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :])
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE)
+
+    # Tiles of the query's own segment: mask by original position (and the end of the sequence).
+    for t in range(n_off, n_tot):
+        i_j = tl.load(p_idx + t).to(tl.int64)
+        for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            o_n = i_j * BLOCK_SIZE + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_n = o_n < N
+            b_pos = tl.load(p_pos + o_n, mask=m_n, other=2147483647)
+            b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :], other=0.0)
+            b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
+            # [BLOCK_SIZE, BLOCK_N]
+            m_allow = b_pos[None, :] <= o_m[:, None]
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE)
+
+    # Every real row saw at least its own key; padded rows (o_m >= N) are never stored.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    b_o = acc / l_safe[:, None]
+    p_o = O + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_on + o_d[None, :]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
+    if RETURN_LSE:
+        # Natural-log log-sum-exp of the scaled scores over the computed tiles.
+        b_lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+        tl.store(LSE + i_bh.to(tl.int64) * N + o_m, b_lse, mask=m_m)
+
+
+def _check(q, k_perm, v_perm, pos, blocks: BlockList):
+    B, HQ, N, D = q.shape
+    if k_perm.stride(-1) != 1 or v_perm.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("attend: q, k and v need a contiguous last dimension")
+    if not pos.is_contiguous() or pos.dtype != torch.int32:
+        raise ValueError("attend: pos must be a contiguous int32 tensor")
+    for name in ("idx", "n_off", "n_total"):
+        t = getattr(blocks, name)
+        if not t.is_contiguous() or t.dtype != torch.int32:
+            raise ValueError(f"attend: blocks.{name} must be a contiguous int32 tensor")
+    if blocks.num_blocks != cdiv(N, blocks.block_size):
+        raise ValueError("attend: the block list does not match the sequence length")
+
+
+def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
+                  out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None):
+    """Same contract as `attend_naive`; `out` (like q) receives the output if given."""
+    _check(q, k_perm, v_perm, pos, blocks)
+    B, HQ, N, D = q.shape
+    H = k_perm.shape[1]
+    b = blocks.block_size
+    nqb = blocks.num_blocks
+    if block_n is None:
+        block_n = min(b, 64)
+    if num_warps is None:
+        num_warps = 8 if b * D >= 128 * 128 else 4
+    if num_stages is None:
+        num_stages = 2 if q.is_cuda else 1
+    o = torch.empty_like(q) if out is None else out
+    lse = torch.empty(B, HQ, N, device=q.device, dtype=torch.float32) if return_lse else o
+    grid = (nqb, B * HQ)
+    _attend_fwd_kernel[grid](
+        q, k_perm, v_perm, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
+        v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        pos.stride(0), pos.stride(1),
+        blocks.idx.stride(0), blocks.idx.stride(1), blocks.idx.stride(2),
+        blocks.n_off.stride(0), blocks.n_off.stride(1),
+        N, HQ, HQ // H, nqb, scale * LOG2E,
+        BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
+        RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (o, lse) if return_lse else o

@@ -1,0 +1,30 @@
+"""Permute keys inside segments by the attention they receive from the last query block."""
+from __future__ import annotations
+
+import torch
+
+from .naive import gather_keys, permute_keys_naive, score_keys_naive, sort_within_segments
+
+
+def score_keys(q, k, *, block_size: int, scale: float, backend: str = "torch") -> torch.Tensor:
+    if backend == "triton" and q.shape[2] >= block_size:
+        from .score import score_keys_triton
+
+        return score_keys_triton(q, k, block_size=block_size, scale=scale)
+    return score_keys_naive(q, k, block_size=block_size, scale=scale)
+
+
+def permute_keys(q, k, v, *, block_size: int, segment_size: int, scale: float, backend: str = "torch"):
+    """Returns (k_perm, v_perm, pos): K and V with the keys of every full segment sorted by
+    descending score, and pos [B, H, N] int32, the original position of each permuted slot.
+
+    Scoring runs in Triton on the "triton" backend; sorting (segments are short) and the gather
+    of K/V are torch ops on both backends.
+    """
+    scores = score_keys(q, k, block_size=block_size, scale=scale, backend=backend)
+    order = sort_within_segments(scores, segment_size)
+    k_p, v_p = gather_keys(k, v, order)
+    return k_p, v_p, order.to(torch.int32)
+
+
+__all__ = ["permute_keys", "permute_keys_naive", "score_keys", "score_keys_naive"]

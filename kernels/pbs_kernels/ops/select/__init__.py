@@ -1,0 +1,13 @@
+"""Select key blocks per query block: top-p over earlier segments + own segment + sink."""
+from .naive import BlockList, block_geometry, pool_blocks, select_blocks_naive, topp_keep
+
+
+def select_blocks(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
+                  scale: float, backend: str = "torch") -> BlockList:
+    """Block selection; one torch implementation serves both backends for now (it works on
+    pooled [NQB, NKB] scores, so it is O(N^2 / b^2), never N x N)."""
+    return select_blocks_naive(q, k_perm, pos, block_size=block_size, segment_size=segment_size,
+                               threshold=threshold, scale=scale)
+
+
+__all__ = ["BlockList", "block_geometry", "pool_blocks", "select_blocks", "select_blocks_naive", "topp_keep"]
