@@ -1,0 +1,50 @@
+"""GPU checks (bf16, up to 32K tokens); run on a CUDA machine with `make test-gpu`."""
+import pytest
+import torch
+
+from pbs_kernels import pbs_attention
+from pbs_kernels.attention import dense_causal_attention
+from pbs_kernels.ops.attend.attend import attend_triton
+from pbs_kernels.ops.attend.naive import attend_naive
+from pbs_kernels.ops.permute import permute_keys, score_keys_naive
+from pbs_kernels.ops.permute.score import score_keys_triton
+from pbs_kernels.ops.select import BlockList, select_blocks
+
+from _ref import rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _qkv(N, HQ=32, H=8, D=128, dtype=torch.bfloat16):
+    q = torch.randn(1, HQ, N, D, device="cuda", dtype=dtype)
+    k = torch.randn(1, H, N, D, device="cuda", dtype=dtype)
+    v = torch.randn(1, H, N, D, device="cuda", dtype=dtype)
+    k[:, :, torch.randint(0, N, (N // 50,), device="cuda")] *= 3
+    return q, k, v
+
+
+@pytest.mark.parametrize("N", [4097, 16384, 32768])
+@pytest.mark.parametrize("D", [64, 128])
+def test_threshold_one_equals_dense_bf16(N, D):
+    q, k, v = _qkv(N, D=D)
+    out = pbs_attention(q, k, v, threshold=1.0, backend="triton")
+    ref = dense_causal_attention(q.float(), k.float(), v.float())
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("N,b,S", [(8191, 128, 256), (32768, 128, 512), (20000, 64, 256)])
+def test_sparse_matches_reference_bf16(N, b, S):
+    q, k, v = _qkv(N)
+    scale = 128 ** -0.5
+    st = score_keys_triton(q, k, block_size=b, scale=scale)
+    assert rel_err(st, score_keys_naive(q, k, block_size=b, scale=scale)) < 1e-2
+    kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend="triton")
+    bl = select_blocks(q, kp, pos, block_size=b, segment_size=S, threshold=0.9, scale=scale)
+    out = torch.full_like(q, float("nan"))
+    attend_triton(q, kp, vp, pos, bl, scale=scale, out=out)
+    assert not torch.isnan(out).any()
+    heads = slice(0, 4)  # the reference is slow; the first KV group is enough
+    sub = BlockList(bl.idx[:, heads].contiguous(), bl.n_off[:, heads].contiguous(),
+                    bl.n_total[:, heads].contiguous(), b)
+    ref = attend_naive(q[:, heads].float(), kp[:, :1].float(), vp[:, :1].float(), pos[:, :1], sub, scale=scale)
+    assert rel_err(out[:, heads], ref) < 1e-2
