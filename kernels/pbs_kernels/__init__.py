@@ -1,16 +1,32 @@
-"""pbs_kernels: the Permuted Block-Sparse attention runtime (torch + Triton)."""
-from .attention import PbsStats, dense_causal_attention, pbs_attention
+"""pbs_kernels: the Permuted Block-Sparse attention runtime (torch + Triton).
+
+Names load on first use, so reading a profile does not pay for importing torch and Triton.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "pbs_attention": "attention",
+    "dense_causal_attention": "attention",
+    "PbsStats": "attention",
+    "PbsProfile": "profile",
+    "LayerConfig": "profile",
+    "ProfileError": "profile",
+    "builtin_profile": "profile",
+}
+
 
 def __getattr__(name):
-    # Profiles load lazily so `import pbs_kernels` stays light for kernel-only users.
-    if name in ("PbsProfile", "LayerConfig", "ProfileError"):
-        from . import profile
-
-        return getattr(profile, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'pbs_kernels' has no attribute {name!r}")
 
 
-__all__ = ["LayerConfig", "PbsProfile", "PbsStats", "ProfileError", "dense_causal_attention", "pbs_attention"]
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)

@@ -136,12 +136,14 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     H = k_perm.shape[1]
     b = blocks.block_size
     nqb = blocks.num_blocks
+    # Measured on an H200 (Triton 3.6, b=128, D=128, bf16): BLOCK_N=128 with 8 warps and 3 stages
+    # gave 400-437 TFLOP/s on computed tiles; 4 warps gave ~290, BLOCK_N=64 ~2% less.
     if block_n is None:
-        block_n = min(b, 64)
+        block_n = b
     if num_warps is None:
         num_warps = 8 if b * D >= 128 * 128 else 4
     if num_stages is None:
-        num_stages = 2 if q.is_cuda else 1
+        num_stages = 3 if q.is_cuda else 1
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, HQ, N, device=q.device, dtype=torch.float32) if return_lse else o
     grid = (nqb, B * HQ)

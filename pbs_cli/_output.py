@@ -1,0 +1,184 @@
+"""The one output object commands print through.
+
+Human output (messages, tables, progress bars) goes to stderr; `--format json` prints exactly one
+JSON document on stdout, so `pbs ... --format json | jq` always works. Workflows never print:
+they take a plain progress callback (`ProgressFn`) and return data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import date
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+# progress(desc, completed, total): `completed` is absolute (not an increment), so a workflow can
+# report the same step twice harmlessly; total None means unknown. One bar per distinct desc.
+ProgressFn = Callable[[str, int, Optional[int]], None]
+
+
+def no_progress(desc: str, completed: int, total: Optional[int] = None) -> None:
+    """The progress callback for callers that want none (tests, Python callers)."""
+
+
+class Output:
+    """`Output("table")` or `Output("json")`; `fmt` may also be the FormatOpt enum."""
+
+    def __init__(self, fmt: str = "table") -> None:
+        fmt = getattr(fmt, "value", fmt)
+        if fmt not in ("table", "json"):
+            raise ValueError(f"unknown output format {fmt!r}; expected table or json")
+        self.fmt: str = fmt
+        # stderr=True resolves sys.stderr at each write, so CliRunner's capture sees it.
+        self.console = Console(stderr=True, highlight=False, soft_wrap=False)
+        self._json_emitted = False
+
+    @property
+    def json(self) -> bool:
+        return self.fmt == "json"
+
+    # -- human output (stderr) -----------------------------------------------------------
+
+    def info(self, message: str) -> None:
+        """A plain line on stderr, in both formats (no rich markup interpretation)."""
+        self.console.print(message, markup=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"warning: {message}", markup=False, style="yellow")
+
+    def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """A rich table on stderr. Skipped with --format json, whose document carries the data."""
+        if self.json:
+            return
+        rows = [list(r) for r in rows]
+        table = Table(title=Text(title, style="bold"), title_justify="left")
+        for i, name in enumerate(columns):
+            numeric = bool(rows) and all(_is_number(r[i]) or r[i] is None for r in rows)
+            table.add_column(name, justify="right" if numeric else "left")
+        for r in rows:
+            # Text, not str: a value like "[dense]" must not be read as rich markup.
+            table.add_row(*(Text(_cell(v)) for v in r))
+        self.console.print(table)
+
+    @contextmanager
+    def progress(self) -> Iterator[ProgressFn]:
+        """Yield a `ProgressFn` that drives rich progress bars on stderr.
+
+        with out.progress() as report:
+            run_workflow(..., progress=report)   # report("layers", 3, 32)
+        """
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if not self.console.is_terminal:
+            # Logs and captured output: no redraws, one line per finished step instead.
+            yield self._plain_progress()
+            return
+        bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        tasks: dict[str, Any] = {}
+
+        def report(desc: str, completed: int, total: Optional[int] = None) -> None:
+            if desc not in tasks:
+                tasks[desc] = bars.add_task(desc, total=total)
+            bars.update(tasks[desc], completed=completed, total=total)
+
+        with bars:
+            yield report
+
+    def _plain_progress(self) -> ProgressFn:
+        done: set[str] = set()
+
+        def report(desc: str, completed: int, total: Optional[int] = None) -> None:
+            if total is not None and completed >= total and desc not in done:
+                done.add(desc)
+                self.info(f"{desc}: {completed}/{total} done")
+
+        return report
+
+    # -- machine output (stdout) ---------------------------------------------------------
+
+    def emit_json(self, obj: Any) -> None:
+        """Print `obj` as the command's one JSON document on stdout (dataclasses, Paths, enums,
+        numpy/torch scalars are converted; NaN/inf become null, which strict JSON requires)."""
+        if self._json_emitted:
+            raise RuntimeError("emit_json called twice; a command prints one JSON document")
+        self._json_emitted = True
+        sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON data from results: dataclasses, mappings, sequences, Paths, enums, scalars."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, (Path, os.PathLike)):
+        return os.fspath(obj)
+    if isinstance(obj, date):
+        return obj.isoformat()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if callable(getattr(obj, "to_dict", None)):
+        return to_jsonable(obj.to_dict())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if callable(getattr(obj, "tolist", None)):  # numpy arrays/scalars, torch tensors
+        return to_jsonable(obj.tolist())
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a file whole or not at all: temp file in the same folder, fsync, os.replace.
+    Creates missing parent folders. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,82 @@
+"""The `pbs` command: registers the commands and holds the single error boundary (`main`).
+
+Command modules import torch and friends inside their bodies, so `pbs --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from . import analyze, bench, profile_cmd, tune
+from ._errors import PbsError
+
+app = typer.Typer(
+    name="pbs",
+    help="Permuted Block-Sparse attention for long-prompt prefill: analyze, tune, bench, apply.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Plain tracebacks under PBS_DEBUG=1: easy to paste into an issue, never dumps tensor locals.
+    pretty_exceptions_enable=False,
+)
+app.command("analyze")(analyze.command)
+app.command("tune")(tune.command)
+app.command("bench")(bench.command)
+
+profile_app = typer.Typer(help="Inspect and check PBS profile YAML files.", no_args_is_help=True)
+profile_app.command("show")(profile_cmd.show)
+profile_app.command("validate")(profile_cmd.validate)
+app.add_typer(profile_app, name="profile")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"pbs {version('pbs')}")
+        except PackageNotFoundError:
+            typer.echo("pbs (not installed; run `pip install -e .`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Permuted Block-Sparse attention for long-prompt prefill: analyze, tune, bench, apply."""
+
+
+def _user_message(e: BaseException) -> str | None:
+    """The one-line message of an expected failure, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, PbsError):
+        return str(e)
+    # ProfileError is checked only if its module was loaded: importing pbs_kernels here would pull
+    # torch into `pbs --help`. If the error was raised, the module is loaded.
+    profile = sys.modules.get("pbs_kernels.profile")
+    if profile is not None and isinstance(e, profile.ProfileError):
+        return str(e)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `pbs`: runs the app; expected failures print `error: ...` and exit 1.
+
+    Typer's standalone mode still handles --help and bad option values (exit 2); everything it
+    does not catch arrives here.
+    """
+    try:
+        app(args=argv, prog_name="pbs")
+    except Exception as e:
+        message = _user_message(e)
+        if message is None or os.environ.get("PBS_DEBUG", "") not in ("", "0"):
+            raise
+        typer.echo(f"error: {' '.join(message.splitlines())}", err=True)
+        typer.echo("(set PBS_DEBUG=1 for the traceback)", err=True)
+        raise SystemExit(getattr(e, "exit_code", 1)) from None

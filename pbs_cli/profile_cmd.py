@@ -1,0 +1,62 @@
+"""`pbs profile show FILE` and `pbs profile validate FILE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ._errors import ProfileFileError
+from ._options import FormatOpt
+from ._output import Output
+
+if TYPE_CHECKING:
+    from pbs_kernels.profile import PbsProfile
+
+FileArg = Annotated[Path, typer.Argument(metavar="FILE", help="A PBS profile YAML.", show_default=False)]
+
+
+def _load(file: Path) -> PbsProfile:
+    # Imported here: pbs_kernels may pull in torch, which `pbs --help` must not pay for.
+    from pbs_kernels.profile import PbsProfile, ProfileError
+
+    try:
+        return PbsProfile.load(file)
+    except ProfileError as e:
+        raise ProfileFileError(str(e)) from e
+
+
+def show(file: FileArg, format: FormatOpt = "table") -> None:
+    """Show a profile: its defaults, per-layer overrides and metrics.
+
+    Example: pbs profile show profiles/default.yaml --format json
+    """
+    profile = _load(file)
+    out = Output(format)
+    if out.json:
+        out.emit_json(profile.to_dict())
+        return
+    tuned = ", ".join(f"{k}={v}" for k, v in profile.tuned_for.items() if v is not None) or "-"
+    out.info(f"{file}  model: {profile.model or '-'}  created: {profile.created or '-'}  tuned for: {tuned}")
+    defaults = profile.to_dict()["defaults"]
+    out.table("defaults", ["setting", "value"], defaults.items())
+    if profile.layers:
+        fields = list(defaults)
+        rows = [[i, *(profile.layers[i].get(f) for f in fields)] for i in sorted(profile.layers)]
+        out.table("layer overrides (- = default)", ["layer", *fields], rows)
+    else:
+        out.info("no per-layer overrides: every layer uses the defaults")
+    if profile.metrics:
+        out.table("metrics", ["metric", "value"], profile.metrics.items())
+    else:
+        out.info("no metrics recorded")
+
+
+def validate(file: FileArg) -> None:
+    """Check a profile; print `ok: FILE` (exit 0) or the problem in one line (exit 1).
+
+    Example: pbs profile validate profiles/llama8b.yaml
+    """
+    _load(file)
+    Output().info(f"ok: {file}")
