@@ -4,8 +4,15 @@ from .naive import BlockList, block_geometry, pool_blocks, select_blocks_naive, 
 
 def select_blocks(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
                   scale: float, backend: str = "torch") -> BlockList:
-    """Block selection; one torch implementation serves both backends for now (it works on
-    pooled [NQB, NKB] scores, so it is O(N^2 / b^2), never N x N)."""
+    """Kept key blocks per query block (see BlockList). Both backends work on pooled [NQB, NKB]
+    block scores, O(N^2 / b^2), never N x N."""
+    if backend == "triton":
+        from .select import select_blocks_triton
+
+        blocks = select_blocks_triton(q, k_perm, pos, block_size=block_size, segment_size=segment_size,
+                                      threshold=threshold, scale=scale)
+        if blocks is not None:
+            return blocks
     return select_blocks_naive(q, k_perm, pos, block_size=block_size, segment_size=segment_size,
                                threshold=threshold, scale=scale)
 
