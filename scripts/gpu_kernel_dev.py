@@ -113,8 +113,16 @@ def main():
         kp, vp, pos = permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton")
         t_sel = do_bench(lambda: select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale),
                          warmup=25, rep=100, return_mode="median")
+        t_sel_tr = do_bench(lambda: select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9,
+                                                  scale=scale, backend="triton"),
+                            warmup=25, rep=100, return_mode="median")
+        a = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale)
+        b_ = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
+        agree = (a.n_total == b_.n_total).float().mean().item()
         rows.append(dict(N=N, method="permute", ms=t_perm))
-        rows.append(dict(N=N, method="select", ms=t_sel))
+        rows.append(dict(N=N, method="select-torch", ms=t_sel))
+        rows.append(dict(N=N, method="select-triton", ms=t_sel_tr, density=agree))
+        del a, b_
         # Attend throughput at a fixed per-row budget, and over all causal tiles.
         for name, bl in (("attend-budget", budget_blocks(B, HQ, N, 128, 256, args.budget, dev)),
                          ("attend-all", select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=1.0, scale=scale))):
@@ -122,7 +130,7 @@ def main():
             dens = bl.density_per_head().mean().item()
             configs = [dict()]
             if args.variants:
-                configs = [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+                configs = [dict(use_tma=tma, num_stages=s) for tma in (False, True) for s in (2, 3, 4)]
             for cfg in configs:
                 try:
                     ms = do_bench(lambda: attend_triton(q, kp, vp, pos, bl, scale=scale, **cfg), warmup=25, rep=rep,

@@ -48,3 +48,27 @@ def test_sparse_matches_reference_bf16(N, b, S):
                     bl.n_total[:, heads].contiguous(), b)
     ref = attend_naive(q[:, heads].float(), kp[:, :1].float(), vp[:, :1].float(), pos[:, :1], sub, scale=scale)
     assert rel_err(out[:, heads], ref) < 1e-2
+
+
+@pytest.mark.parametrize("N,b,tau", [(32768, 128, 0.9), (30000, 64, 0.8)])
+def test_select_triton_matches_torch_bf16(N, b, tau):
+    q, k, v = _qkv(N)
+    kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=256, scale=128 ** -0.5, backend="triton")
+    want = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5)
+    got = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5,
+                        backend="triton")
+    assert (got.n_total != want.n_total).float().mean() < 0.01
+    assert (got.n_total - want.n_total).abs().max() <= 2
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_attend_tma_and_pointer_paths_agree(use_tma):
+    q, k, v = _qkv(9000)
+    scale = 128 ** -0.5
+    kp, vp, pos = permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton")
+    bl = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
+    out = torch.full_like(q, float("nan"))
+    attend_triton(q, kp, vp, pos, bl, scale=scale, out=out, use_tma=use_tma)
+    ref = attend_triton(q.float(), kp.float(), vp.float(), pos, bl, scale=scale, use_tma=False)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-2

@@ -120,9 +120,12 @@ def test_attend_matches_token_mask_reference(N, HQ, H, D, dtype, tol, tau):
     ref = masked_ref(q, kp, vp, token_mask(blocks, pos, N), scale)
     out = torch.full_like(q, float("nan"))
     attend_triton(q, kp, vp, pos, blocks, scale=scale, out=out)
+    out_tma = torch.full_like(q, float("nan"))
+    attend_triton(q, kp, vp, pos, blocks, scale=scale, out=out_tma, use_tma=True)
     naive = attend_naive(q, kp, vp, pos, blocks, scale=scale)
     assert not torch.isnan(out).any(), "some output rows were never written"
-    for got in (out, naive):
+    assert not torch.isnan(out_tma).any(), "some output rows were never written (tensor descriptors)"
+    for got in (out, out_tma, naive):
         assert rel_err(got, ref) < tol, f"rel {rel_err(got, ref):.2e} max {max_err(got, ref):.2e}"
 
 

@@ -51,7 +51,7 @@ def _attend_fwd_kernel(
     stride_cb, stride_ch,
     N, HQ, G, NQB, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr,
+    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     i_m = NQB - 1 - tl.program_id(0)
@@ -67,8 +67,13 @@ def _attend_fwd_kernel(
     p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
     # [BLOCK_SIZE, HEAD_DIM]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    p_kbase = K + i_b * stride_kb + i_h * stride_kh
-    p_vbase = V + i_b * stride_vb + i_h * stride_vh
+    i_kv = (i_b * (HQ // G) + i_h).to(tl.int32)
+    if USE_TMA:
+        p_kbase = K
+        p_vbase = V
+    else:
+        p_kbase = K + i_b * stride_kb + i_h * stride_kh
+        p_vbase = V + i_b * stride_vb + i_h * stride_vh
     p_pos = POS + i_b * stride_pb + i_h * stride_ph
     p_idx = IDX + i_b * stride_ib + i_hq * stride_ih + i_m * stride_iq
     n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_m)
@@ -80,24 +85,36 @@ def _attend_fwd_kernel(
 
     # Tiles of earlier segments: full blocks, all keys in the past, no mask.
     for t in range(0, n_off):
-        i_j = tl.load(p_idx + t).to(tl.int64)
+        j32 = tl.load(p_idx + t)
+        i_j = j32.to(tl.int64)
         for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
             o_n = i_j * BLOCK_SIZE + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
-            # [HEAD_DIM, BLOCK_N]
-            b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None])
-            # [BLOCK_N, HEAD_DIM]
-            b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :])
+            if USE_TMA:
+                # [HEAD_DIM, BLOCK_N], [BLOCK_N, HEAD_DIM] through the tensor memory accelerator
+                b_k = tl.trans(K.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM))
+                b_v = V.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+            else:
+                # [HEAD_DIM, BLOCK_N]
+                b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None])
+                # [BLOCK_N, HEAD_DIM]
+                b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :])
             m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE)
 
     # Tiles of the query's own segment: mask by original position (and the end of the sequence).
     for t in range(n_off, n_tot):
-        i_j = tl.load(p_idx + t).to(tl.int64)
+        j32 = tl.load(p_idx + t)
+        i_j = j32.to(tl.int64)
         for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
             o_n = i_j * BLOCK_SIZE + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
             m_n = o_n < N
             b_pos = tl.load(p_pos + o_n, mask=m_n, other=2147483647)
-            b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :], other=0.0)
-            b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
+            if USE_TMA:
+                # Rows past N come back as zeros (the descriptor's bounds are [B*H, N, D]).
+                b_k = tl.trans(K.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM))
+                b_v = V.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+            else:
+                b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :], other=0.0)
+                b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
             # [BLOCK_SIZE, BLOCK_N]
             m_allow = b_pos[None, :] <= o_m[:, None]
             m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE)
@@ -127,9 +144,14 @@ def _check(q, k_perm, v_perm, pos, blocks: BlockList):
         raise ValueError("attend: the block list does not match the sequence length")
 
 
+def _tma_default(q, k_perm, v_perm) -> bool:
+    """Tensor descriptors on Hopper and newer when K/V are contiguous (the descriptor's view)."""
+    return False
+
+
 def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None):
+                  num_stages: int | None = None, use_tma: bool | None = None):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given."""
     _check(q, k_perm, v_perm, pos, blocks)
     B, HQ, N, D = q.shape
@@ -144,11 +166,21 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         num_warps = 8 if b * D >= 128 * 128 else 4
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
+    if use_tma is None:
+        use_tma = _tma_default(q, k_perm, v_perm)
     o = torch.empty_like(q) if out is None else out
+    k_arg, v_arg = k_perm, v_perm
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k3 = k_perm.reshape(B * H, N, D)
+        v3 = v_perm.reshape(B * H, N, D)
+        k_arg = TensorDescriptor.from_tensor(k3, [1, block_n, D])
+        v_arg = TensorDescriptor.from_tensor(v3, [1, block_n, D])
     lse = torch.empty(B, HQ, N, device=q.device, dtype=torch.float32) if return_lse else o
     grid = (nqb, B * HQ)
     _attend_fwd_kernel[grid](
-        q, k_perm, v_perm, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
+        q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -158,7 +190,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         blocks.n_off.stride(0), blocks.n_off.stride(1),
         N, HQ, HQ // H, nqb, scale * LOG2E,
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
-        RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
+        RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
