@@ -1,0 +1,481 @@
+"""PBS attention inside Hugging Face transformers models, through the public AttentionInterface.
+
+    from pbs_kernels.integrations.hf import apply_profile, remove_profile, pbs_profile
+    apply_profile(model, "profiles/llama8b.yaml")   # long prefills now run PBS attention
+    remove_profile(model)                           # back to the attention the model had
+
+    with pbs_profile(model, profile):               # the same, scoped
+        model(input_ids)
+
+`register()` adds an attention function "pbs" to transformers' `AttentionInterface` and a mask
+function "pbs" to `AttentionMaskInterface` (without one, transformers builds no mask at all for an
+unknown implementation, so padding would be silently dropped). `apply_profile` selects "pbs" on
+the model and binds the profile to every attention module; the function reads the settings of
+`module.layer_idx` at each call.
+
+PBS runs for causal prefill (queries and keys at the same positions) of prompts longer than the
+layer's `min_seq_len` and its segment. Everything else is exact dense attention: decode steps and
+chunked prefill with a KV cache, layers marked `dense: true`, short prompts, and, with one
+warning per model, what PBS does not implement: logit soft-capping, sliding windows shorter than
+the prompt, attention sinks, dropout, head dims other than 64/128, and explicit masks (padded
+batches: the padding is honoured by the dense path, never ignored).
+
+`capture_attention` is the hook the toolkit's analysis uses: it hands each layer's post-RoPE Q,
+K and V to a callback during a normal forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..attention import ALLOWED_HEAD_DIMS, BACKENDS, pbs_attention
+from ..profile import LayerConfig, PbsProfile
+
+__all__ = [
+    "ATTN_NAME",
+    "CAPTURE_NAME",
+    "AttentionCall",
+    "LayerStats",
+    "PbsFallbackWarning",
+    "PbsIntegrationError",
+    "StopForward",
+    "apply_profile",
+    "attention_layers",
+    "capture_attention",
+    "pbs_profile",
+    "pbs_stats",
+    "register",
+    "remove_profile",
+]
+
+ATTN_NAME = "pbs"
+CAPTURE_NAME = "pbs_capture"
+_STATE_ATTR = "_pbs_state"
+_CAPTURE_ATTR = "_pbs_capture"
+# One instance to look up the stock functions ("sdpa") the dense path delegates to.
+_ATTENTION = AttentionInterface()
+
+
+class PbsIntegrationError(ValueError):
+    """A model PBS cannot be applied to; the message is one line saying why and what to do."""
+
+
+class PbsFallbackWarning(UserWarning):
+    """Some layers run dense attention because PBS does not implement one of their features."""
+
+
+@dataclass
+class LayerStats:
+    """What one attention layer did in its last call (collected with `collect_stats=True`).
+
+    density: computed tiles / causal tiles, mean over heads; 1.0 when dense.
+    reason: why the layer ran dense (None when PBS ran): "dense layer", "decode", "short prompt",
+        "non-causal", "softcap", "sliding window", "attention sinks", "dropout", "head dim",
+        "attention mask", "dtype".
+    """
+
+    layer_idx: int | None
+    q_len: int
+    kv_len: int
+    dense: bool
+    reason: str | None
+    density: float
+    density_per_head: list[float] | None = None
+
+
+@dataclass
+class _State:
+    """Everything bound to one model by apply_profile (shared by its attention modules)."""
+
+    profile: PbsProfile
+    previous: str | None
+    backend: str = "auto"
+    collect_stats: bool = False
+    last_stats: dict[Any, LayerStats] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+    _configs: dict[Any, LayerConfig] = field(default_factory=dict, repr=False)
+
+    def config_for(self, layer_idx: int | None) -> LayerConfig:
+        cfg = self._configs.get(layer_idx)
+        if cfg is None:
+            cfg = self.profile.defaults if layer_idx is None else self.profile.layer(layer_idx)
+            self._configs[layer_idx] = cfg
+        return cfg
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, PbsFallbackWarning, stacklevel=4)
+
+
+# A model loaded with attn_implementation="pbs" but never given a profile runs the defaults.
+_DEFAULT_STATE: _State | None = None
+
+
+def _default_state() -> _State:
+    global _DEFAULT_STATE
+    if _DEFAULT_STATE is None:
+        _DEFAULT_STATE = _State(PbsProfile.default(), previous=None)
+    return _DEFAULT_STATE
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense paths (exact).
+
+
+def _eager_dense(module, query, key, value, attention_mask, dropout, scaling, softcap):
+    """Plain softmax attention with soft-capping, which SDPA cannot do. Takes the boolean or
+    additive masks of the "pbs" mask function; no mask means causal (upper-left aligned, which is
+    what transformers means by passing none)."""
+    G = query.shape[1] // key.shape[1]
+    if G > 1:
+        key = key.repeat_interleave(G, dim=1)
+        value = value.repeat_interleave(G, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, kv_len = scores.shape[-2:]
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_len]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    elif q_len > 1 and getattr(module, "is_causal", True):
+        future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        return _eager_dense(module, query, key, value, attention_mask, dropout, scaling, softcap)
+    rest = {k: v for k, v in kwargs.items() if k != "softcap"}
+    return _ATTENTION["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The "pbs" attention function.
+
+
+def _dense_reason(state: _State, module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx):
+    """Why this call must run dense attention, or None when PBS can run. Features PBS does not
+    implement warn once per model."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    where = f"layer {layer_idx}" if layer_idx is not None else "a layer"
+    if cfg.dense:
+        return "dense layer"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return "non-causal"
+    if q_len != kv_len:
+        return "decode"  # decode step or chunked prefill against a KV cache
+    if q_len < cfg.min_seq_len or q_len <= cfg.segment_size:
+        return "short prompt"  # dense by design: no warning for what PBS would not run anyway
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        state.warn_once("softcap", f"pbs: {where} uses attention logit soft-capping ({softcap}); PBS does not "
+                        "implement it, so such layers run dense attention")
+        return "softcap"
+    window = kwargs.get("sliding_window")
+    if window is not None and window < kv_len:
+        state.warn_once("sliding window", f"pbs: {where} uses a sliding window of {window} tokens, shorter than the "
+                        f"{kv_len}-token prompt; PBS does not implement sliding windows, so such layers run dense attention")
+        return "sliding window"
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        state.warn_once("sinks", f"pbs: {where} uses learned attention sinks; PBS does not implement them, so such "
+                        "layers run dense attention")
+        return "attention sinks"
+    if dropout and module.training:
+        state.warn_once("dropout", "pbs: attention dropout is on (training mode); PBS is an inference kernel, so "
+                        "attention runs dense; call model.eval() for PBS")
+        return "dropout"
+    D = query.shape[-1]
+    if D not in ALLOWED_HEAD_DIMS or value.shape[-1] != D:
+        state.warn_once("head dim", f"pbs: head dim {D} is not supported by the PBS kernels (supported: "
+                        f"{', '.join(map(str, ALLOWED_HEAD_DIMS))}); attention runs dense")
+        return "head dim"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (query.dtype == key.dtype == value.dtype):
+        state.warn_once("dtype", f"pbs: dtype {query.dtype} is not supported by the PBS kernels; attention runs dense")
+        return "dtype"
+    if attention_mask is not None:
+        # Only padded batches (or custom masks) get here: with no padding the "pbs" mask function
+        # returns None for prefill. The dense path applies the mask exactly.
+        state.warn_once("mask", "pbs: the batch has padding or a custom attention mask; PBS handles unpadded "
+                        "causal prefill only, so this forward runs dense attention with the mask (run "
+                        "prompts one at a time, unpadded, for PBS)")
+        return "attention mask"
+    return None
+
+
+def pbs_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    """transformers attention function: query [B, HQ, N, D], key/value [B, H, KV, D] (post-RoPE)
+    -> (output [B, N, HQ, D], None)."""
+    state = getattr(module, _STATE_ATTR, None) or _default_state()
+    layer_idx = getattr(module, "layer_idx", None)
+    cfg = state.config_for(layer_idx)
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    reason = _dense_reason(state, module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx)
+    if reason is not None:
+        out = _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if state.collect_stats:
+            state.last_stats[layer_idx] = LayerStats(layer_idx, query.shape[2], key.shape[2], True, reason, 1.0)
+        return out
+    result = pbs_attention(
+        query, key, value,
+        block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
+        permute=cfg.permute, min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
+        return_stats=state.collect_stats,
+    )
+    if state.collect_stats:
+        out, st = result
+        state.last_stats[layer_idx] = LayerStats(
+            layer_idx, query.shape[2], key.shape[2], st.dense, "short prompt" if st.dense else None,
+            st.density, [float(x) for x in st.density_per_head],
+        )
+    else:
+        out = result
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------------
+# The capture function used by analysis and tuning.
+
+
+class StopForward(Exception):
+    """Raise it from a `capture_attention` callback to end the forward pass early (after the last
+    layer of interest); catch it around the model call."""
+
+
+@dataclass
+class AttentionCall:
+    """One attention layer's inputs, as the model hands them to its attention function.
+
+    query: [B, HQ, N, D] and key/value: [B, H, KV, D], positions already applied (post-RoPE).
+    scaling: the softmax scale the model uses (Gemma's is not 1/sqrt(D)).
+    softcap, sliding_window: what the module passes, None when it does not use them.
+    """
+
+    layer_idx: int | None
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+
+
+@dataclass
+class _Capture:
+    on_layer: Callable[[AttentionCall], torch.Tensor | None]
+    layers: frozenset[int] | None
+    calls: int = 0  # callback invocations; 0 after a forward means attention bypassed the interface
+    seen: int = 0  # attention calls through the capture function, selected or not
+
+
+def _capture_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs):
+    cap: _Capture | None = getattr(module, _CAPTURE_ATTR, None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    out = None
+    if cap is not None:
+        cap.seen += 1
+        if cap.layers is None or layer_idx in cap.layers:
+            cap.calls += 1
+            out = cap.on_layer(AttentionCall(
+                layer_idx, module, query, key, value, attention_mask, scaling,
+                kwargs.get("softcap"), kwargs.get("sliding_window"),
+            ))
+    if out is not None:
+        return out.transpose(1, 2).contiguous(), None
+    return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+@contextmanager
+def capture_attention(model, on_layer: Callable[[AttentionCall], torch.Tensor | None], *,
+                      layers: Iterable[int] | None = None) -> Iterator[_Capture]:
+    """Inside the block, each forward pass of `model` calls `on_layer(call)` for every attention
+    layer in `layers` (all when None), in layer order. The callback may return the layer's output
+    [B, HQ, N, D] to use instead of dense attention (None: exact dense attention), and may raise
+    `StopForward` to end the pass early. Yields a handle whose `calls` counts callback invocations.
+    The model's previous attention implementation is restored on exit.
+    """
+    register()
+    modules = _require_attention_layers(model)
+    previous = _current_impl(model)
+    cap = _Capture(on_layer, None if layers is None else frozenset(int(i) for i in layers))
+    _select(model, CAPTURE_NAME)
+    for m in modules:
+        setattr(m, _CAPTURE_ATTR, cap)
+    try:
+        yield cap
+    finally:
+        for m in modules:
+            if getattr(m, _CAPTURE_ATTR, None) is cap:
+                delattr(m, _CAPTURE_ATTR)
+        _select(model, previous, check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and selection.
+
+
+def register() -> None:
+    """Register "pbs" (and "pbs_capture") with transformers' attention and mask interfaces.
+    Idempotent. After it, `from_pretrained(..., attn_implementation="pbs")` also works (with the
+    default profile until `apply_profile` binds another)."""
+    AttentionInterface.register(ATTN_NAME, pbs_attention_forward)
+    AttentionInterface.register(CAPTURE_NAME, _capture_forward)
+    # sdpa_mask returns None for unpadded causal prefill and decode (the fast path) and a boolean
+    # mask otherwise, which the dense path applies; padding is never dropped.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
+
+
+def attention_layers(model) -> list[torch.nn.Module]:
+    """The model's attention modules: those with an integer `layer_idx` and 'Attention' in
+    their class name (decoder layers and mixers also carry a layer_idx)."""
+    return [
+        m for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and "Attention" in type(m).__name__
+    ]
+
+
+def _require_attention_layers(model) -> list[torch.nn.Module]:
+    modules = attention_layers(model)
+    if not modules:
+        raise PbsIntegrationError(
+            f"{type(model).__name__} has no attention layers with a layer_idx; PBS supports decoder "
+            "models whose attention goes through transformers' AttentionInterface (Llama, Qwen, Mistral, Gemma...)"
+        )
+    return modules
+
+
+def _current_impl(model) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def _select(model, name: str | None, *, check: bool = True) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if name is None:
+        name = "sdpa"
+    if callable(setter):
+        setter(name)
+    else:  # transformers without the public setter
+        model.config._attn_implementation = name
+    if check and _current_impl(model) != name:
+        raise PbsIntegrationError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            f"so attention '{name}' cannot be selected; PBS supports Llama, Qwen2/3, Mistral, Gemma and "
+            "other models built on the attention interface"
+        )
+
+
+def _as_profile(profile) -> PbsProfile:
+    if profile is None:
+        return PbsProfile.default()
+    if isinstance(profile, PbsProfile):
+        return profile
+    if isinstance(profile, (str, os.PathLike)):
+        return PbsProfile.load(profile)
+    raise TypeError(f"profile must be a PbsProfile, a path or None, not {type(profile).__name__}")
+
+
+def _bind(model, modules, state: _State) -> None:
+    for m in modules:
+        setattr(m, _STATE_ATTR, state)
+    # A plain attribute (not a submodule or buffer): nn.Module stores it in __dict__.
+    model._pbs_state = state
+
+
+def _unbind(model, modules) -> None:
+    for m in modules:
+        if hasattr(m, _STATE_ATTR):
+            delattr(m, _STATE_ATTR)
+    if hasattr(model, _STATE_ATTR):
+        delattr(model, _STATE_ATTR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def apply_profile(model, profile: PbsProfile | str | os.PathLike | None = None, *, backend: str = "auto",
+                  collect_stats: bool = False):
+    """Make `model` use PBS attention with per-layer settings from `profile`.
+
+    profile: a PbsProfile, a path to a profile YAML, or None for `PbsProfile.default()` (whose
+    min_seq_len keeps prompts under 16K tokens dense). backend: "auto" (Triton on CUDA, torch on
+    CPU), "triton" or "torch". collect_stats: record each layer's density in the last forward,
+    read with `pbs_stats(model)` (off: no extra work). Applying again replaces the profile;
+    `remove_profile` restores the attention the model had before the first apply.
+
+    Raises PbsIntegrationError (one line) when the model has no attention layers PBS can drive,
+    ProfileError for a bad profile file. Returns the model.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"apply_profile: backend {backend!r} is not one of {BACKENDS}")
+    profile = _as_profile(profile)
+    modules = _require_attention_layers(model)
+    n_layers = max(m.layer_idx for m in modules) + 1
+    extra = sorted(i for i in profile.layers if i >= n_layers)
+    if extra:
+        raise PbsIntegrationError(
+            f"the profile sets layer {extra[0]} but {type(model).__name__} has {n_layers} layers "
+            f"(0-{n_layers - 1}); was the profile made for another model ({profile.model or 'unknown'})?"
+        )
+    register()
+    old: _State | None = getattr(model, _STATE_ATTR, None)
+    previous = old.previous if old is not None else _current_impl(model)
+    state = _State(profile, previous, backend=backend, collect_stats=collect_stats)
+    _select(model, ATTN_NAME)
+    _bind(model, modules, state)
+    return model
+
+
+def remove_profile(model):
+    """Undo `apply_profile`: restore the previous attention implementation. No-op without one."""
+    state: _State | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    _select(model, state.previous, check=False)
+    _unbind(model, attention_layers(model))
+    return model
+
+
+@contextmanager
+def pbs_profile(model, profile: PbsProfile | str | os.PathLike | None = None, **kwargs):
+    """`with pbs_profile(model, profile): ...` applies the profile for the block only; a profile
+    applied before the block is back in force after it."""
+    old: _State | None = getattr(model, _STATE_ATTR, None)
+    apply_profile(model, profile, **kwargs)
+    try:
+        yield model
+    finally:
+        if old is None:
+            remove_profile(model)
+        else:
+            _select(model, ATTN_NAME, check=False)
+            _bind(model, attention_layers(model), old)
+
+
+def pbs_stats(model) -> dict[Any, LayerStats]:
+    """Per-layer statistics of the last forward (layer_idx -> LayerStats); empty unless the
+    profile was applied with collect_stats=True."""
+    state: _State | None = getattr(model, _STATE_ATTR, None)
+    return dict(state.last_stats) if state is not None else {}
+

@@ -1,0 +1,291 @@
+"""Model loading shared by the commands that run a model (analyze, tune, bench).
+
+    loaded = load_model("meta-llama/Llama-3.1-8B", device="auto", dtype="auto")  # or None: demo
+    check_seq_len(loaded, 32768)
+    prompt = build_prompt(loaded, 32768, input_file=None)    # prompt.input_ids: [1, 32768]
+
+Everything here runs offline: MODEL is a local folder or an id already in the Hugging Face cache
+(`local_files_only`, and HF_HUB_OFFLINE=1 unless the user set it). Failures raise the PbsError
+family with one line saying what to do. torch and transformers are imported inside functions so
+that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import DeviceError, ModelError, UsageError
+
+__all__ = [
+    "DEMO_NAME",
+    "LoadedModel",
+    "Prompt",
+    "build_prompt",
+    "check_seq_len",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+DEMO_NAME = "pbs-demo"
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference (eval mode, on `device`, in `dtype`).
+
+    name: what the user passed (DEMO_NAME for the demo model); source: the folder or hub id
+    loaded; max_positions: the config's max_position_embeddings (None if it has none);
+    tokenizer: None when the folder has no tokenizer files.
+    """
+
+    model: Any
+    tokenizer: Any | None
+    name: str
+    source: str
+    device: Any
+    dtype: Any
+    num_layers: int
+    max_positions: int | None
+    vocab_size: int
+    is_demo: bool = False
+
+
+@dataclass
+class Prompt:
+    """Token ids for one prefill. note: one line for the user when the text was extended to
+    reach the requested length (None otherwise); info: a plain remark (e.g. truncation)."""
+
+    input_ids: Any  # [1, N] int64 on the model's device
+    source: str  # "synthetic" or the --input path
+    source_tokens: int  # tokens the source gave before extending or truncating
+    extended: bool = False
+    note: str | None = None
+    info: str | None = None
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' | 'cpu' | 'cuda' -> torch.device; DeviceError when CUDA is asked for and absent."""
+    import torch
+
+    device = getattr(device, "value", device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device):
+    """'auto' -> bf16 on GPUs that support it (else fp16), fp32 on the CPU; 'bf16' | 'fp16' | 'fp32'."""
+    import torch
+
+    dtype = getattr(dtype, "value", dtype)
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise DeviceError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError("this GPU does not support bf16; use --dtype fp16")
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _offline() -> bool:
+    # Default offline; a user who sets HF_HUB_OFFLINE=0 explicitly allows downloads.
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _resolve_source(model: str | None) -> tuple[str, str, bool]:
+    """-> (name, source, is_demo)."""
+    if model is None:
+        try:
+            from pbs_kernels.demo import demo_model_path
+
+            return DEMO_NAME, str(demo_model_path()), True
+        except (ImportError, FileNotFoundError) as e:
+            raise ModelError(f"no MODEL given and the embedded demo model is unavailable ({e}); pass a model id or folder") from None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{model}: the folder has no config.json; pass a folder saved with save_pretrained")
+        return model, str(path), False
+    if path.exists():
+        raise ModelError(f"{model} is a file; pass the model's folder (with config.json) or a Hugging Face id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
+        raise ModelError(f"{model}: no such folder; pass an existing model folder or a Hugging Face id")
+    return model, model, False
+
+
+def _not_cached(name: str) -> ModelError:
+    return ModelError(
+        f"model {name!r} is neither a local folder nor in the local Hugging Face cache (offline); "
+        f"download it first (`hf download {name}`) or pass a folder saved with save_pretrained"
+    )
+
+
+def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+               quiet: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer offline; MODEL None loads the embedded demo model.
+    quiet: hide transformers' weight-loading progress bars (the command draws its own)."""
+    import torch
+
+    name, source, is_demo = _resolve_source(model)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    offline = _offline()
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # keeps any hub call this process makes local
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except OSError:
+        raise _not_cached(name) from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{name}: transformers cannot read this model's config ({_first_line(e)})") from None
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt, local_files_only=offline)
+    except OSError as e:
+        if "does not appear to have a file named" in str(e) or "not the path to a directory" in str(e):
+            raise ModelError(f"{name}: no weights found ({_first_line(e)}); save the model with save_pretrained") from None
+        raise _not_cached(name) from None
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            arch = type(config).__name__.replace("Config", "")
+            raise ModelError(f"{name}: {arch} is not a causal language model (AutoModelForCausalLM cannot load it); "
+                             "PBS analyses decoder-only LMs") from None
+        raise ModelError(f"{name}: cannot load the model ({_first_line(e)})") from None
+    hf_model = hf_model.to(dev).eval()
+
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+    except Exception:  # noqa: BLE001 - no or unreadable tokenizer: synthetic ids are used instead
+        tokenizer = None
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_positions = None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            max_positions = value
+            break
+    return LoadedModel(
+        model=hf_model,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        device=dev,
+        dtype=dt,
+        num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        max_positions=max_positions,
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        is_demo=is_demo,
+    )
+
+
+def check_seq_len(loaded: LoadedModel, seq_len: int) -> None:
+    """UsageError when `seq_len` exceeds the model's max_position_embeddings."""
+    if loaded.max_positions is not None and seq_len > loaded.max_positions:
+        raise UsageError(
+            f"--seq-len {seq_len} exceeds {loaded.name}'s max_position_embeddings {loaded.max_positions}; "
+            f"use --seq-len {_short_len(loaded.max_positions)} or less"
+        )
+
+
+def _synthetic_ids(loaded: LoadedModel, seq_len: int) -> list[int]:
+    """A long text with long-range structure (key-value records queried thousands of tokens
+    later, spans copied from far back): the demo corpus, so the demo model sees its own
+    distribution and other models a text where retrieval heads have something to find."""
+    from pbs_kernels.demo import demo_doc, demo_text
+
+    tok = loaded.tokenizer
+    if tok is None:
+        # No tokenizer: the demo corpus's own ids, folded into the model's vocabulary.
+        vocab = max(loaded.vocab_size, 2)
+        return [i % vocab for i in demo_doc(seq_len).ids]
+    words = seq_len
+    while True:
+        ids = list(tok(demo_text(words + 1), add_special_tokens=True)["input_ids"])
+        if len(ids) >= seq_len or words > 64 * seq_len:
+            return ids
+        words *= 2
+
+
+def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLike | None = None, *,
+                 extend: bool = True) -> Prompt:
+    """Exactly `seq_len` token ids: from `input_file` (tokenized with the model's tokenizer) or a
+    built-in synthetic text. A shorter input is repeated to fill the length (the note says so),
+    or, with extend=False, refused (UsageError). A longer one is cut to its first tokens."""
+    import torch
+
+    if input_file is None:
+        ids = _synthetic_ids(loaded, seq_len)
+        source = "synthetic"
+    else:
+        path = Path(input_file)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            raise UsageError(f"--input {path}: file not found") from None
+        except OSError as e:
+            raise UsageError(f"--input {path}: cannot read it ({e.strerror or e})") from None
+        if not text.strip():
+            raise UsageError(f"--input {path} is empty; pass a text file with the prompt")
+        if loaded.tokenizer is None:
+            raise UsageError(f"--input needs a tokenizer and {loaded.name} has none (no tokenizer files in "
+                             f"{loaded.source}); drop --input to use synthetic tokens")
+        ids = list(loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
+        source = str(path)
+        if not ids:
+            raise UsageError(f"--input {path} gives no tokens; pass a text file with the prompt")
+
+    n = len(ids)
+    prompt = Prompt(input_ids=None, source=source, source_tokens=n)
+    if n < seq_len:
+        what = "the synthetic text" if input_file is None else f"--input {source}"
+        if not extend:
+            raise UsageError(f"{what} has {n} tokens, fewer than --seq-len {seq_len}; pass a longer text, "
+                             f"a smaller --seq-len, or drop --no-extend to repeat it")
+        bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
+        # Repeat the body, not the leading BOS: one BOS at the start, as a real document has.
+        head = ids[:1] if bos is not None and ids[0] == bos else []
+        body = ids[len(head):] or ids
+        reps = math.ceil((seq_len - len(head)) / len(body))
+        ids = (head + body * reps)[:seq_len]
+        prompt.extended = True
+        prompt.note = (f"{what} has {n} tokens, fewer than --seq-len {seq_len}: repeated it "
+                       f"{(seq_len - len(head)) / len(body):.1f} times to fill (pass --no-extend to refuse)")
+    elif n > seq_len:
+        ids = ids[:seq_len]
+        if input_file is not None:
+            prompt.info = f"--input {source} has {n} tokens; using the first {seq_len}"
+    prompt.input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.device)
+    return prompt
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _short_len(n: int) -> str:
+    if n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)}m"
+    if n % 1024 == 0:
+        return f"{n // 1024}k"
+    return str(n)

@@ -1,0 +1,139 @@
+"""`pbs analyze`: how sparse a model's attention is, with and without PBS's permutation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._errors import DeviceError
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SeqLenOpt, parse_fraction
+
+DEFAULT_OUT = Path("pbs-out/analyze")
+_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def command(
+    model: ModelArg = None,
+    seq_len: SeqLenOpt = 8192,
+    input: Annotated[Optional[Path], typer.Option("--input", metavar="FILE", help="Text file used as the prompt (default: a built-in synthetic text with long-range lookups).", show_default=False)] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="Tile edge: 16, 32, 64 or 128.")] = 128,
+    segment_size: Annotated[int, typer.Option("--segment-size", help="Permutation window, a multiple of the block size.")] = 256,
+    coverage: Annotated[float, typer.Option("--coverage", parser=parse_fraction, help="Attention mass the oracle must cover, in (0, 1].")] = 0.9,
+    threshold: Annotated[float, typer.Option("--threshold", parser=parse_fraction, help="PBS selection threshold to evaluate, in (0, 1].")] = 0.9,
+    layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", help="Layers to analyse, e.g. 0,2,5-7 (default: all).", show_default=False)] = None,
+    no_extend: Annotated[bool, typer.Option("--no-extend", help="Fail if the input is shorter than --seq-len instead of repeating it.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for report.json and the PNGs [default: pbs-out/analyze].", show_default=False)] = None,
+    format: FormatOpt = "table",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Measure how sparse a model's attention is, with and without permutation.
+
+    One prefill of --seq-len tokens; per layer and head: oracle density (key blocks covering --coverage of the attention, original and PBS-permuted key order), PBS's own selection at --threshold (density, recall), sink and local mass, and whether permuting helps. Writes report.json and PNG heatmaps to --out. No MODEL: the embedded demo model. An input shorter than --seq-len is repeated to fill it.
+
+    Example: pbs analyze meta-llama/Llama-3.1-8B --seq-len 32k --layers 0-3
+    """
+    if block_size not in _BLOCK_SIZES:
+        raise typer.BadParameter(f"{block_size} is not allowed; use one of 16, 32, 64, 128", param_hint="'--block-size'")
+    if segment_size <= 0 or segment_size % block_size:
+        raise typer.BadParameter(f"{segment_size} is not a positive multiple of --block-size {block_size}",
+                                 param_hint="'--segment-size'")
+    out_dir = out if out is not None else DEFAULT_OUT
+
+    # Heavy imports here, not at module level: `pbs --help` must stay instant.
+    import torch
+
+    from ._model import build_prompt, check_seq_len, load_model
+    from ._output import Output, to_jsonable, write_atomic
+    from .analyze_workflow import parse_layers, run_analysis, write_pictures
+
+    output = Output(format)
+    parse_layers(layers, 1 << 30)  # syntax errors before the (slow) model load
+    try:
+        loaded = load_model(model, device=device, dtype=dtype)
+        check_seq_len(loaded, seq_len)
+        chosen = parse_layers(layers, loaded.num_layers) if loaded.num_layers else None
+        prompt = build_prompt(loaded, seq_len, input, extend=not no_extend)
+        if prompt.note:
+            output.warn(prompt.note)
+        if prompt.info:
+            output.info(prompt.info)
+        output.info(f"analysing {loaded.name} on {loaded.device.type} ({str(loaded.dtype).replace('torch.', '')}), "
+                    f"{seq_len} tokens of {'synthetic text' if input is None else input}, block {block_size}, "
+                    f"segment {segment_size}")
+        with output.progress() as report_progress:
+            report = run_analysis(
+                loaded.model, prompt.input_ids, layers=chosen, block_size=block_size,
+                segment_size=segment_size, coverage=coverage, threshold=threshold,
+                model_name=loaded.name, progress=report_progress,
+            )
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceError(
+            f"CUDA out of memory analysing {seq_len} tokens of {model or 'the demo model'}; "
+            "try a smaller --seq-len or fewer --layers (e.g. --layers 0-3)"
+        ) from None
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # the CPU allocator's out-of-memory message
+            raise
+        raise DeviceError(
+            f"out of memory analysing {seq_len} tokens of {model or 'the demo model'} on the CPU; "
+            "try a smaller --seq-len or fewer --layers (e.g. --layers 0-3)"
+        ) from None
+
+    report.input = prompt.source
+    if prompt.note:
+        report.notes.append(prompt.note)
+    pictures = write_pictures(report, out_dir)
+    report_path = out_dir / "report.json"
+    report.files = {"report": str(report_path), "pictures": [str(p) for p in pictures]}
+    write_atomic(report_path, json.dumps(to_jsonable(report.to_dict()), indent=2, allow_nan=False) + "\n")
+
+    if output.json:
+        output.emit_json(report.to_dict())
+        return
+    _print_tables(output, report)
+
+
+def _print_tables(output, report) -> None:
+    # Short headers: the table must fit an 80-column terminal; the legend line explains them.
+    columns = ["layer", "oracle", "oracle perm", "PBS dens", "recall", "sink", "local", "perm +/=/-", "PBS"]
+
+    def row(lr):
+        return [lr.layer, lr.oracle_density, lr.oracle_density_perm, lr.pbs_density, lr.pbs_recall,
+                lr.sink_mass, lr.local_mass, f"{lr.helps}/{lr.neutral}/{lr.hurts}",
+                f"dense: {lr.pbs_fallback}" if lr.pbs_fallback else "yes"]
+
+    ranked = report.ranked_layers()
+    title = (f"{report.model}: {report.seq_len} tokens, coverage {report.coverage:g}, "
+             f"PBS threshold {report.threshold:g}, block {report.block_size}, segment {report.segment_size}")
+    if len(ranked) <= 12:
+        output.table(title + " (sparsest layers first)", columns, [row(lr) for lr in ranked])
+    else:
+        output.table(title + ": 5 sparsest layers", columns, [row(lr) for lr in ranked[:5]])
+        output.table("5 densest layers", columns, [row(lr) for lr in ranked[-5:][::-1]])
+    output.info(
+        f"oracle / oracle perm: fewest key blocks holding {report.coverage:g} of each query block's attention "
+        "per causal tile, keys in original / PBS-permuted order; PBS dens, recall: PBS's own selection; sink: "
+        "mass on the first block; local: on the own and previous block; perm +/=/-: heads where permuting "
+        "helps / is neutral / hurts; PBS: whether PBS can run on the layer"
+    )
+    s = report.summary
+    output.info(
+        f"mean over {s['heads_analyzed']} heads: oracle density {s['oracle_density']:.3f} -> "
+        f"{s['oracle_density_perm']:.3f} with permutation; PBS at threshold {report.threshold:g}: density "
+        f"{s['pbs_density']:.3f}, recall {s['pbs_recall']:.3f}"
+    )
+    output.info(f"permutation helps {s['heads_helps']} heads, is neutral for {s['heads_neutral']}, "
+                f"hurts {s['heads_hurts']} (margin {report.verdict_margin:.0%} of the oracle density)")
+    for key, label in (("most_sparse_head", "sparsest head"), ("least_sparse_head", "densest head")):
+        ref = s.get(key)
+        if ref:
+            output.info(f"{label}: layer {ref['layer']} head {ref['head']}, oracle density "
+                        f"{ref['oracle_density']:.3f} -> {ref['oracle_density_perm']:.3f} permuted")
+    if report.peak_gpu_memory_gib is not None:
+        output.info(f"peak GPU memory: {report.peak_gpu_memory_gib:.1f} GiB")
+    output.info(f"wrote {report.files['report']} and {len(report.files['pictures'])} pictures in "
+                f"{Path(report.files['report']).parent} ({report.elapsed_s:.1f} s)")

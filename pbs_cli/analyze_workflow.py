@@ -1,0 +1,448 @@
+"""The workflow behind `pbs analyze`: one prefill, per-layer sparsity figures, pictures.
+
+    report = run_analysis(model, input_ids, block_size=128, coverage=0.9, progress=report_fn)
+    files = write_pictures(report, "pbs-out/analyze")
+
+`run_analysis` registers a capture attention function (pbs_kernels.integrations.hf), runs one
+forward pass, and at each selected layer measures the post-RoPE Q and K with
+`pbs_kernels.analysis.analyze_layer` (exact softmax in chunks, never N x N). The pass stops after
+the last selected layer. It returns plain dataclasses; it prints nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import ModelError, UsageError
+from ._output import ProgressFn, no_progress, write_atomic
+
+__all__ = [
+    "AnalysisReport",
+    "HeadReport",
+    "Heatmap",
+    "LayerReport",
+    "parse_layers",
+    "run_analysis",
+    "write_pictures",
+]
+
+VERDICT_MARGIN = 0.05
+
+
+@dataclass
+class HeadReport:
+    """One query head. Densities are computed tiles / causal tiles (DESIGN.md §4).
+
+    oracle_density[_perm]: fewest key blocks per query block that hold `coverage` of its
+    attention mass, keys in original [PBS-permuted] order. pbs_density/pbs_recall: PBS's own
+    estimated selection at `threshold` with permutation (…_noperm: without). sink_mass: mass on
+    the first key block (queries past the first block); local_mass: mass on the query's own and
+    previous key block. verdict: "helps" when permuting lowers the oracle density by more than the
+    margin (relative), "hurts" when it raises it by more, else "neutral".
+    """
+
+    head: int
+    kv_head: int
+    oracle_density: float
+    oracle_density_perm: float
+    pbs_density: float
+    pbs_recall: float
+    pbs_density_noperm: float
+    pbs_recall_noperm: float
+    sink_mass: float
+    local_mass: float
+    verdict: str
+
+
+@dataclass
+class LayerReport:
+    """Per-layer means over heads, the heads, and `pbs_fallback`: why PBS would run dense
+    attention on this layer in the model (softcap, a sliding window shorter than the prompt,
+    an unsupported head dim), None when it applies."""
+
+    layer: int
+    oracle_density: float
+    oracle_density_perm: float
+    pbs_density: float
+    pbs_recall: float
+    sink_mass: float
+    local_mass: float
+    helps: int
+    neutral: int
+    hurts: int
+    pbs_fallback: str | None
+    heads: list[HeadReport]
+
+
+@dataclass
+class Heatmap:
+    """Block-attention maps of one head for the pictures: [NB, NB] mean mass of query block i
+    on key block j, keys in original and in permuted order."""
+
+    kind: str  # "most sparse" | "least sparse"
+    layer: int
+    head: int
+    oracle_density: float
+    oracle_density_perm: float
+    block_mass: Any
+    block_mass_perm: Any
+
+
+@dataclass
+class AnalysisReport:
+    model: str
+    seq_len: int
+    block_size: int
+    segment_size: int
+    coverage: float
+    threshold: float
+    verdict_margin: float
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layers: list[LayerReport]
+    summary: dict[str, Any]
+    elapsed_s: float
+    device: str = ""
+    dtype: str = ""
+    input: str = "synthetic"
+    peak_gpu_memory_gib: float | None = None  # torch's peak allocation during the analysis (CUDA only)
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)
+    heatmaps: list[Heatmap] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: everything but the heatmap arrays (those go to the PNGs)."""
+        from ._output import to_jsonable
+
+        out = {}
+        for name in self.__dataclass_fields__:
+            if name != "heatmaps":
+                out[name] = to_jsonable(getattr(self, name))
+        return out
+
+    def ranked_layers(self) -> list[LayerReport]:
+        """Layers from sparsest to densest (by oracle density with permutation)."""
+        return sorted(self.layers, key=lambda r: (r.oracle_density_perm, r.layer))
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> None (all). UsageError for indices past the model."""
+    if spec is None or not str(spec).strip():
+        return None
+    chosen: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index or range; use e.g. 0,2,5-7") from None
+        if a < 0 or b < a:
+            raise UsageError(f"--layers {spec!r}: {part!r} is not a valid range; use e.g. 0,2,5-7")
+        chosen.update(range(a, b + 1))
+    if not chosen:
+        raise UsageError(f"--layers {spec!r} names no layer; use e.g. 0,2,5-7")
+    bad = [i for i in sorted(chosen) if i >= num_layers]
+    if bad:
+        raise UsageError(f"--layers: layer {bad[0]} does not exist; the model has {num_layers} layers (0-{num_layers - 1})")
+    return sorted(chosen)
+
+
+def _verdict(d_orig: float, d_perm: float, margin: float) -> str:
+    if d_orig <= 0:
+        return "neutral"
+    change = (d_orig - d_perm) / d_orig
+    if change > margin:
+        return "helps"
+    if change < -margin:
+        return "hurts"
+    return "neutral"
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def run_analysis(
+    model,
+    input_ids,
+    *,
+    layers: list[int] | None = None,
+    block_size: int = 128,
+    segment_size: int = 256,
+    coverage: float = 0.9,
+    threshold: float = 0.9,
+    verdict_margin: float = VERDICT_MARGIN,
+    model_name: str = "",
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> AnalysisReport:
+    """Analyse `model`'s attention on one prompt (`input_ids` [1, N]).
+
+    layers: layer indices to analyse (None: all). The forward pass stops after the last one.
+    Raises ModelError when the model's attention does not go through transformers'
+    AttentionInterface (nothing could be captured).
+    """
+    import torch
+
+    from pbs_kernels.analysis import analyze_layer
+    from pbs_kernels.attention import ALLOWED_HEAD_DIMS
+    from pbs_kernels.integrations.hf import PbsIntegrationError, StopForward, attention_layers, capture_attention
+
+    t0 = time.perf_counter()
+    on_cuda = input_ids.is_cuda
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(input_ids.device)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"run_analysis: input_ids must be [1, N], got {tuple(input_ids.shape)}")
+    N = int(input_ids.shape[1])
+    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    modules = attention_layers(model)
+    if not modules:
+        raise ModelError(f"{name}: {type(model).__name__} has no attention layers that PBS can drive "
+                         "(none goes through transformers' AttentionInterface)")
+    all_layers = sorted({m.layer_idx for m in modules})
+    selected = all_layers if layers is None else sorted(set(layers))
+    missing = [i for i in selected if i not in all_layers]
+    if missing:
+        raise UsageError(f"--layers: layer {missing[0]} does not exist; the model has {len(all_layers)} layers "
+                         f"(0-{all_layers[-1]})")
+    last = selected[-1]
+
+    results: dict[int, Any] = {}
+    shapes: dict[str, int] = {}
+    fallbacks: dict[int, str | None] = {}
+    extremes: dict[str, Heatmap] = {}
+    total = len(selected)
+    progress("layers", 0, total)
+
+    def on_layer(call):
+        q, k = call.query, call.key
+        if q.shape[0] != 1 or q.shape[2] != k.shape[2]:
+            return None  # not the prefill we drive (should not happen with use_cache=False)
+        la = analyze_layer(
+            q, k, block_size=block_size, segment_size=segment_size, coverage=coverage, threshold=threshold,
+            scale=call.scaling, softcap=call.softcap,
+            sliding_window=call.sliding_window if call.sliding_window is not None and call.sliding_window < N else None,
+            backend=backend, return_maps=True, chunk_bytes=chunk_bytes,
+        )
+        idx = int(call.layer_idx)
+        shapes.update(num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[3])
+        reason = None
+        if call.softcap is not None:
+            reason = f"softcap {call.softcap:g}"
+        elif call.sliding_window is not None and call.sliding_window < N:
+            reason = f"sliding window {call.sliding_window}"
+        elif q.shape[3] not in ALLOWED_HEAD_DIMS:
+            reason = f"head dim {q.shape[3]}"
+        fallbacks[idx] = reason
+        _keep_extremes(extremes, idx, la)
+        la.block_mass = la.block_mass_perm = None  # kept only for the extreme heads
+        results[idx] = la
+        progress("layers", len(results), total)
+        if idx == last:
+            raise StopForward
+        return None
+
+    kwargs: dict[str, Any] = {"use_cache": False}
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # the full [N, vocab] logits would dwarf everything else
+    try:
+        with torch.inference_mode(), capture_attention(model, on_layer, layers=selected) as cap:
+            try:
+                model(input_ids=input_ids, **kwargs)
+            except StopForward:
+                pass
+    except PbsIntegrationError as e:
+        raise ModelError(f"{name}: {e}") from None
+    if cap.calls == 0:
+        raise ModelError(f"{name}: {type(model).__name__} computes attention without transformers' "
+                         "AttentionInterface, so PBS cannot analyse or run it")
+
+    G = max(1, shapes["num_heads"] // shapes["num_kv_heads"])
+    layer_reports = []
+    for idx in selected:
+        la = results[idx]
+        heads = []
+        for h in range(shapes["num_heads"]):
+            d0, d1 = float(la.oracle_density[h]), float(la.oracle_density_perm[h])
+            heads.append(HeadReport(
+                head=h, kv_head=h // G, oracle_density=d0, oracle_density_perm=d1,
+                pbs_density=float(la.pbs_density[h]), pbs_recall=float(la.pbs_recall[h]),
+                pbs_density_noperm=float(la.pbs_density_noperm[h]), pbs_recall_noperm=float(la.pbs_recall_noperm[h]),
+                sink_mass=float(la.sink_mass[h]), local_mass=float(la.local_mass[h]),
+                verdict=_verdict(d0, d1, verdict_margin),
+            ))
+        layer_reports.append(LayerReport(
+            layer=idx,
+            oracle_density=_mean(h.oracle_density for h in heads),
+            oracle_density_perm=_mean(h.oracle_density_perm for h in heads),
+            pbs_density=_mean(h.pbs_density for h in heads),
+            pbs_recall=_mean(h.pbs_recall for h in heads),
+            sink_mass=_mean(h.sink_mass for h in heads),
+            local_mass=_mean(h.local_mass for h in heads),
+            helps=sum(h.verdict == "helps" for h in heads),
+            neutral=sum(h.verdict == "neutral" for h in heads),
+            hurts=sum(h.verdict == "hurts" for h in heads),
+            pbs_fallback=fallbacks.get(idx),
+            heads=heads,
+        ))
+
+    all_heads = [(lr.layer, h) for lr in layer_reports for h in lr.heads]
+    ranked = sorted(layer_reports, key=lambda r: (r.oracle_density_perm, r.layer))
+    summary = {
+        "layers_analyzed": len(layer_reports),
+        "heads_analyzed": len(all_heads),
+        "oracle_density": _mean(h.oracle_density for _, h in all_heads),
+        "oracle_density_perm": _mean(h.oracle_density_perm for _, h in all_heads),
+        "pbs_density": _mean(h.pbs_density for _, h in all_heads),
+        "pbs_recall": _mean(h.pbs_recall for _, h in all_heads),
+        "sink_mass": _mean(h.sink_mass for _, h in all_heads),
+        "local_mass": _mean(h.local_mass for _, h in all_heads),
+        "heads_helps": sum(h.verdict == "helps" for _, h in all_heads),
+        "heads_neutral": sum(h.verdict == "neutral" for _, h in all_heads),
+        "heads_hurts": sum(h.verdict == "hurts" for _, h in all_heads),
+        "sparsest_layers": [r.layer for r in ranked[:3]],
+        "densest_layers": [r.layer for r in ranked[::-1][:3]],
+        "most_sparse_head": _head_ref(extremes.get("most sparse")),
+        "least_sparse_head": _head_ref(extremes.get("least sparse")),
+    }
+    return AnalysisReport(
+        model=name,
+        seq_len=N,
+        block_size=block_size,
+        segment_size=segment_size,
+        coverage=float(coverage),
+        threshold=float(threshold),
+        verdict_margin=float(verdict_margin),
+        num_layers=len(all_layers),
+        num_heads=shapes["num_heads"],
+        num_kv_heads=shapes["num_kv_heads"],
+        head_dim=shapes["head_dim"],
+        layers=layer_reports,
+        summary=summary,
+        elapsed_s=time.perf_counter() - t0,
+        device=str(input_ids.device),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        peak_gpu_memory_gib=torch.cuda.max_memory_allocated(input_ids.device) / 2**30 if on_cuda else None,
+        heatmaps=[extremes[k] for k in ("most sparse", "least sparse") if k in extremes],
+    )
+
+
+def _head_ref(hm: Heatmap | None) -> dict[str, Any] | None:
+    if hm is None:
+        return None
+    return {"layer": hm.layer, "head": hm.head, "oracle_density": hm.oracle_density,
+            "oracle_density_perm": hm.oracle_density_perm}
+
+
+def _keep_extremes(extremes: dict[str, Heatmap], layer: int, la) -> None:
+    """Keep the maps of the sparsest and densest head seen so far (by oracle density with
+    permutation, the figure PBS can reach); all other maps are dropped to bound memory."""
+    d = la.oracle_density_perm
+    for kind, h, better in (
+        ("most sparse", int(d.argmin()), lambda new, old: new < old),
+        ("least sparse", int(d.argmax()), lambda new, old: new > old),
+    ):
+        cur = extremes.get(kind)
+        if cur is None or better(float(d[h]), cur.oracle_density_perm):
+            extremes[kind] = Heatmap(
+                kind=kind, layer=layer, head=h,
+                oracle_density=float(la.oracle_density[h]), oracle_density_perm=float(d[h]),
+                block_mass=la.block_mass[h].clone(), block_mass_perm=la.block_mass_perm[h].clone(),
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures.
+
+_MAX_PIXELS = 256  # block maps larger than this are mean-pooled for display
+
+
+def _display(m):
+    import torch
+
+    nb = m.shape[-1]
+    if nb > _MAX_PIXELS:
+        f = math.ceil(nb / _MAX_PIXELS)
+        pad = f * math.ceil(nb / f) - nb
+        m = torch.nn.functional.pad(m, (0, pad, 0, pad))
+        m = torch.nn.functional.avg_pool2d(m[None, None], f)[0, 0]
+    # log10 of the mass, floored: attention spans many orders of magnitude.
+    return torch.log10(m.clamp_min(1e-6)).numpy()
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return write_atomic(path, buf.getvalue())
+
+
+def write_pictures(report: AnalysisReport, out_dir: str | Path) -> list[Path]:
+    """PNG pictures into `out_dir`: heatmap_most_sparse.png / heatmap_least_sparse.png (block
+    attention before and after permutation, side by side) and density_grid.png (layer x head
+    oracle density without and with permutation). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for hm in report.heatmaps:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+        for ax, m, label, dens in (
+            (axes[0], hm.block_mass, "original key order", hm.oracle_density),
+            (axes[1], hm.block_mass_perm, "PBS-permuted key order", hm.oracle_density_perm),
+        ):
+            im = ax.imshow(_display(m), cmap="magma", vmin=-6, vmax=0, interpolation="nearest")
+            ax.set_title(f"{label}\noracle density {dens:.3f} at coverage {report.coverage:g}", fontsize=10)
+            ax.set_xlabel(f"key block ({report.block_size} tokens)")
+            ax.set_ylabel("query block")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="log10 attention mass")
+        fig.suptitle(f"{report.model}: layer {hm.layer} head {hm.head} ({hm.kind}), {report.seq_len} tokens", y=1.02)
+        name = "heatmap_most_sparse.png" if hm.kind == "most sparse" else "heatmap_least_sparse.png"
+        written.append(_save(fig, out_dir / name))
+        plt.close(fig)
+
+    if report.layers:
+        layers = [lr.layer for lr in report.layers]
+        grid0 = np.array([[h.oracle_density for h in lr.heads] for lr in report.layers])
+        grid1 = np.array([[h.oracle_density_perm for h in lr.heads] for lr in report.layers])
+        height = min(12.0, 2.0 + 0.3 * len(layers))
+        width = min(16.0, 3.0 + 0.35 * grid0.shape[1]) * 2
+        fig, axes = plt.subplots(1, 2, figsize=(width, height), squeeze=False)
+        vmax = float(max(grid0.max(), grid1.max(), 1e-6))
+        for ax, grid, label in ((axes[0][0], grid0, "original order"), (axes[0][1], grid1, "PBS-permuted")):
+            im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+            ax.set_title(f"oracle density, {label}", fontsize=10)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            step = max(1, len(layers) // 16)
+            ax.set_yticks(range(0, len(layers), step))
+            ax.set_yticklabels([str(layers[i]) for i in range(0, len(layers), step)])
+            if grid.size <= 64:  # few cells: print the values too
+                for (i, j), v in np.ndenumerate(grid):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if v < 0.6 * vmax else "black")
+        fig.colorbar(im, ax=axes, shrink=0.8, label=f"tiles for {report.coverage:g} of the mass / causal tiles")
+        fig.suptitle(f"{report.model}: {report.seq_len} tokens, block {report.block_size}, segment {report.segment_size}",
+                     y=1.04)
+        written.append(_save(fig, out_dir / "density_grid.png"))
+        plt.close(fig)
+    return written
