@@ -13,12 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv
+from .._common import cdiv, interpreting
 from .naive import BlockList, pool_blocks
 
 MAX_ROW = 8192  # key blocks held in registers per program (1M tokens at b=128)
 
 
+def _configs():
+    # Each program reduces one row of <= 8192 values 40 times; fewer warps keep those reductions
+    # inside a warp. Which count wins depends on the row length and the GPU, so the first call per
+    # row length picks it (the interpreter allows a single config).
+    warps = (4,) if interpreting() else (1, 2, 4, 8)
+    return [triton.Config({}, num_warps=w) for w in warps]
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_K"])
 @triton.jit
 def _select_kernel(
     S, SINK, MINPOS, IDX, NOFF, NTOT,
@@ -94,11 +103,9 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
     idx = torch.empty(B, HQ, nb, nb, device=q.device, dtype=torch.int32)
     n_off = torch.empty(B, HQ, nb, device=q.device, dtype=torch.int32)
     n_tot = torch.empty_like(n_off)
-    warps = 4 if BLOCK_K <= 1024 else (8 if BLOCK_K <= 4096 else 16)
     _select_kernel[(nb, B * HQ)](
         s, sink, min_pos, idx, n_off, n_tot,
         nb, HQ, G, spb, N, block_size, float(threshold),
         BLOCK_K=BLOCK_K, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=40,
-        num_warps=warps,
     )
     return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=block_size)
