@@ -7,6 +7,8 @@ read from the query head's KV head directly (grouped-query attention with no cop
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -51,7 +53,7 @@ def _attend_fwd_kernel(
     stride_cb, stride_ch,
     N, HQ, G, NQB, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     i_m = NQB - 1 - tl.program_id(0)
@@ -84,7 +86,7 @@ def _attend_fwd_kernel(
     acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
 
     # Tiles of earlier segments: full blocks, all keys in the past, no mask.
-    for t in range(0, n_off):
+    for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
         j32 = tl.load(p_idx + t)
         i_j = j32.to(tl.int64)
         for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
@@ -144,6 +146,10 @@ def _check(q, k_perm, v_perm, pos, blocks: BlockList):
         raise ValueError("attend: the block list does not match the sequence length")
 
 
+# Warp specialization of the unmasked loop exists in newer Triton only (feature check, not version).
+_HAS_WARP_SPEC = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
 def _tma_default(q, k_perm, v_perm) -> bool:
     """Tensor descriptors on Hopper and newer, for 16-bit K/V that are contiguous (the
     descriptor views them as [B*H, N, D])."""
@@ -160,7 +166,7 @@ def _tma_default(q, k_perm, v_perm) -> bool:
 
 def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, use_tma: bool | None = None):
+                  num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given."""
     _check(q, k_perm, v_perm, pos, blocks)
     B, HQ, N, D = q.shape
@@ -203,6 +209,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         N, HQ, HQ // H, nqb, scale * LOG2E,
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
+        WARP_SPEC=warp_specialize and _HAS_WARP_SPEC,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
