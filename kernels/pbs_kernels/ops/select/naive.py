@@ -81,7 +81,8 @@ def topp_keep(p: torch.Tensor, threshold: float) -> torch.Tensor:
     p: [..., M] probabilities (rows may be all zero) -> bool [..., M].
     """
     if threshold >= 1.0:
-        return p > 0
+        # Everything, including blocks whose probability underflows to 0: threshold 1.0 is dense.
+        return torch.ones_like(p, dtype=torch.bool)
     sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
     before = torch.cumsum(sorted_p, dim=-1) - sorted_p
     keep_sorted = (before < threshold) & (sorted_p > 0)

@@ -1,0 +1,177 @@
+"""`pbs tune`: per-layer Optuna search to a target speedup, written as a PBS profile.
+
+The work is in tune_workflow (calibrate, search, allocate, validate); this module parses the
+options, loads the model, prints, and saves the profile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SpeedupOpt, parse_length
+from ._output import Output
+
+DEFAULT_LEN_CUDA = 32768
+DEFAULT_LEN_CPU = 8192  # the demo model's training length; longer prompts are slow on a CPU
+
+
+def _storage_spec(value: str) -> str:
+    """Check the form of --storage early (bad value: exit 2); opening it is the workflow's job."""
+    from ._errors import UsageError
+    from .tune_study import parse_storage
+
+    try:
+        parse_storage(value)
+    except UsageError as e:
+        raise typer.BadParameter(str(e).removeprefix("--storage ")) from None
+    return value
+
+
+def command(
+    target_speedup: SpeedupOpt,  # required (DESIGN.md §3); first because it has no default
+    model: ModelArg = None,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option("--seq-len", parser=parse_length, metavar="LEN",
+                     help="Prompt length to tune for: 8192, 8k, 32K. Default 32k on a GPU, 8k on the CPU."),
+    ] = None,
+    input: Annotated[
+        Optional[Path],
+        typer.Option("--input", metavar="FILE",
+                     help="Text to tune on: its first LEN tokens calibrate, the next LEN validate. "
+                          "Default: a built-in synthetic long text.", show_default=False),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Completed Optuna trials per layer (seeds included).")] = 30,
+    storage: Annotated[
+        Optional[str],
+        typer.Option("--storage", metavar="URL", parser=_storage_spec,
+                     help="Optuna storage shared by workers: postgresql://..., mysql://..., sqlite:///FILE.db, "
+                          "journal:FILE or FILE.log. Default: OUT with suffix .optuna.db.", show_default=False),
+    ] = None,
+    study: Annotated[
+        Optional[str],
+        typer.Option("--study", metavar="NAME",
+                     help="Base study name (layer i uses NAME-layer<i>). Default: from model, length and "
+                          "calibration text, so rerunning the same command resumes.", show_default=False),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", metavar="PATH",
+                     help="Profile YAML to write. Default: pbs-out/<model>-<len>.yaml.", show_default=False),
+    ] = None,
+    format: FormatOpt = "table",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the Optuna samplers.")] = 0,
+) -> None:
+    """Search per-layer PBS settings that reach a target attention speedup with the least error.
+
+    One dense prefill captures each layer's attention inputs; an Optuna study per layer trades
+    output error against cost (kernel time on a GPU, a density-based model on the CPU, shown as
+    "predicted"); the per-layer Pareto fronts are combined into the most accurate profile that
+    reaches the target, which is then checked on held-out text (logits KL, perplexity). Studies
+    live in --storage, so a killed run resumes where it stopped and several processes or
+    machines can share the work.
+
+    Example: pbs tune meta-llama/Llama-3.1-8B --target-speedup 2x --seq-len 32k --out profiles/llama8b.yaml
+    """
+    from ._model import check_seq_len, load_model
+    from .tune_workflow import TuneSettings, run_tune
+
+    if out is not None and out.suffix not in (".yaml", ".yml"):
+        raise typer.BadParameter(f"{out} is not a .yaml path", param_hint="--out")
+    o = Output(format)
+    loaded = load_model(model, device=device, dtype=dtype)
+    n = seq_len or (DEFAULT_LEN_CUDA if loaded.device.type == "cuda" else DEFAULT_LEN_CPU)
+    check_seq_len(loaded, n)
+    calib, heldout, notes = split_prompt(loaded, n, input)
+    for note in notes:
+        o.warn(note)
+    out_path = out if out is not None else Path("pbs-out") / f"{_slug(loaded.name)}-{_short_len(n)}.yaml"
+    settings = TuneSettings(target_speedup=target_speedup, out=out_path, trials=trials, storage=storage,
+                            study=study, seed=seed, model_name=loaded.name)
+    o.info(f"tuning {loaded.name} for {target_speedup:g}x at {n} tokens on {loaded.device.type} "
+           f"({trials} trials per layer)")
+    with o.progress() as report:
+        result = run_tune(loaded.model, calib, heldout, settings, progress=report)
+    result.notes[:0] = notes
+    result.profile.save(out_path)
+    _print(o, result, out_path)
+
+
+def split_prompt(loaded, n: int, input_file) -> tuple[Any, Any, list[str]]:
+    """Calibration ids (the first n tokens) and held-out ids (the next n - 1 behind the same BOS)."""
+    import torch
+
+    from ._model import build_prompt
+
+    prompt = build_prompt(loaded, 2 * n, input_file)
+    ids = prompt.input_ids
+    notes = []
+    if prompt.source_tokens < 2 * n:
+        what = "the synthetic text" if input_file is None else f"--input {input_file}"
+        notes.append(f"{what} has {prompt.source_tokens} tokens, fewer than 2 x --seq-len {n}: the held-out "
+                     "text repeats calibration text, so validation is not on unseen text; pass a longer file")
+    calib = ids[:, :n]
+    bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
+    if bos is not None and int(ids[0, 0]) == bos:
+        # A held-out document starts like any prompt: with BOS (the attention sink).
+        heldout = torch.cat([ids[:, :1], ids[:, n + 1:2 * n]], dim=1)
+    else:
+        heldout = ids[:, n:2 * n]
+    return calib, heldout, notes
+
+
+def _slug(name: str) -> str:
+    from .tune_workflow import _slug as slug
+
+    return slug(name)
+
+
+def _short_len(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _setting(cfg: dict) -> str:
+    """One compact cell: 'dense' or 'b64 S256 t0.95 perm'."""
+    if cfg.get("dense"):
+        return "dense"
+    return f"b{cfg['block_size']} S{cfg['segment_size']} t{cfg['threshold']:g} {'perm' if cfg['permute'] else 'noperm'}"
+
+
+def _print(o: Output, result, out_path: Path) -> None:
+    if o.json:
+        doc = result.to_dict()
+        doc["profile_path"] = str(out_path)
+        o.emit_json(doc)
+        return
+    unit = result.cost_model
+    rows = []
+    for lr in result.layers:
+        for p in lr.front:
+            mark = "*" if lr.chosen is not None and p is lr.chosen else ""
+            rows.append([lr.layer, mark, _setting(p["config"]), p["error"], p["recall"], p["density"], p["cost"],
+                         p["trial"]])
+    o.table(f"Pareto front of each layer (cost: {unit} time / dense; * = chosen)",
+            ["layer", "", "setting", "error", "recall", "density", "cost", "trial"], rows)
+    rows = []
+    for lr in result.layers:
+        h = lr.heldout or {}
+        trials = f"{lr.trials_complete} ({lr.trials_run} new)" if lr.study else f"- ({lr.unsupported})"
+        rows.append([lr.layer, _setting(lr.chosen["config"]), h.get("error"), h.get("recall"), h.get("density"),
+                     h.get("cost"), trials])
+    o.table("Chosen settings on held-out text",
+            ["layer", "setting", "error", "recall", "density", "cost", "trials"], rows)
+    v = result.validation
+    speed = f"{unit} attention speedup {v['speedup']:.2f}x"
+    if v.get("measured_speedup") is not None:
+        speed += f" (cost model predicts {v['predicted_speedup']:.2f}x)"
+    o.info(f"held-out: {speed}; perplexity {v['ppl_dense']:.4g} -> {v['ppl_pbs']:.4g} "
+           f"({100 * v['ppl_change']:+.2f}%), KL {v['kl']:.3g} nats/token, recall {v['recall']:.3f}")
+    for note in result.notes:
+        o.warn(note)
+    o.info(f"studies {result.study}-layer* in {result.storage}")
+    o.info(f"wrote {out_path}")

@@ -1,0 +1,161 @@
+"""One layer's calibration activations and what a PBS setting does to them.
+
+`LayerEvaluator(capture)` computes the dense reference of the layer once (output and per-row
+log-sum-exp, from the attend op over every causal tile, so the reference and the sparse result
+share their arithmetic), then `evaluate(config)` runs PBS on the same Q/K/V and returns the
+accuracy figures of DESIGN.md §4 (output error, recall, density) and the cost relative to dense
+attention: measured kernel time on CUDA, the cost model elsewhere (tune_cost).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pbs_kernels.attention import pbs_attention
+from pbs_kernels.ops.attend import attend
+from pbs_kernels.ops.permute import permute_keys
+from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.ops.select.naive import block_geometry, compact
+from pbs_kernels.profile import LayerConfig
+
+from .tune_cost import dense_time_ms, kernel_time_ms, predicted_cost
+
+__all__ = ["LayerCapture", "LayerEvaluator", "LayerMeasure"]
+
+
+@dataclass
+class LayerCapture:
+    """Post-RoPE inputs of one attention layer from the dense calibration prefill.
+
+    q: [1, HQ, N, D]; k, v: [1, H, N, D]; scale: the model's softmax scale.
+    unsupported: why PBS cannot run this layer (the integration keeps it dense), or None.
+    """
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    unsupported: str | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.q.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v))
+
+    def to(self, device) -> LayerCapture:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return LayerCapture(self.layer, move(self.q), move(self.k), move(self.v), self.scale, self.unsupported)
+
+
+@dataclass
+class LayerMeasure:
+    """What one setting does on one layer. cost: time / dense time (measured or predicted).
+    predicted_cost: the cost model's figure, kept beside a measured cost to check the model."""
+
+    error: float
+    recall: float
+    density: float
+    cost: float
+    predicted_cost: float
+    time_ms: float | None = None
+    density_per_head: list[float] = field(default_factory=list)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref||_F / ||ref||_F in fp32, one head at a time (bounded temporaries on a GPU)."""
+    num = den = 0.0
+    for h in range(out.shape[1]):
+        o, r = out[:, h].float(), ref[:, h].float()
+        num += float(torch.sum((o - r) ** 2))
+        den += float(torch.sum(r * r))
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _all_causal_tiles(B: int, HQ: int, N: int, block_size: int, device):
+    """A BlockList of every causal tile: all earlier blocks, plus the diagonal block (masked)."""
+    nb, seg, _ = block_geometry(N, block_size, block_size, device)  # one block per segment
+    earlier = (seg[None, :] < seg[:, None]).expand(B, HQ, nb, nb)
+    diagonal = (seg[None, :] == seg[:, None]).expand(B, HQ, nb, nb)
+    return compact(earlier, diagonal, block_size)
+
+
+class LayerEvaluator:
+    """Scores PBS settings on one layer's captured Q/K/V.
+
+    cost_model: "measured" (CUDA: time `pbs_attention` against the fastest dense SDPA backend)
+    or "predicted" (tune_cost.predicted_cost from the tile density).
+    """
+
+    def __init__(self, capture: LayerCapture, *, cost_model: str, backend: str = "auto",
+                 dense_ms: float | None = None):
+        if cost_model not in ("measured", "predicted"):
+            raise ValueError(f"LayerEvaluator: cost_model {cost_model!r}")
+        self.capture = capture
+        self.cost_model = cost_model
+        self.backend = backend
+        q, k = capture.q, capture.k
+        B, _, N, _ = q.shape
+        self.n_tokens = N
+        self._ident = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
+        # Dense reference through the same attend op over every causal tile, so the output is
+        # exact dense attention and its lse the full softmax normaliser recall is measured
+        # against. The list is built directly: a threshold-1.0 selection would drop blocks whose
+        # pooled probability underflows to 0.
+        ref_b = 128 if N >= 1024 else 16
+        with torch.no_grad():
+            full = _all_causal_tiles(B, q.shape[1], N, ref_b, q.device)
+            self.ref_out, self.ref_lse = attend(q, k, capture.v, self._ident, full, scale=capture.scale,
+                                                backend=self._backend(q), return_lse=True)
+        del full
+        self.dense_ms = dense_ms
+        self.dense_backend: str | None = None
+        if cost_model == "measured" and dense_ms is None:
+            # Full budget: every trial's cost is divided by this one number.
+            self.dense_ms, self.dense_backend = dense_time_ms(q, k, capture.v, scale=capture.scale)
+
+    def _backend(self, t: torch.Tensor) -> str:
+        if self.backend == "auto":
+            return "triton" if t.is_cuda else "torch"
+        return self.backend
+
+    @torch.no_grad()
+    def evaluate(self, config: LayerConfig) -> LayerMeasure:
+        """Accuracy and cost of `config` on this layer (config.dense: the exact dense point)."""
+        cap = self.capture
+        if config.dense or self.n_tokens <= config.segment_size:
+            return LayerMeasure(error=0.0, recall=1.0, density=1.0, cost=1.0, predicted_cost=1.0,
+                                time_ms=self.dense_ms, density_per_head=[1.0] * cap.q.shape[1])
+        q, k, v, scale = cap.q, cap.k, cap.v, cap.scale
+        be = self._backend(q)
+        b, S = config.block_size, config.segment_size
+        if config.permute:
+            k_p, v_p, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend=be)
+        else:
+            k_p, v_p, pos = k, v, self._ident
+        blocks = select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=config.threshold,
+                               scale=scale, backend=be)
+        out, lse = attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be, return_lse=True)
+        error = _relative_error(out, self.ref_out)
+        # Mass of the true softmax on the computed tiles, per query row: exp(lse_kept - lse_all).
+        recall = float(torch.exp(lse - self.ref_lse).clamp(max=1.0).mean())
+        per_head = blocks.density_per_head().float().cpu()
+        density = float(per_head.mean())
+        del out, lse, blocks, k_p, v_p, pos
+        predicted = predicted_cost(block_size=b, permute=config.permute, density=density, n_tokens=self.n_tokens)
+        time = None
+        cost = predicted
+        if self.cost_model == "measured":
+            time = kernel_time_ms(
+                lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=config.threshold,
+                                      permute=config.permute, scale=scale, backend=be),
+                quick=True,
+            )
+            cost = time / self.dense_ms
+        return LayerMeasure(error=error, recall=recall, density=density, cost=cost, predicted_cost=predicted,
+                            time_ms=time, density_per_head=[round(float(x), 5) for x in per_head])
