@@ -179,3 +179,13 @@ def test_select_triton_matches_naive(N, b, S, tau, HQ, H):
         valid = torch.arange(got.idx.shape[-1]) < got.n_total[..., None]
         assert torch.equal(torch.where(valid, got.idx, 0), torch.where(valid, want.idx, 0))
         assert torch.equal(got.n_off, want.n_off)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_threshold_one_keeps_blocks_whose_probability_underflows(backend):
+    q, k, v = rand_qkv(1, 2, 2, 512, 64)
+    k[:, :, :64] *= 200.0  # pooled scores far apart: other blocks' softmax mass is exactly 0
+    pos = torch.arange(512, dtype=torch.int32).expand(1, 2, 512).contiguous()
+    blocks = select_blocks(q, k, pos, block_size=64, segment_size=128, threshold=1.0, scale=0.125,
+                           backend=backend)
+    assert blocks.density_per_head().tolist() == pytest.approx([1.0, 1.0])
