@@ -19,7 +19,7 @@ from triton.testing import do_bench
 
 from pbs_kernels import pbs_attention
 from pbs_kernels.attention import dense_causal_attention
-from pbs_kernels.ops.attend.attend import attend_triton
+from pbs_kernels.ops.attend.fwd import attend_triton
 from pbs_kernels.ops.attend.naive import attend_naive
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import BlockList, select_blocks

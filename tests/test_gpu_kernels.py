@@ -4,7 +4,7 @@ import torch
 
 from pbs_kernels import pbs_attention
 from pbs_kernels.attention import dense_causal_attention
-from pbs_kernels.ops.attend.attend import attend_triton
+from pbs_kernels.ops.attend.fwd import attend_triton
 from pbs_kernels.ops.attend.naive import attend_naive
 from pbs_kernels.ops.permute import permute_keys, score_keys_naive
 from pbs_kernels.ops.permute.score import score_keys_triton

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pbs_kernels.ops.attend import attend_naive
-from pbs_kernels.ops.attend.attend import attend_triton
+from pbs_kernels.ops.attend.fwd import attend_triton
 from pbs_kernels.ops.permute import permute_keys, score_keys_naive
 from pbs_kernels.ops.permute.score import score_keys_triton
 from pbs_kernels.ops.select import block_geometry, pool_blocks, select_blocks, topp_keep
@@ -167,7 +167,7 @@ def test_full_pipeline_triton_vs_torch():
 ])
 def test_select_triton_matches_naive(N, b, S, tau, HQ, H):
     from pbs_kernels.ops.select import select_blocks_naive
-    from pbs_kernels.ops.select.select import select_blocks_triton
+    from pbs_kernels.ops.select.fused import select_blocks_triton
 
     q, k, v = rand_qkv(2, HQ, H, N, 64)
     kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)

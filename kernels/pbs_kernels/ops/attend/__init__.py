@@ -4,7 +4,7 @@ from .naive import attend_naive
 
 def attend(q, k_perm, v_perm, pos, blocks, *, scale: float, backend: str = "torch", return_lse: bool = False):
     if backend == "triton":
-        from .attend import attend_triton
+        from .fwd import attend_triton
 
         return attend_triton(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse)
     return attend_naive(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse)

@@ -7,7 +7,7 @@ def select_blocks(q, k_perm, pos, *, block_size: int, segment_size: int, thresho
     """Kept key blocks per query block (see BlockList). Both backends work on pooled [NQB, NKB]
     block scores, O(N^2 / b^2), never N x N."""
     if backend == "triton":
-        from .select import select_blocks_triton
+        from .fused import select_blocks_triton
 
         blocks = select_blocks_triton(q, k_perm, pos, block_size=block_size, segment_size=segment_size,
                                       threshold=threshold, scale=scale)
