@@ -12,13 +12,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from datetime import date
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+from pbs_kernels._io import write_atomic  # noqa: F401  (re-exported for commands)
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -146,30 +146,6 @@ def to_jsonable(obj: Any) -> Any:
     if callable(getattr(obj, "tolist", None)):  # numpy arrays/scalars, torch tensors
         return to_jsonable(obj.tolist())
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write a file whole or not at all: temp file in the same folder, fsync, os.replace.
-    Creates missing parent folders. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def _is_number(v: Any) -> bool:

@@ -186,7 +186,8 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_the_app_stays_light():
-    heavy = ["torch", "triton", "transformers", "optuna", "matplotlib", "numpy", "pbs_kernels"]
+    # pbs_kernels itself may load (its __init__ is lazy): only the heavy libraries must not.
+    heavy = ["torch", "triton", "transformers", "optuna", "matplotlib", "numpy", "pbs_kernels.attention"]
     r = _run_python(f"import sys, json, pbs_cli.app; print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []

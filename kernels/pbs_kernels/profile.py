@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from ._io import write_atomic
 
 __all__ = ["LayerConfig", "PbsProfile", "ProfileError", "builtin_profile"]
 
@@ -240,7 +241,7 @@ class PbsProfile:
         either fully replaced or untouched, never half-written."""
         self.validate()
         text = self.dumps()  # serialise before touching the disk: a failure here writes nothing
-        return _write_atomic(Path(path), text)
+        return write_atomic(Path(path), text)
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -374,27 +375,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, (str, int, float, bool)):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """Temp file in the destination folder (so os.replace is atomic), fsync, then replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def builtin_profile(name: str = "default") -> PbsProfile:
