@@ -1,0 +1,284 @@
+"""Seeded synthetic Q/K/V with the structure of real long-context attention.
+
+Random Gaussian Q/K/V attend almost uniformly, which makes every sparse method look either
+useless (nothing to skip) or perfect (nothing lost). Real prefill attention is mostly a few
+patterns, mixed differently per head; `make_workload` builds each of them out of dot products,
+so they are what a kernel sees, not a mask laid on top:
+
+* sink:   token 0 (and a few after it) carries a large shared component that every query
+          matches; like real sinks, its value vector is small.
+* local:  q and k both carry a smooth positional code p(n) (random Fourier features of the
+          position), so q(n)·k(m) follows a kernel of n - m: nearby keys score high. Each KV head
+          has its own window width.
+* needle: four regions per KV head (3-8% of the context each) hold scattered "important"
+          keys, 45-50% of the keys there, which share a direction with every query after some
+          later point (the question part of a prompt). The last queries see them too, so
+          permuting keys gathers them into the first block of each segment: the case PBS is
+          built for. They are dense within regions on purpose: selection scores mean-pooled
+          key blocks, which cannot see a lone key among 128, so a few hundred isolated needles
+          would only measure that blind spot.
+* slash:  keys carry the code of a shifted position, k(m) ~ p'(m + delta), so q(n)·k(m) peaks
+          at fixed offsets n - m = delta: the diagonal lines of 'slash' heads, which permutation
+          scatters.
+
+Every KV head's keys carry all four; each query head weights them (its `HeadSpec`), so a
+group of query heads sharing keys still differs, as in grouped-query models. Strengths are
+logits (q·k·scale at an exact match, in nats) on top of Gaussian noise in every coordinate
+(std 0.6 in q and k, 1 in v, whose rows also share a per-head mean).
+
+Cost is O(N·D) per head (plus O(N·F·D) for the codes, F = 48 frequencies), generated on the
+target device, so 128K tokens x 32 heads takes milliseconds on a GPU. The same seed gives the
+same structure on every device (it is drawn on the CPU); the noise comes from a generator on the
+target device, so it is reproducible per device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["HEAD_KINDS", "HeadSpec", "KVHeadSpec", "WorkloadInfo", "make_workload", "workload_info"]
+
+HEAD_KINDS = ("sink", "local", "needle", "slash", "mixed")
+# Share of query heads of each kind (rounded per layer; every kind appears from 6 query heads up).
+_KIND_SHARE = {"sink": 0.15, "local": 0.3, "needle": 0.25, "slash": 0.1, "mixed": 0.2}
+
+_N_FREQ = 48  # Fourier features per code: far-apart positions correlate ~1/sqrt(2F) ~ 0.1
+_N_SINK = 4  # tokens with the sink component (token 0 strongest)
+_N_NEEDLE_GROUPS = 4  # needle regions per KV head
+_NOISE = 0.6  # std of the per-coordinate noise in q and k (logit noise ~1 with the components)
+_V_MEAN = 0.5  # std of the per-head mean of v: real values share a common component
+_SINK_V = 0.1  # the sink's value is small, as in trained models
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Logits (nats at an exact match) of each pattern for one query head."""
+
+    kind: str
+    sink: float
+    local: float
+    needle: float
+    slash: float
+
+
+@dataclass(frozen=True)
+class KVHeadSpec:
+    """Positions and shapes of the patterns in one KV head's keys (in tokens)."""
+
+    window: float  # local kernel width
+    slash_width: float
+    slash_offsets: tuple[int, ...]
+    # (start, end, active_from): needle keys lie in [start, end); queries >= active_from seek them.
+    needle_regions: tuple[tuple[int, int, int], ...]
+    needle_fraction: float
+
+
+@dataclass
+class WorkloadInfo:
+    """What `make_workload` built: per query head and per KV head, plus the needle keys."""
+
+    seq_len: int
+    heads: list[HeadSpec]
+    kv_heads: list[KVHeadSpec]
+    needle_mask: torch.Tensor | None = field(default=None, repr=False)  # [B, H, N] bool, needle keys
+
+    def heads_of_kind(self, kind: str) -> list[int]:
+        return [i for i, h in enumerate(self.heads) if h.kind == kind]
+
+
+def _kinds(heads: int, gen: torch.Generator) -> list[str]:
+    counts = {k: int(round(s * heads)) for k, s in _KIND_SHARE.items()}
+    # Fix rounding so the counts add up; the commonest kind absorbs the difference.
+    counts["local"] += heads - sum(counts.values())
+    if counts["local"] < 0:
+        counts = {"local": heads}
+    kinds = [k for k, c in counts.items() for _ in range(c)][:heads]
+    order = torch.randperm(heads, generator=gen).tolist()
+    return [kinds[i] for i in order]
+
+
+def _u(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def _head_spec(kind: str, gen: torch.Generator) -> HeadSpec:
+    # Chosen so that, at 8K-128K tokens and threshold 0.9, PBS keeps roughly 5-30% of the
+    # tiles with an output error of a few percent (checked by tests/test_bench.py on small N
+    # and by `pbs bench` on the GPU): most mass on sink, recent and needle keys, a diffuse rest.
+    j = lambda: _u(gen, -1.0, 1.0)  # noqa: E731 - per-head jitter
+    if kind == "sink":
+        return HeadSpec(kind, sink=20.0 + j(), local=12.5 + j(), needle=0.0, slash=0.0)
+    if kind == "local":
+        return HeadSpec(kind, sink=11.0 + j(), local=13.0 + j(), needle=0.0, slash=0.0)
+    if kind == "needle":
+        return HeadSpec(kind, sink=9.0 + j(), local=7.5 + j(), needle=5.0 + j(), slash=0.0)
+    if kind == "slash":
+        return HeadSpec(kind, sink=10.0 + j(), local=11.5 + j(), needle=0.0, slash=8.5 + j())
+    # mixed: a bit of everything, weaker each.
+    return HeadSpec(kind, sink=10.0 + j(), local=10.5 + j(), needle=4.0 + j(), slash=6.0 + j())
+
+
+def _kv_spec(N: int, gen: torch.Generator) -> KVHeadSpec:
+    window = math.exp(_u(gen, math.log(384.0), math.log(2048.0)))
+    slash_width = _u(gen, 2.0, 6.0)
+    # One line close by (mostly inside the diagonal segment), one far back.
+    near = int(math.exp(_u(gen, math.log(8.0), math.log(192.0))))
+    far = int(math.exp(_u(gen, math.log(256.0), math.log(max(512.0, N / 4)))))
+    offsets = (near, far)
+    regions = []
+    for _ in range(_N_NEEDLE_GROUPS):
+        length = max(min(1024, N // 8), int(N * _u(gen, 0.03, 0.08)))
+        start = int(_u(gen, 0.01, 0.55) * N)
+        end = min(N, start + length)
+        active = min(N - 1, end + int(_u(gen, 0.0, 0.3) * N))
+        regions.append((start, end, active))
+    return KVHeadSpec(window, slash_width, offsets, tuple(regions), needle_fraction=_u(gen, 0.45, 0.5))
+
+
+def workload_info(seq_len: int, heads: int = 32, kv_heads: int = 8, seed: int = 0) -> WorkloadInfo:
+    """The structure `make_workload` uses for these sizes and seed (cheap, CPU only)."""
+    if heads % kv_heads:
+        raise ValueError(f"make_workload: heads {heads} must be a multiple of kv_heads {kv_heads}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    kinds = _kinds(heads, gen)
+    specs = [_head_spec(k, gen) for k in kinds]
+    kv = [_kv_spec(seq_len, gen) for _ in range(kv_heads)]
+    return WorkloadInfo(seq_len, specs, kv)
+
+
+def _code(pos: torch.Tensor, omega: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """Unit-norm smooth code of positions: [N] -> [N, D].
+
+    Random Fourier features: code(n)·code(m) ~ mean_f cos(omega_f (n - m)), a kernel of the
+    distance only. Angles in float64: n * omega reaches 1e6 rad at 1M tokens, where float32
+    would lose the phase. `mix` [2F, D] has rows orthogonal to the sink and needle directions,
+    so the codes never leak into those patterns.
+    """
+    ang = torch.remainder(pos.double()[:, None] * omega.double()[None, :], 2 * math.pi).float()
+    feats = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)  # [N, 2F]
+    code = feats @ mix  # [N, D]
+    return code / code.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _code_mix(dirs: torch.Tensor, D: int, gen: torch.Generator) -> torch.Tensor:
+    """Random [2F, D] feature-to-space map with `dirs` ([k, D] orthonormal) projected out."""
+    mix = torch.randn(2 * _N_FREQ, D, generator=gen) / math.sqrt(_N_FREQ * D)
+    return mix - (mix @ dirs.T) @ dirs
+
+
+def _frequencies(width: float, gen: torch.Generator) -> torch.Tensor:
+    # Cauchy frequencies give the Laplace kernel exp(-|n - m| / width): a sharp peak with a
+    # long tail, like the recency bias of trained models.
+    u = torch.rand(_N_FREQ, generator=gen, dtype=torch.float64)
+    return torch.tan(math.pi * (u - 0.5)) / width
+
+
+def _unit_directions(count: int, D: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` orthonormal directions in R^D (count <= D): [count, D]."""
+    m = torch.randn(D, count, generator=gen)
+    qm, _ = torch.linalg.qr(m)
+    return qm.T.contiguous()
+
+
+def make_workload(
+    seq_len: int,
+    heads: int = 32,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    *,
+    return_info: bool = False,
+):
+    """Synthetic prefill attention inputs with sink, local, needle and slash structure.
+
+    Returns q [batch, heads, seq_len, head_dim] and k, v [batch, kv_heads, seq_len, head_dim] in
+    `dtype` on `device` (and a `WorkloadInfo` with `return_info=True`). Deterministic per seed
+    on a given device. See the module docstring for what each pattern is.
+    """
+    N, HQ, H, D = int(seq_len), int(heads), int(kv_heads), int(head_dim)
+    if N < 1 or HQ < 1 or H < 1 or D < 8 or batch < 1:
+        raise ValueError(f"make_workload: bad sizes seq_len={N} heads={HQ} kv_heads={H} head_dim={D} batch={batch}")
+    info = workload_info(N, HQ, H, seed)
+    G = HQ // H
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)  # structure tensors
+    noise = torch.Generator(device=device).manual_seed(int(seed) + 104729)  # bulk noise
+
+    # Component magnitudes: a q part of size a and a k part of size b along one unit direction
+    # give the logit a * b * scale. Keys get a fixed size, queries carry the head's logit.
+    scale = 1.0 / math.sqrt(D)
+    # Keys' components have norm 3 * D^(1/4) (~10 at D=128, the norm of unit-variance noise);
+    # their products with the noise then stay near one nat, like the spread of real logits.
+    k_size = 3.0 * D ** 0.25
+
+    def q_size(logit: float) -> float:
+        return logit / (k_size * scale)
+
+    q = torch.empty(batch, HQ, N, D, dtype=dtype, device=device)
+    k = torch.empty(batch, H, N, D, dtype=dtype, device=device)
+    v = torch.empty(batch, H, N, D, dtype=dtype, device=device)
+    needle_mask = torch.zeros(batch, H, N, dtype=torch.bool, device=device)
+    pos = torch.arange(N, device=device)
+    n_sink = min(_N_SINK, N)
+    # The sink: token 0 strongest, the next few weaker, like BOS plus the first words.
+    sink_w = torch.tensor([1.0, 0.55, 0.45, 0.4][:n_sink], device=device)
+
+    for h in range(H):
+        spec = info.kv_heads[h]
+        dirs_cpu = _unit_directions(1 + _N_NEEDLE_GROUPS, D, gen)  # sink, needle groups
+        dirs = dirs_cpu.to(device)
+        mix_loc = _code_mix(dirs_cpu, D, gen).to(device)
+        mix_sl = _code_mix(dirs_cpu, D, gen).to(device)
+        om_loc = _frequencies(spec.window, gen).to(device)
+        om_sl = _frequencies(spec.slash_width, gen).to(device)
+        v_mean = (torch.randn(D, generator=gen) * _V_MEAN).to(device)
+        needle_scale = torch.rand(_N_NEEDLE_GROUPS, generator=gen) * 0.6 + 0.7
+
+        loc = _code(pos, om_loc, mix_loc)  # [N, D], shared by q and k
+        sl_q = _code(pos, om_sl, mix_sl)
+        sl_k = sum(_code(pos + d, om_sl, mix_sl) for d in spec.slash_offsets) / math.sqrt(len(spec.slash_offsets))
+
+        for b in range(batch):
+            kb = _NOISE * torch.randn(N, D, generator=noise, device=device)
+            kb += k_size * loc
+            kb += k_size * sl_k
+            kb[:n_sink] += k_size * 2.0 * sink_w[:, None] * dirs[0]
+            # Needle keys: a random fraction of each region, with varying strength.
+            for r, (start, end, _) in enumerate(spec.needle_regions):
+                sel = torch.rand(end - start, generator=noise, device=device) < spec.needle_fraction
+                # Regions may overlap; a key in two groups would match twice as strongly.
+                sel &= ~needle_mask[b, h, start:end]
+                strength = k_size * float(needle_scale[r]) * (1.0 + 0.05 * torch.randn(end - start, generator=noise, device=device))
+                kb[start:end] += (sel * strength)[:, None] * dirs[1 + r]
+                needle_mask[b, h, start:end] |= sel
+            k[b, h] = kb.to(dtype)
+
+            vb = torch.randn(N, D, generator=noise, device=device) + v_mean
+            vb[:n_sink] *= _SINK_V
+            v[b, h] = vb.to(dtype)
+
+            for g in range(G):
+                hq = h * G + g
+                hs = info.heads[hq]
+                qb = _NOISE * torch.randn(N, D, generator=noise, device=device)
+                # Sink logit is set for the strongest sink key (weight 2.0 above).
+                if hs.sink:
+                    qb += q_size(hs.sink / 2.0) * dirs[0]
+                if hs.local:
+                    qb += q_size(hs.local) * loc
+                if hs.slash:
+                    qb += q_size(hs.slash) * sl_q
+                if hs.needle:
+                    for r, (_, _, active) in enumerate(spec.needle_regions):
+                        qb[active:] += q_size(hs.needle) * dirs[1 + r]
+                q[b, hq] = qb.to(dtype)
+
+    if not return_info:
+        return q, k, v
+    info.needle_mask = needle_mask
+    return q, k, v, info

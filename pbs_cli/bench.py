@@ -1,0 +1,302 @@
+"""`pbs bench`: time PBS attention against dense SDPA, FlexAttention and PBS without permutation,
+check its output in the same run, and optionally time a model's first token with a profile.
+
+The work is in `bench_workflow` (returns plain results); this module parses options, prints and
+writes files. torch, triton and matplotlib are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from ._errors import PbsError, ProfileFileError
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
+from ._output import Output, to_jsonable, write_atomic
+
+if TYPE_CHECKING:
+    from .bench_workflow import BenchReport
+
+DEFAULT_OUT = Path("pbs-out") / "bench"
+_BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")  # = bench_workflow.BASELINES
+_HEAD_DIMS = (64, 128)
+
+
+class WorkloadKind(str, Enum):
+    synthetic = "synthetic"
+    captured = "captured"
+
+
+def parse_baselines(s: str) -> str:
+    """'cudnn,flex' -> 'cudnn,flex' (checked, order kept); 'none' or '' -> ''."""
+    text = str(s).strip().lower()
+    if text in ("", "none"):
+        return ""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [n for n in names if n not in _BASELINES]
+    if bad:
+        raise typer.BadParameter(f"unknown baseline(s) {', '.join(bad)}; use a comma-separated subset of "
+                                 f"{','.join(_BASELINES)}, or none")
+    return ",".join(dict.fromkeys(names))
+
+
+def _check_head_dim(value: int) -> int:
+    if value not in _HEAD_DIMS:
+        raise typer.BadParameter(f"{value} is not supported; use 64 or 128")
+    return value
+
+
+def command(
+    seq_len: SeqLensOpt = "128k",
+    profile: ProfileOpt = None,
+    heads: Annotated[int, typer.Option("--heads", min=1, help="Query heads (synthetic workload).")] = 32,
+    kv_heads: Annotated[int, typer.Option("--kv-heads", min=1, help="Key/value heads; divides --heads.")] = 8,
+    head_dim: Annotated[int, typer.Option("--head-dim", callback=_check_head_dim, help="Head dimension: 64 or 128.")] = 128,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size.")] = 1,
+    dtype: DtypeOpt = "auto",
+    workload: Annotated[WorkloadKind, typer.Option("--workload", case_sensitive=False, help="synthetic: seeded Q/K/V with sink, local, needle and slash heads; captured: one layer of --model.")] = "synthetic",
+    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model id or folder for --workload captured and --e2e (default: the embedded demo model).", show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", min=0, help="Layer to capture, and the profile layer whose settings are benched (default 0).", show_default=False)] = None,
+    e2e: Annotated[bool, typer.Option("--e2e", help="Also time the model's first token with and without the profile.")] = False,
+    baselines: Annotated[str, typer.Option("--baselines", parser=parse_baselines, metavar="NAMES", help="Comma-separated: cudnn,flash,efficient,flex,noperm (or none).")] = ",".join(_BASELINES),
+    max_error: Annotated[Optional[float], typer.Option("--max-error", min=0.0, help="Output error vs dense above which PBS rows are FAILED (default 0.05; 0.02 at threshold 1.0).", show_default=False)] = None,
+    format: FormatOpt = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for results.json, results.csv, results.md and time_vs_seq_len.png (default pbs-out/bench).", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload.")] = 0,
+) -> None:
+    """Time PBS attention against dense attention at one or more prompt lengths, and check it.
+
+    Per length: PBS (permute + select + attend, and each part), dense SDPA on each backend,
+    FlexAttention on the same tiles, PBS without permutation: ms, TFLOP/s, density, recall,
+    error vs dense and speedup vs the fastest dense backend. A row whose output is wrong is
+    FAILED and gets no speedup (exit 1). Writes JSON, CSV, Markdown and a plot to --out.
+    Needs a CUDA GPU; --device cpu runs a correctness-only pass on small sizes.
+
+    Example: pbs bench --seq-len 8k,32k,128k --profile profiles/default.yaml
+    """
+    from .bench_workflow import BenchSettings, run_bench
+
+    o = Output(format)
+    settings = BenchSettings(
+        seq_lens=list(seq_len),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        batch=batch,
+        dtype=getattr(dtype, "value", dtype),
+        device=getattr(device, "value", device),
+        workload=getattr(workload, "value", workload),
+        model=model,
+        layer=layer,
+        profile=str(profile) if profile is not None else None,
+        baselines=tuple(b for b in baselines.split(",") if b),
+        seed=seed,
+        max_error=max_error,
+        e2e=e2e,
+    )
+    try:
+        with o.progress() as report_progress:
+            report = run_bench(settings, progress=report_progress)
+    except Exception as e:  # a broken profile file: one line, exit 1
+        from pbs_kernels.profile import ProfileError
+
+        if isinstance(e, ProfileError):
+            raise ProfileFileError(str(e)) from e
+        raise
+
+    out_dir = Path(out) if out is not None else DEFAULT_OUT
+    files = write_outputs(report, out_dir)
+    document = report_document(report)
+    if o.json:
+        o.emit_json(document)
+    else:
+        print_report(o, report)
+    o.info("wrote " + ", ".join(str(f) for f in files))
+    if report.failed:
+        raise PbsError(f"{len(report.failed)} result(s) FAILED the correctness check ({', '.join(report.failed)}); "
+                       f"see the notes in {out_dir / 'results.json'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def report_document(report: BenchReport) -> dict:
+    doc = to_jsonable(report)
+    doc["failed"] = report.failed
+    doc["ok"] = not report.failed
+    return doc
+
+
+def csv_text(report: BenchReport) -> str:
+    from .bench_workflow import CSV_COLUMNS, csv_rows
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in csv_rows(report):
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
+    """results.json, results.csv, results.md and (with timings) time_vs_seq_len.png, each written
+    atomically."""
+    files = [
+        write_atomic(out_dir / "results.json", json.dumps(report_document(report), indent=2, allow_nan=False) + "\n"),
+        write_atomic(out_dir / "results.csv", csv_text(report)),
+        write_atomic(out_dir / "results.md", markdown(report)),
+    ]
+    png = plot_png(report)
+    if png is not None:
+        files.append(write_atomic(out_dir / "time_vs_seq_len.png", png))
+    return files
+
+
+def plot_png(report: BenchReport) -> Optional[bytes]:
+    """Time vs sequence length per method, log-log; None when nothing was timed."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in report.results:
+        for m in r.methods:
+            if m.ms is not None and m.ms > 0 and m.status != "FAILED":
+                series.setdefault(m.method, []).append((r.seq_len, m.ms))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, pts in series.items():
+        xs, ys = zip(*sorted(pts))
+        part = "." in name  # pbs.attend, flex.attend...: dashed
+        ax.plot(xs, ys, marker="o", linestyle="--" if part else "-", linewidth=1.2 if part else 2.0, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("time (ms, median)")
+    lens = sorted({r.seq_len for r in report.results})
+    ax.set_xticks(lens, [_short(n) for n in lens])
+    ax.set_title(f"causal attention forward, {report.env.device}, {report.env.dtype}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(float(x), spec)
+
+
+# (header, MethodResult field, format): one list for the console table and results.md.
+_COLUMNS = (
+    ("method", "method", None),
+    ("status", "status", None),
+    ("ms", "ms", ".3f"),
+    ("TFLOP/s", "tflops", ".1f"),
+    ("density", "density", ".4f"),
+    ("recall", "recall", ".4f"),
+    ("error", "error", ".2e"),
+    ("kernel err", "kernel_error", ".1e"),
+    ("speedup", "speedup", ".2f"),
+)
+
+
+def _cells(m) -> list[str]:
+    out = []
+    for _, name, spec in _COLUMNS:
+        value = getattr(m, name)
+        out.append(str(value) if spec is None else _fmt(value, spec))
+    return out
+
+
+def _header_line(report: BenchReport) -> str:
+    env = report.env
+    parts = [f"device {env.device}"]
+    if env.cuda:
+        parts.append(f"CUDA {env.cuda}")
+    if env.cudnn:
+        parts.append(f"cuDNN {env.cudnn}")
+    parts += [f"torch {env.torch}", f"triton {env.triton or '-'}", f"dtype {env.dtype}", f"timing: {env.timing}"]
+    return " | ".join(parts)
+
+
+def _config_line(report: BenchReport) -> str:
+    cfg = report.pbs
+    return (f"PBS block {cfg.block_size}, segment {cfg.segment_size}, threshold {cfg.threshold:g}, "
+            f"permute {'on' if cfg.permute else 'off'} ({cfg.source}); workload {report.workload}")
+
+
+def _title(r) -> str:
+    fastest = f"{r.fastest_dense} {r.fastest_dense_ms:.3f} ms" if r.fastest_dense_ms is not None else "-"
+    return (f"{_short(r.seq_len)} tokens (B={r.batch} HQ={r.heads} H={r.kv_heads} D={r.head_dim}), "
+            f"reference {r.reference}, fastest dense {fastest}")
+
+
+def print_report(o: Output, report: BenchReport) -> None:
+    """Rich tables on stderr. Not a terminal (logs, CI): drawn 130 columns wide rather than
+    wrapped at 80, so method names and numbers stay whole."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from rich.console import Console
+
+    console = o.console
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, soft_wrap=False, width=max(console.width, 130))
+    o.info("pbs bench: " + _header_line(report))
+    o.info(_config_line(report))
+    for r in report.results:
+        table = Table(title=Text(_title(r), style="bold"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for i, (header, _, spec) in enumerate(_COLUMNS):
+            table.add_column(header, justify="left" if spec is None else "right", no_wrap=True)
+        for m in r.methods:
+            style = "bold red" if m.status == "FAILED" else ("dim" if m.status in ("unavailable", "skipped") else "")
+            table.add_row(*(Text(c) for c in _cells(m)), style=style)
+        console.print(table)
+        for m in r.methods:
+            if m.note and m.status in ("FAILED", "unavailable", "skipped"):
+                o.info(f"  {m.method}: {m.note}")
+    if report.e2e:
+        table = Table(title=Text("time to first token", style="bold"), title_justify="left", box=box.SIMPLE_HEAD)
+        for header in ("seq len", "dense ms", "pbs ms", "speedup"):
+            table.add_column(header, justify="right", no_wrap=True)
+        for e in report.e2e:
+            table.add_row(_short(e.seq_len), _fmt(e.ttft_dense_ms, ".1f"), _fmt(e.ttft_pbs_ms, ".1f"), _fmt(e.speedup, ".2f"))
+        console.print(table)
+    for note in report.notes:
+        o.info(f"note: {note}")
+
+
+def markdown(report: BenchReport) -> str:
+    """The results as Markdown tables (ready for BENCHMARKS.md)."""
+    lines = [f"pbs bench: {_header_line(report)}", "", _config_line(report), ""]
+    for r in report.results:
+        lines += [f"**{_title(r)}**", "", "| " + " | ".join(h for h, _, _ in _COLUMNS) + " |",
+                  "|" + "|".join("---" if spec is None else "---:" for _, _, spec in _COLUMNS) + "|"]
+        lines += ["| " + " | ".join(_cells(m)) + " |" for m in r.methods]
+        notes = [f"- {m.method}: {m.note}" for m in r.methods if m.note]
+        lines += [""] + notes + ([""] if notes else [])
+    if report.e2e:
+        lines += ["**time to first token**", "", "| seq len | dense ms | pbs ms | speedup |", "|---:|---:|---:|---:|"]
+        lines += [f"| {_short(e.seq_len)} | {_fmt(e.ttft_dense_ms, '.1f')} | {_fmt(e.ttft_pbs_ms, '.1f')} | "
+                  f"{_fmt(e.speedup, '.2f')} |" for e in report.e2e]
+        lines.append("")
+    lines += [f"- note: {n}" for n in report.notes]
+    return "\n".join(lines).rstrip() + "\n"

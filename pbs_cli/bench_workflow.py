@@ -1,0 +1,938 @@
+"""The `pbs bench` workflow: time PBS attention against dense and sparse baselines, and check it.
+
+    report = run_bench(BenchSettings(seq_lens=[8192, 32768]), progress=report_fn)
+
+Per sequence length, on one Q/K/V (synthetic or captured from a model layer):
+
+* pbs           permute + select + attend, as `pbs_attention` runs them; and each part alone
+                (pbs.permute, pbs.select, pbs.attend), calling the ops directly.
+* sdpa-cudnn, sdpa-flash, sdpa-efficient
+                dense causal SDPA forced to one backend (K/V heads repeated for grouped-query
+                attention beforehand, outside the timed call).
+* flex          torch FlexAttention (compiled) over exactly PBS's kept tiles, in the permuted
+                key order: flex.attend is the kernel alone; flex adds pbs.permute + pbs.select,
+                i.e. the same pipeline with FlexAttention as the attend kernel. Building the
+                BlockMask is not timed.
+* pbs-noperm    PBS with permutation off, same threshold.
+
+Metrics (DESIGN.md section 4):
+
+* ms: median of `triton.testing.do_bench` (pbs_cli._timing.time_ms). None on the CPU.
+* flops / tflops: dense rows count exact causal work, 4*D flops per (query, allowed key) pair
+  (2*D for q.k, 2*D for p.v): 2*B*HQ*D*N*(N+1). Sparse rows count every computed tile in full,
+  masked diagonal tiles included: 4*b*b*D per tile per query head. tflops = flops / time.
+* density: computed tiles / causal tiles nb*(nb+1)/2, mean over heads (1.0 for dense).
+* recall: mean over queries and heads of exp(lse_sparse - lse_full), both from `attend` with
+  return_lse on the same permuted keys, lse_full with a threshold-1.0 block list.
+* error: ||O - O_ref||_F / ||O_ref||_F in fp32. O_ref is an fp32 computation of dense causal
+  attention (chunked, never N x N in memory) up to `fp32_ref_max_len` tokens, else the output
+  of the fastest dense backend ("reference" in each result says which).
+* kernel_error: the same norm, on a sample of query blocks, against exact fp32 attention over
+  the same kept tiles: it isolates the kernel from the sparsity approximation.
+* speedup: time of the fastest dense backend measured / time of the row.
+
+Correctness gate, in the same run: a row whose kernel_error exceeds the kernel tolerance
+(2e-2 in bf16/fp16, 1e-3 in fp32), or whose error exceeds `max_error` (default 0.05, or 2e-2
+at threshold 1.0), is FAILED and gets no speedup. A dense backend fails above 2e-2.
+
+The workflow never prints: it reports progress through `progress(desc, done, total)` and returns
+a `BenchReport` of plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from ._errors import DeviceError, ModelError, UsageError
+from ._output import ProgressFn, no_progress
+
+BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
+DENSE_BACKENDS = ("cudnn", "flash", "efficient")
+WORKLOADS = ("synthetic", "captured")
+CPU_MAX_SEQ_LEN = 2048  # the CPU pass computes fp32 references and eager FlexAttention
+DENSE_TOL = 2e-2  # a dense backend vs the fp32 reference, bf16/fp16
+KERNEL_TOL = {"fp32": 1e-3, "low": 2e-2}
+N_CHECK_BLOCKS = 6  # query blocks sampled for kernel_error
+E2E_WARMUP, E2E_REPS = 1, 3
+
+OK, FAILED, UNAVAILABLE, SKIPPED = "ok", "FAILED", "unavailable", "skipped"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and results (plain data).
+
+
+@dataclass
+class BenchSettings:
+    """What to bench. Mirrors `pbs bench`'s options; see the command's help."""
+
+    seq_lens: list[int]
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    batch: int = 1
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cuda | cpu
+    workload: str = "synthetic"  # synthetic | captured
+    model: Optional[str] = None
+    layer: Optional[int] = None
+    profile: Optional[str] = None  # path of a profile YAML
+    baselines: tuple[str, ...] = BASELINES
+    seed: int = 0
+    max_error: Optional[float] = None  # None: 0.05, or 2e-2 at threshold 1.0
+    e2e: bool = False
+    fp32_ref_max_len: int = 131072
+    e2e_warmup: int = E2E_WARMUP
+    e2e_reps: int = E2E_REPS
+
+
+@dataclass
+class EnvInfo:
+    device: str  # GPU name, or "cpu"
+    cuda: Optional[str]
+    cudnn: Optional[str]
+    torch: str
+    triton: Optional[str]
+    transformers: Optional[str]
+    dtype: str
+    timing: str
+
+
+@dataclass
+class PbsConfig:
+    """The PBS knobs benched (from the profile's layer, or the method defaults)."""
+
+    block_size: int
+    segment_size: int
+    threshold: float
+    permute: bool
+    source: str  # "defaults" or "PATH layer L"
+
+
+@dataclass
+class MethodResult:
+    method: str
+    status: str  # ok | FAILED | unavailable | skipped
+    ms: Optional[float] = None
+    flops: Optional[float] = None
+    tflops: Optional[float] = None
+    density: Optional[float] = None
+    recall: Optional[float] = None
+    error: Optional[float] = None
+    kernel_error: Optional[float] = None
+    speedup: Optional[float] = None
+    note: Optional[str] = None
+
+
+@dataclass
+class SeqLenResult:
+    seq_len: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    reference: str  # "fp32" or the dense backend whose output served as reference
+    fastest_dense: Optional[str]
+    fastest_dense_ms: Optional[float]
+    methods: list[MethodResult] = field(default_factory=list)
+
+    def method(self, name: str) -> Optional[MethodResult]:
+        return next((m for m in self.methods if m.method == name), None)
+
+
+@dataclass
+class E2EResult:
+    seq_len: int
+    ttft_dense_ms: Optional[float]
+    ttft_pbs_ms: Optional[float]
+    speedup: Optional[float]
+    note: Optional[str] = None
+
+
+@dataclass
+class BenchReport:
+    env: EnvInfo
+    settings: dict[str, Any]
+    pbs: PbsConfig
+    workload: str
+    results: list[SeqLenResult] = field(default_factory=list)
+    e2e: list[E2EResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{r.seq_len}:{m.method}" for r in self.results for m in r.methods if m.status == FAILED]
+
+
+CSV_COLUMNS = ("seq_len", "method", "status", "ms", "tflops", "density", "recall", "error",
+               "kernel_error", "speedup", "reference", "note")
+
+
+def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
+    """One row per (seq_len, method), then the e2e rows (method ttft-dense / ttft-pbs)."""
+    rows = []
+    for r in report.results:
+        for m in r.methods:
+            rows.append({"seq_len": r.seq_len, "method": m.method, "status": m.status, "ms": m.ms,
+                         "tflops": m.tflops, "density": m.density, "recall": m.recall, "error": m.error,
+                         "kernel_error": m.kernel_error, "speedup": m.speedup, "reference": r.reference,
+                         "note": m.note})
+    for e in report.e2e:
+        for method, ms, sp in (("ttft-dense", e.ttft_dense_ms, None), ("ttft-pbs", e.ttft_pbs_ms, e.speedup)):
+            rows.append({"seq_len": e.seq_len, "method": method, "status": OK if ms is not None else SKIPPED,
+                         "ms": ms, "speedup": sp, "note": e.note})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def causal_flops(batch: int, heads: int, head_dim: int, n: int) -> float:
+    """Exact dense causal attention work: 4*D flops per allowed (query, key) pair."""
+    return 2.0 * batch * heads * head_dim * n * (n + 1)
+
+
+def tile_flops(tiles: int, block_size: int, head_dim: int) -> float:
+    """Work of `tiles` computed b x b tiles (summed over batch and query heads)."""
+    return 4.0 * block_size * block_size * head_dim * tiles
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def rel_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in fp32, one head at a time (no fp32 copy of the whole output)."""
+    num = den = 0.0
+    for h in range(out.shape[1]):
+        o, r = out[:, h].float(), ref[:, h].float()
+        num += float(((o - r) ** 2).sum())
+        den += float((r**2).sum())
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def reference_fp32(q, k, v, scale: float, *, budget_bytes: int = 1 << 30):
+    """Dense causal attention in fp32, [B, HQ, N, D]: query rows in chunks against the keys up
+    to the chunk's end, so memory stays at `budget_bytes` of scores, never N x N."""
+    import torch
+
+    B, HQ, N, D = q.shape
+    H = k.shape[1]
+    G = HQ // H
+    out = torch.empty(B, HQ, N, D, dtype=torch.float32, device=q.device)
+    rows = max(16, min(N, budget_bytes // max(1, 4 * G * N)))
+    for b in range(B):
+        for h in range(H):
+            kf = k[b, h].float()
+            vf = v[b, h].float()
+            for r0 in range(0, N, rows):
+                r1 = min(N, r0 + rows)
+                qf = q[b, h * G:(h + 1) * G, r0:r1].float()  # [G, R, D]
+                s = torch.matmul(qf, kf[:r1].T) * scale  # [G, R, r1]
+                keep = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+                s.masked_fill_(~keep, float("-inf"))
+                out[b, h * G:(h + 1) * G, r0:r1] = torch.matmul(torch.softmax(s, dim=-1), vf[:r1])
+                del s
+    return out
+
+
+def check_blocks(num_blocks: int, block_size: int, segment_size: int, count: int = N_CHECK_BLOCKS) -> list[int]:
+    """Query blocks sampled for kernel_error: spread over the sequence, the last one included
+    (it keeps the most tiles), none in the first segment (dense there anyway)."""
+    first = min(num_blocks - 1, segment_size // block_size)
+    if num_blocks - first <= count:
+        return list(range(first, num_blocks))
+    step = (num_blocks - 1 - first) / (count - 1)
+    return sorted({first + round(i * step) for i in range(count)})
+
+
+def tile_reference(q, k_perm, v_perm, pos, blocks, qblocks: list[int], scale: float):
+    """Exact fp32 attention over the kept tiles, for the query blocks `qblocks` only.
+
+    Returns (out [B, HQ, R, D] fp32, rows [R] long) where rows are the query positions. K/V are
+    gathered per query block straight from each query head's KV head: no GQA copy of K/V.
+    """
+    import torch
+
+    B, HQ, N, D = q.shape
+    H = k_perm.shape[1]
+    G = HQ // H
+    b = blocks.block_size
+    dev = q.device
+    bi = torch.arange(B, device=dev)[:, None, None]
+    hi = (torch.arange(HQ, device=dev) // G)[None, :, None]
+    outs, rows = [], []
+    for i in qblocks:
+        r0, r1 = i * b, min(N, (i + 1) * b)
+        cnt = blocks.n_total[:, :, i].long()  # [B, HQ]
+        w = max(1, int(cnt.max()))
+        ids = blocks.idx[:, :, i, :w].long()
+        slot = (ids[..., None] * b + torch.arange(b, device=dev)).reshape(B, HQ, w * b)
+        ok = torch.arange(w, device=dev)[None, None, :, None] < cnt[..., None, None]
+        ok = ok.expand(B, HQ, w, b).reshape(B, HQ, w * b) & (slot < N)
+        slot = torch.where(ok, slot, 0)
+        kk = k_perm[bi, hi, slot].float()  # [B, HQ, w*b, D]
+        vv = v_perm[bi, hi, slot].float()
+        kpos = pos[bi, hi, slot].long()
+        qpos = torch.arange(r0, r1, device=dev)
+        allowed = ok[:, :, None, :] & (kpos[:, :, None, :] <= qpos[None, None, :, None])
+        s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0:r1].float(), kk) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        outs.append(torch.einsum("bhmn,bhnd->bhmd", torch.softmax(s, dim=-1), vv))
+        rows.append(qpos)
+        del kk, vv, s
+    return torch.cat(outs, dim=2), torch.cat(rows)
+
+
+def kernel_error(out, ref_rows, rows) -> float:
+    return rel_error(out[:, :, rows], ref_rows)
+
+
+def recall_of(lse_sparse, lse_full) -> float:
+    """Mean over queries and heads of the softmax mass kept: exp(lse_sparse - lse_full)."""
+    import torch
+
+    return float(torch.exp((lse_sparse - lse_full).clamp(max=0.0)).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment, device, profile.
+
+
+def resolve_bench_device(device: str):
+    """'auto'/'cuda' need a GPU (bench times GPU kernels); 'cpu' is the correctness-only pass."""
+    import torch
+
+    device = getattr(device, "value", device)
+    if device == "cpu":
+        return torch.device("cpu")
+    if device not in ("auto", "cuda"):
+        raise DeviceError(f"unknown device {device!r}; use auto, cuda or cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            "no CUDA GPU found: `pbs bench` times GPU kernels; run `pbs bench --device cpu` "
+            f"for a correctness-only pass on small sizes (<= {CPU_MAX_SEQ_LEN} tokens)"
+        )
+    return torch.device("cuda")
+
+
+def environment(device, dtype) -> EnvInfo:
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        timing = "median of triton.testing.do_bench"
+    else:
+        name, cudnn = "cpu", None
+        timing = "none (cpu: correctness only)"
+    return EnvInfo(
+        device=name,
+        cuda=torch.version.cuda if device.type == "cuda" else None,
+        cudnn=str(cudnn) if cudnn else None,
+        torch=torch.__version__,
+        triton=triton_version,
+        transformers=tf_version,
+        dtype=str(dtype).replace("torch.", ""),
+        timing=timing,
+    )
+
+
+def pbs_config(profile_path: Optional[str], layer: Optional[int]) -> tuple[PbsConfig, list[str]]:
+    """Knobs from `PbsProfile.load(path).layer(L or 0)`, else the method defaults."""
+    from pbs_kernels.profile import LayerConfig, PbsProfile
+
+    notes = []
+    if profile_path is None:
+        cfg, source = LayerConfig(), "defaults"
+    else:
+        idx = 0 if layer is None else int(layer)
+        cfg = PbsProfile.load(profile_path).layer(idx)
+        source = f"{profile_path} layer {idx}"
+        if cfg.dense:
+            notes.append(f"{source} is `dense: true` (the model runs it dense); benching its PBS knobs anyway")
+    if cfg.min_seq_len:
+        notes.append(f"min_seq_len {cfg.min_seq_len} is not applied to the attention bench (it times the kernel "
+                     "at every length); --e2e honours it")
+    return PbsConfig(cfg.block_size, cfg.segment_size, float(cfg.threshold), bool(cfg.permute), source), notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads.
+
+
+@dataclass
+class Workload:
+    q: Any
+    k: Any
+    v: Any
+    scale: float
+    note: Optional[str] = None
+
+
+def synthetic_workload(s: BenchSettings, n: int, device, dtype) -> Workload:
+    from pbs_kernels.workloads import make_workload
+
+    q, k, v = make_workload(n, s.heads, s.kv_heads, s.head_dim, batch=s.batch, dtype=dtype, device=device, seed=s.seed)
+    return Workload(q, k, v, 1.0 / math.sqrt(s.head_dim))
+
+
+def capture_layer(loaded, input_ids, layer: int) -> Workload:
+    """Q/K/V (after RoPE, K/V not repeated for GQA) of attention layer `layer` in one prefill,
+    through `pbs_kernels.integrations.hf.capture_attention` (the path `pbs analyze` uses). The
+    forward pass stops right after the layer: no later layers, no logits."""
+    import torch
+    from pbs_kernels.integrations.hf import PbsIntegrationError, StopForward, attention_layers, capture_attention
+
+    model = loaded.model
+    layers = sorted({m.layer_idx for m in attention_layers(model)})
+    if not layers:
+        raise ModelError(f"{loaded.name}: {type(model).__name__} has no attention layers that PBS can drive "
+                         "(none goes through transformers' AttentionInterface)")
+    if layer not in layers:
+        raise UsageError(f"--layer {layer} does not exist; {loaded.name} has {len(layers)} layers (0-{layers[-1]})")
+    store: dict[str, Any] = {}
+
+    def on_layer(call):
+        store.update(q=call.query.detach().clone(), k=call.key.detach().clone(), v=call.value.detach().clone(),
+                     scale=call.scaling, softcap=call.softcap, window=call.sliding_window)
+        raise StopForward
+
+    try:
+        with torch.inference_mode(), capture_attention(model, on_layer, layers=[layer]):
+            try:
+                model(input_ids=input_ids, use_cache=False, **_logits_kwargs(model))
+            except StopForward:
+                pass
+    except PbsIntegrationError as e:
+        raise ModelError(f"{loaded.name}: {e}") from None
+    if "q" not in store:
+        raise ModelError(f"{loaded.name}: {type(model).__name__} computes attention without transformers' "
+                         "AttentionInterface, so its Q/K/V cannot be captured")
+    notes = []
+    if store["softcap"] is not None:
+        notes.append(f"layer {layer} uses logit softcap {store['softcap']:g}, which PBS and the baselines ignore here")
+    if store["window"] is not None and store["window"] < input_ids.shape[1]:
+        notes.append(f"layer {layer} is a sliding-window layer ({store['window']}); benched as full causal attention")
+    q, k, v = (store[x].contiguous() for x in ("q", "k", "v"))
+    return Workload(q, k, v, float(store["scale"]), note="; ".join(notes) or None)
+
+
+def _logits_kwargs(model) -> dict[str, Any]:
+    """Ask for the last position's logits only (a 128K x vocab logits tensor is ~30 GiB)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for key in ("logits_to_keep", "num_logits_to_keep"):
+        if key in params:
+            return {key: 1}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention bench for one sequence length.
+
+
+class _Bench:
+    def __init__(self, s: BenchSettings, cfg: PbsConfig, device, dtype, progress: ProgressFn):
+        self.s, self.cfg, self.device, self.dtype, self.progress = s, cfg, device, dtype, progress
+        self.timed = device.type == "cuda"
+        self.backend = "triton" if self.timed else "torch"
+        self.kernel_tol = KERNEL_TOL["fp32"] if dtype_is_fp32(dtype) else KERNEL_TOL["low"]
+        self.max_error = s.max_error if s.max_error is not None else (0.05 if cfg.threshold < 1.0 else 2e-2)
+        self._flex = None
+
+    # -- timing --------------------------------------------------------------------------
+
+    def time(self, fn: Callable[[], Any], n: int) -> Optional[float]:
+        if not self.timed:
+            return None
+        from ._timing import bench_budget, time_ms
+
+        warmup, rep = bench_budget(n)
+        return time_ms(fn, warmup=warmup, rep=rep)
+
+    # -- gate ----------------------------------------------------------------------------
+
+    def gate(self, row: MethodResult) -> MethodResult:
+        problems = []
+        if row.kernel_error is not None and not row.kernel_error <= self.kernel_tol:
+            problems.append(f"kernel_error {row.kernel_error:.3g} > {self.kernel_tol:g} vs exact attention on the same tiles")
+        if row.error is not None and not row.error <= self.max_error:
+            problems.append(f"error {row.error:.3g} > max error {self.max_error:g}")
+        if problems:
+            row.status = FAILED
+            row.note = "; ".join(problems + ([row.note] if row.note else []))
+        return row
+
+    # -- the run -------------------------------------------------------------------------
+
+    def _gate_dense(self, row: MethodResult, error: float, reference: str) -> None:
+        row.error = error
+        if not error <= DENSE_TOL:
+            row.status, row.note = FAILED, f"error {error:.3g} > {DENSE_TOL:g} vs the {reference} reference"
+
+    def run(self, n: int, wl: Workload) -> SeqLenResult:
+        s, cfg = self.s, self.cfg
+        q, k, v, scale = wl.q, wl.k, wl.v, wl.scale
+        B, HQ, N, D = q.shape
+        H = k.shape[1]
+        want = set(s.baselines)
+        steps = ["reference", *[d for d in DENSE_BACKENDS if d in want], "pbs",
+                 *(["flex"] if "flex" in want else []), *(["noperm"] if "noperm" in want and cfg.permute else [])]
+        desc = f"bench {_short(N)}"
+        done = 0
+
+        def step():
+            nonlocal done
+            done += 1
+            self.progress(desc, done, len(steps))
+
+        self.progress(desc, 0, len(steps))
+        result = SeqLenResult(N, B, HQ, H, D, reference="fp32", fastest_dense=None, fastest_dense_ms=None)
+        ref = None
+        if not self.timed or N <= s.fp32_ref_max_len:
+            ref = reference_fp32(q, k, v, scale)
+        else:
+            result.reference = "fastest dense"
+        step()
+
+        # Dense SDPA backends. With the fp32 reference each output is checked and dropped at
+        # once; without, outputs wait until the fastest backend (the reference) is known.
+        dense_rows, dense_out = [], {}
+        wanted_dense = [d for d in DENSE_BACKENDS if d in want]
+        if wanted_dense:
+            from ._timing import expand_kv, sdpa_runner
+
+            kx, vx = expand_kv(q, k, v) if self.timed else (k, v)
+            for name in wanted_dense:
+                run = sdpa_runner(name, q, kx, vx, scale=scale)
+                if not run.available:
+                    dense_rows.append(MethodResult(f"sdpa-{name}", UNAVAILABLE, note=run.reason))
+                    step()
+                    continue
+                row = MethodResult(f"sdpa-{name}", OK, flops=causal_flops(B, HQ, D, N), density=1.0, recall=1.0)
+                out = run()
+                if ref is not None:
+                    self._gate_dense(row, rel_error(out, ref), "fp32")
+                else:
+                    dense_out[name] = out
+                del out
+                row.ms = self.time(run, N)
+                dense_rows.append(row)
+                step()
+            del kx, vx
+        timed = [r for r in dense_rows if r.status == OK and r.ms is not None]
+        fastest = min(timed, key=lambda r: r.ms) if timed else None
+        if fastest is not None:
+            result.fastest_dense, result.fastest_dense_ms = fastest.method.removeprefix("sdpa-"), fastest.ms
+        if ref is None:
+            if fastest is None:
+                ref = reference_fp32(q, k, v, scale)  # no dense backend ran: pay for fp32 after all
+                result.reference = "fp32"
+            else:
+                ref = dense_out.pop(result.fastest_dense)
+                result.reference = fastest.method
+                fastest.error = 0.0
+            for name, out in dense_out.items():
+                self._gate_dense(next(r for r in dense_rows if r.method == f"sdpa-{name}"), rel_error(out, ref),
+                                 result.reference)
+            dense_out.clear()
+        _free(self.device)
+
+        # PBS, its parts, the full-density list for recall, and FlexAttention on the same tiles.
+        pbs_rows, lse_full = self._pbs(q, k, v, scale, ref, step, want)
+        # PBS without permutation.
+        noperm_rows = []
+        if "noperm" in want:
+            if cfg.permute:
+                noperm_rows = [self._noperm(q, k, v, scale, ref, lse_full)]
+                step()
+            else:
+                noperm_rows = [MethodResult("pbs-noperm", SKIPPED, note="the benched config already has permute off")]
+        del lse_full, ref
+        _free(self.device)
+
+        result.methods = dense_rows + pbs_rows + noperm_rows
+        base = result.fastest_dense_ms
+        for row in result.methods:
+            if row.ms and row.flops:
+                row.tflops = row.flops / (row.ms * 1e-3) / 1e12
+            if row.status == OK and row.ms and base and not row.method.startswith(("pbs.", "flex.")):
+                row.speedup = base / row.ms
+        return result
+
+    def _pbs(self, q, k, v, scale, ref, step, want):
+        import torch
+        from pbs_kernels import pbs_attention
+        from pbs_kernels.ops import attend as attend_op
+        from pbs_kernels.ops import permute as permute_op
+        from pbs_kernels.ops import select as select_op
+
+        cfg, be, N = self.cfg, self.backend, q.shape[2]
+        b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
+        B, HQ, _, D = q.shape
+
+        if cfg.permute:
+            k_p, v_p, pos = permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend=be)
+        else:
+            k_p, v_p = k, v
+            pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
+        blocks = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau, scale=scale, backend=be)
+        out, lse = attend_op.attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be, return_lse=True)
+        full = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=1.0, scale=scale, backend=be)
+        _, lse_full = attend_op.attend(q, k_p, v_p, pos, full, scale=scale, backend=be, return_lse=True)
+        del full, _
+        qblocks = check_blocks(blocks.num_blocks, b, S)
+        ref_rows, rows = tile_reference(q, k_p, v_p, pos, blocks, qblocks, scale)
+
+        tiles = int(blocks.tiles_per_head().sum())
+        flops = tile_flops(tiles, b, D)
+        density = float(blocks.density_per_head().mean())
+        pbs = MethodResult("pbs", OK, flops=flops, density=density, recall=recall_of(lse, lse_full),
+                           error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows))
+        del out, lse
+        pbs.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau,
+                                                 permute=cfg.permute, min_seq_len=0, scale=scale, backend=be), N)
+        if cfg.permute:
+            t_perm = self.time(lambda: permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend=be), N)
+            perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
+        else:
+            t_perm = 0.0 if self.timed else None
+            perm_row = MethodResult("pbs.permute", SKIPPED, note="permute off")
+        t_sel = self.time(lambda: select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau,
+                                                          scale=scale, backend=be), N)
+        t_att = self.time(lambda: attend_op.attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be), N)
+        sel_row = MethodResult("pbs.select", OK, ms=t_sel)
+        att_row = MethodResult("pbs.attend", OK, ms=t_att, flops=flops, density=density)
+        self.gate(pbs)
+        if pbs.status == FAILED:
+            att_row.status, att_row.note = FAILED, "the kernel of the FAILED pbs row"
+        step()
+
+        rows_out = [pbs, perm_row, sel_row, att_row]
+        if "flex" in want:
+            rows_out += self._flex_rows(q, k_p, v_p, pos, blocks, scale, ref, ref_rows, rows, flops, density,
+                                        pbs.recall, t_perm, t_sel)
+            step()
+        return rows_out, lse_full  # K/V copies, tiles and references are freed on return
+
+    def _flex_rows(self, q, k_p, v_p, pos, blocks, scale, ref, ref_rows, rows, flops, density, recall,
+                   t_perm, t_sel) -> list[MethodResult]:
+        fn = out = None
+        reason = ""
+        # A forward-only BlockMask first (no transposed index); some torch versions want one.
+        for q_blocks in (False, True):
+            try:
+                fn = self._flex_call(q, k_p, v_p, pos, blocks, scale, compute_q_blocks=q_blocks)
+                out = fn()
+                _sync(self.device)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure to build or compile: report, go on
+                fn, out, reason = None, None, _one_line(e)
+        if fn is None:
+            return [MethodResult("flex", UNAVAILABLE, note=reason), MethodResult("flex.attend", UNAVAILABLE, note=reason)]
+        note = "same tiles as pbs" + ("" if self.timed else "; eager (uncompiled) on cpu")
+        kern = MethodResult("flex.attend", OK, flops=flops, density=density, recall=recall,
+                            error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows), note=note)
+        del out
+        kern.ms = self.time(fn, q.shape[2])
+        self.gate(kern)
+        total = MethodResult("flex", kern.status, flops=flops, density=density, recall=recall, error=kern.error,
+                             kernel_error=kern.kernel_error, note="pbs.permute + pbs.select + flex.attend "
+                             "(BlockMask build not timed)")
+        if kern.status == FAILED:
+            total.note = kern.note
+        if kern.ms is not None and t_perm is not None and t_sel is not None:
+            total.ms = kern.ms + t_perm + t_sel
+        return [total, kern]
+
+    def _flex_call(self, q, k_p, v_p, pos, blocks, scale, *, compute_q_blocks: bool = False):
+        """A no-argument call of FlexAttention over PBS's kept tiles (compiled on the GPU)."""
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+
+        G = q.shape[1] // k_p.shape[1]
+        b = blocks.block_size
+        bm = flex_block_mask(blocks, pos, G, q.shape[2], tile_checked_mask=not self.timed,
+                             compute_q_blocks=compute_q_blocks)
+        opts: dict[str, Any] = {}
+        if b < 128:
+            # The kernel's tiles must divide the mask's blocks.
+            opts["kernel_options"] = {"BLOCK_M": b, "BLOCK_N": b}
+        if G > 1:
+            opts["enable_gqa"] = True
+        if self.timed:
+            if self._flex is None:
+                self._flex = torch.compile(flex_attention, dynamic=False)
+            flex = self._flex
+            return lambda: flex(q, k_p, v_p, block_mask=bm, scale=scale, **opts)
+
+        def call_eager():
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+                return flex_attention(q, k_p, v_p, block_mask=bm, scale=scale, **opts)
+
+        return call_eager
+
+    def _noperm(self, q, k, v, scale, ref, lse_full) -> MethodResult:
+        import torch
+        from pbs_kernels import pbs_attention
+        from pbs_kernels.ops import attend as attend_op
+        from pbs_kernels.ops import select as select_op
+
+        cfg, be = self.cfg, self.backend
+        B, HQ, N, D = q.shape
+        b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
+        pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
+        blocks = select_op.select_blocks(q, k, pos, block_size=b, segment_size=S, threshold=tau, scale=scale, backend=be)
+        out, lse = attend_op.attend(q, k, v, pos, blocks, scale=scale, backend=be, return_lse=True)
+        ref_rows, rows = tile_reference(q, k, v, pos, blocks, check_blocks(blocks.num_blocks, b, S), scale)
+        row = MethodResult(
+            "pbs-noperm", OK, flops=tile_flops(int(blocks.tiles_per_head().sum()), b, D),
+            density=float(blocks.density_per_head().mean()),
+            # The full-density lse is a sum over the same keys in any order: reuse the permuted one.
+            recall=recall_of(lse, lse_full), error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows),
+        )
+        del out, lse, blocks, ref_rows
+        row.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False,
+                                                 min_seq_len=0, scale=scale, backend=be), N)
+        return self.gate(row)
+
+
+def flex_block_mask(blocks, pos, G: int, N: int, *, tile_checked_mask: bool = False,
+                    compute_q_blocks: bool = False):
+    """A FlexAttention BlockMask with exactly the kept tiles of `blocks`, in permuted key order.
+
+    Earlier-segment tiles become full blocks (no mask_mod, as PBS computes them unmasked); the
+    own-segment tiles become partial blocks whose mask_mod allows a key iff its original
+    position (`pos`) is <= the query's. Block size = PBS's block size.
+
+    Compiled FlexAttention visits only the BlockMask's blocks; eager FlexAttention (the CPU)
+    evaluates mask_mod everywhere and uses the BlockMask only to skip work, so for it
+    `tile_checked_mask=True` also makes mask_mod say which tiles are kept.
+    """
+    import inspect
+
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b = blocks.block_size
+    nb = blocks.num_blocks
+    idx, n_off, n_tot = blocks.idx, blocks.n_off, blocks.n_total
+    W = idx.shape[-1]
+    # Own-segment entries start at n_off in each row of idx: shift them to the front.
+    src = (n_off[..., None].long() + torch.arange(W, device=idx.device)).clamp(max=W - 1)
+    part_idx = torch.gather(idx, 3, src).contiguous()
+    part_num = (n_tot - n_off).contiguous()
+    # Padding slots past N get a position no query reaches.
+    pos_pad = torch.nn.functional.pad(pos.long(), (0, nb * b - N), value=1 << 40)
+    if tile_checked_mask:
+        tiles = blocks.dense_mask()
+
+        def mask_mod(bb, h, q_idx, kv_idx):
+            return tiles[bb, h, q_idx // b, kv_idx // b] & (pos_pad[bb, h // G, kv_idx] <= q_idx)
+    else:
+        def mask_mod(bb, h, q_idx, kv_idx):
+            return pos_pad[bb, h // G, kv_idx] <= q_idx
+
+    kwargs: dict[str, Any] = {"BLOCK_SIZE": b, "mask_mod": mask_mod}
+    params = inspect.signature(BlockMask.from_kv_blocks).parameters
+    if "seq_lengths" in params:
+        kwargs["seq_lengths"] = (N, N)
+    if "compute_q_blocks" in params:
+        kwargs["compute_q_blocks"] = compute_q_blocks  # the transposed index serves backward only
+    return BlockMask.from_kv_blocks(part_num, part_idx, n_off.contiguous(), idx, **kwargs)
+
+
+def dtype_is_fp32(dtype) -> bool:
+    import torch
+
+    return dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: time to first token.
+
+
+def _ttft_ms(model, input_ids, device, warmup: int = E2E_WARMUP, reps: int = E2E_REPS) -> float:
+    """Median wall-clock ms of one prefill with use_cache=True up to the first token's logits."""
+    import torch
+
+    kwargs = _logits_kwargs(model)
+    times = []
+    for i in range(warmup + reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=True, **kwargs)
+            token = out.logits[:, -1].argmax(-1)
+        int(token[0])  # waits for the GPU
+        elapsed = (time.perf_counter() - t0) * 1e3
+        del out, token
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2EResult], list[str]]:
+    """TTFT of the model as loaded (dense attention), then with the profile applied."""
+    from pbs_kernels.profile import PbsProfile
+
+    from ._model import build_prompt, check_seq_len, load_model
+
+    try:
+        from pbs_kernels.integrations.hf import apply_profile
+    except ImportError as e:
+        raise UsageError(f"--e2e needs pbs_kernels.integrations.hf, which cannot be imported here ({_one_line(e)})") from None
+    loaded = load_model(s.model, device=device.type, dtype=s.dtype)
+    for n in s.seq_lens:
+        check_seq_len(loaded, n)
+    profile = PbsProfile.load(s.profile) if s.profile else PbsProfile.default()
+    notes = [f"e2e model: {loaded.name}; profile: {s.profile or 'method defaults'}"]
+    if device.type != "cuda":
+        notes.append("e2e on cpu: wall-clock times, not meaningful as performance figures")
+    prompts = {n: build_prompt(loaded, n).input_ids for n in s.seq_lens}
+    total = 2 * len(s.seq_lens)
+    desc = "e2e ttft"
+    progress(desc, 0, total)
+    dense = {}
+    for i, n in enumerate(s.seq_lens):
+        dense[n] = _ttft_ms(loaded.model, prompts[n], device, s.e2e_warmup, s.e2e_reps)
+        progress(desc, i + 1, total)
+    _free(device)
+    from pbs_kernels.integrations.hf import PbsIntegrationError
+
+    try:
+        model = apply_profile(loaded.model, profile)
+    except PbsIntegrationError as e:
+        raise ModelError(f"{loaded.name}: {e}") from None
+    results = []
+    for i, n in enumerate(s.seq_lens):
+        ms = _ttft_ms(model, prompts[n], device, s.e2e_warmup, s.e2e_reps)
+        results.append(E2EResult(n, dense[n], ms, dense[n] / ms if ms > 0 else None))
+        progress(desc, len(s.seq_lens) + i + 1, total)
+    del model, loaded, prompts
+    _free(device)
+    return results, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchReport:
+    """Run the attention bench (and the e2e bench with `s.e2e`); returns plain results."""
+    from pbs_cli._model import resolve_dtype
+
+    if s.workload not in WORKLOADS:
+        raise UsageError(f"--workload {s.workload!r} is unknown; use synthetic or captured")
+    unknown = [b for b in s.baselines if b not in BASELINES]
+    if unknown:
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    if s.workload == "synthetic" and s.heads % s.kv_heads:
+        raise UsageError(f"--heads {s.heads} is not a multiple of --kv-heads {s.kv_heads}; grouped-query attention needs it")
+    device = resolve_bench_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    cfg, notes = pbs_config(s.profile, s.layer)
+
+    seq_lens = list(s.seq_lens)
+    if device.type == "cpu":
+        capped = [min(n, CPU_MAX_SEQ_LEN) for n in seq_lens]
+        if capped != seq_lens:
+            notes.append(f"cpu: sequence lengths capped at {CPU_MAX_SEQ_LEN} tokens (correctness-only pass, no timing)")
+        seq_lens = list(dict.fromkeys(capped))
+    for n in seq_lens:
+        if n <= cfg.segment_size:
+            raise UsageError(f"--seq-len {n} is not longer than segment_size {cfg.segment_size}: PBS would run dense "
+                             f"attention; use --seq-len {max(2 * cfg.segment_size, 1024)} or more")
+    settings = asdict(s)
+    settings["seq_lens"] = seq_lens
+    report = BenchReport(environment(device, dtype), settings, cfg, s.workload, notes=notes)
+
+    workloads: dict[int, Workload] = {}
+    if s.workload == "captured":
+        from ._model import build_prompt, check_seq_len, load_model
+
+        loaded = load_model(s.model, device=device.type, dtype=s.dtype)
+        layer = 0 if s.layer is None else s.layer
+        for i, n in enumerate(seq_lens):
+            check_seq_len(loaded, n)
+            progress("capture", i, len(seq_lens))
+            prompt = build_prompt(loaded, n)
+            if prompt.note:
+                notes.append(prompt.note)
+            workloads[n] = capture_layer(loaded, prompt.input_ids, layer)
+            if workloads[n].note and workloads[n].note not in notes:
+                notes.append(workloads[n].note)
+            if workloads[n].q.dtype != dtype:
+                w = workloads[n]
+                workloads[n] = Workload(w.q.to(dtype), w.k.to(dtype), w.v.to(dtype), w.scale)
+        progress("capture", len(seq_lens), len(seq_lens))
+        w0 = workloads[seq_lens[0]]
+        notes.append(f"captured {loaded.name} layer {layer}: heads {w0.q.shape[1]}, kv heads {w0.k.shape[1]}, "
+                     f"head dim {w0.q.shape[3]}, scale {w0.scale:.4g} (--heads/--kv-heads/--head-dim ignored)")
+        del loaded
+        _free(device)
+
+    bench = _Bench(s, cfg, device, dtype, progress)
+    for n in seq_lens:
+        wl = workloads.pop(n, None) or synthetic_workload(s, n, device, dtype)
+        try:
+            report.results.append(bench.run(n, wl))
+        except Exception as e:
+            import torch
+
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise DeviceError(f"out of GPU memory at --seq-len {n}; use a shorter --seq-len or fewer --heads") from None
+            raise
+        finally:
+            del wl
+            _free(device)
+
+    if s.e2e:
+        e2e, e2e_notes = run_e2e(s, device, progress)
+        report.e2e = e2e
+        report.notes.extend(e2e_notes)
+    return report
