@@ -18,12 +18,17 @@ def permute_keys(q, k, v, *, block_size: int, segment_size: int, scale: float, b
     """Returns (k_perm, v_perm, pos): K and V with the keys of every full segment sorted by
     descending score, and pos [B, H, N] int32, the original position of each permuted slot.
 
-    Scoring runs in Triton on the "triton" backend; sorting (segments are short) and the gather
-    of K/V are torch ops on both backends.
+    On the "triton" backend scoring and the K/V row gather are Triton kernels; sorting (segments
+    are short) is a torch op on both backends.
     """
     scores = score_keys(q, k, block_size=block_size, scale=scale, backend=backend)
     order = sort_within_segments(scores, segment_size)
-    k_p, v_p = gather_keys(k, v, order)
+    if backend == "triton" and k.stride(-1) == 1 and v.stride(-1) == 1:
+        from .gather import gather_keys_triton
+
+        k_p, v_p = gather_keys_triton(k, v, order)
+    else:
+        k_p, v_p = gather_keys(k, v, order)
     return k_p, v_p, order.to(torch.int32)
 
 

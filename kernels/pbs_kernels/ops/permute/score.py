@@ -66,13 +66,14 @@ def _score_keys_kernel(
         tl.store(SCORE + i_bh * N + o_n, b_score * inv_rows, mask=m_n)
 
 
-def score_keys_triton(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:
+def score_keys_triton(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
+                      block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """Same contract as `score_keys_naive`; needs N >= block_size."""
     B, HQ, N, D = q.shape
     H = k.shape[1]
     G = HQ // H
     BLOCK_M = block_size
-    BLOCK_N = 64 if D > 64 else 128
+    BLOCK_N = block_n or (64 if D > 64 else 128)
     NT = cdiv(N, BLOCK_N)
     dev = q.device
     m_part = torch.empty(B * H * G * BLOCK_M * NT, device=dev, dtype=torch.float32)
@@ -84,7 +85,7 @@ def score_keys_triton(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scal
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         N=N, H=H, G=G, NT=NT, qk_scale=scale * LOG2E, inv_rows=1.0 / (G * BLOCK_M),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps,
     )
     _score_keys_kernel[grid](q, k, m_part, l_part, m_part, score, PASS=1, **args)
     m_part = m_part.view(-1, NT)
