@@ -47,6 +47,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
+from pbs_kernels.metrics import output_error as rel_error
+from pbs_kernels.metrics import recall_from_lse as recall_of
+
 from ._errors import DeviceError, ModelError, UsageError
 from ._output import ProgressFn, no_progress
 
@@ -228,16 +231,6 @@ def _one_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def rel_error(out, ref) -> float:
-    """||out - ref|| / ||ref|| in fp32, one head at a time (no fp32 copy of the whole output)."""
-    num = den = 0.0
-    for h in range(out.shape[1]):
-        o, r = out[:, h].float(), ref[:, h].float()
-        num += float(((o - r) ** 2).sum())
-        den += float((r**2).sum())
-    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-
-
 def reference_fp32(q, k, v, scale: float, *, budget_bytes: int = 1 << 30):
     """Dense causal attention in fp32, [B, HQ, N, D]: query rows in chunks against the keys up
     to the chunk's end, so memory stays at `budget_bytes` of scores, never N x N."""
@@ -274,52 +267,16 @@ def check_blocks(num_blocks: int, block_size: int, segment_size: int, count: int
 
 
 def tile_reference(q, k_perm, v_perm, pos, blocks, qblocks: list[int], scale: float):
-    """Exact fp32 attention over the kept tiles, for the query blocks `qblocks` only.
+    """Exact fp32 attention over the kept tiles for the query blocks `qblocks` only:
+    (out [B, HQ, R, D] fp32, rows [R] long query positions)."""
+    from pbs_kernels.ops.attend import attend_blocks_naive
 
-    Returns (out [B, HQ, R, D] fp32, rows [R] long) where rows are the query positions. K/V are
-    gathered per query block straight from each query head's KV head: no GQA copy of K/V.
-    """
-    import torch
-
-    B, HQ, N, D = q.shape
-    H = k_perm.shape[1]
-    G = HQ // H
-    b = blocks.block_size
-    dev = q.device
-    bi = torch.arange(B, device=dev)[:, None, None]
-    hi = (torch.arange(HQ, device=dev) // G)[None, :, None]
-    outs, rows = [], []
-    for i in qblocks:
-        r0, r1 = i * b, min(N, (i + 1) * b)
-        cnt = blocks.n_total[:, :, i].long()  # [B, HQ]
-        w = max(1, int(cnt.max()))
-        ids = blocks.idx[:, :, i, :w].long()
-        slot = (ids[..., None] * b + torch.arange(b, device=dev)).reshape(B, HQ, w * b)
-        ok = torch.arange(w, device=dev)[None, None, :, None] < cnt[..., None, None]
-        ok = ok.expand(B, HQ, w, b).reshape(B, HQ, w * b) & (slot < N)
-        slot = torch.where(ok, slot, 0)
-        kk = k_perm[bi, hi, slot].float()  # [B, HQ, w*b, D]
-        vv = v_perm[bi, hi, slot].float()
-        kpos = pos[bi, hi, slot].long()
-        qpos = torch.arange(r0, r1, device=dev)
-        allowed = ok[:, :, None, :] & (kpos[:, :, None, :] <= qpos[None, None, :, None])
-        s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0:r1].float(), kk) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        outs.append(torch.einsum("bhmn,bhnd->bhmd", torch.softmax(s, dim=-1), vv))
-        rows.append(qpos)
-        del kk, vv, s
-    return torch.cat(outs, dim=2), torch.cat(rows)
+    out, _, rows = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, qblocks, scale=scale)
+    return out, rows
 
 
 def kernel_error(out, ref_rows, rows) -> float:
     return rel_error(out[:, :, rows], ref_rows)
-
-
-def recall_of(lse_sparse, lse_full) -> float:
-    """Mean over queries and heads of the softmax mass kept: exp(lse_sparse - lse_full)."""
-    import torch
-
-    return float(torch.exp((lse_sparse - lse_full).clamp(max=0.0)).mean())
 
 
 # ---------------------------------------------------------------------------------------------

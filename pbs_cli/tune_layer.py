@@ -9,16 +9,15 @@ attention: measured kernel time on CUDA, the cost model elsewhere (tune_cost).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from pbs_kernels.attention import pbs_attention
+from pbs_kernels.metrics import output_error, recall_from_lse
 from pbs_kernels.ops.attend import attend
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks
-from pbs_kernels.ops.select.naive import block_geometry, compact
 from pbs_kernels.profile import LayerConfig
 
 from .tune_cost import dense_time_ms, kernel_time_ms, predicted_cost
@@ -67,24 +66,6 @@ class LayerMeasure:
     density_per_head: list[float] = field(default_factory=list)
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref||_F / ||ref||_F in fp32, one head at a time (bounded temporaries on a GPU)."""
-    num = den = 0.0
-    for h in range(out.shape[1]):
-        o, r = out[:, h].float(), ref[:, h].float()
-        num += float(torch.sum((o - r) ** 2))
-        den += float(torch.sum(r * r))
-    return math.sqrt(num / den) if den > 0 else 0.0
-
-
-def _all_causal_tiles(B: int, HQ: int, N: int, block_size: int, device):
-    """A BlockList of every causal tile: all earlier blocks, plus the diagonal block (masked)."""
-    nb, seg, _ = block_geometry(N, block_size, block_size, device)  # one block per segment
-    earlier = (seg[None, :] < seg[:, None]).expand(B, HQ, nb, nb)
-    diagonal = (seg[None, :] == seg[:, None]).expand(B, HQ, nb, nb)
-    return compact(earlier, diagonal, block_size)
-
-
 class LayerEvaluator:
     """Scores PBS settings on one layer's captured Q/K/V.
 
@@ -103,13 +84,13 @@ class LayerEvaluator:
         B, _, N, _ = q.shape
         self.n_tokens = N
         self._ident = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
-        # Dense reference through the same attend op over every causal tile, so the output is
-        # exact dense attention and its lse the full softmax normaliser recall is measured
-        # against. The list is built directly: a threshold-1.0 selection would drop blocks whose
-        # pooled probability underflows to 0.
+        # Dense reference through the same attend op over every causal tile (threshold 1.0, no
+        # permutation), so the output is exact dense attention and its lse the full softmax
+        # normaliser recall is measured against.
         ref_b = 128 if N >= 1024 else 16
         with torch.no_grad():
-            full = _all_causal_tiles(B, q.shape[1], N, ref_b, q.device)
+            full = select_blocks(q, k, self._ident, block_size=ref_b, segment_size=ref_b, threshold=1.0,
+                                 scale=capture.scale, backend=self._backend(q))
             self.ref_out, self.ref_lse = attend(q, k, capture.v, self._ident, full, scale=capture.scale,
                                                 backend=self._backend(q), return_lse=True)
         del full
@@ -141,9 +122,8 @@ class LayerEvaluator:
         blocks = select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=config.threshold,
                                scale=scale, backend=be)
         out, lse = attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be, return_lse=True)
-        error = _relative_error(out, self.ref_out)
-        # Mass of the true softmax on the computed tiles, per query row: exp(lse_kept - lse_all).
-        recall = float(torch.exp(lse - self.ref_lse).clamp(max=1.0).mean())
+        error = output_error(out, self.ref_out)
+        recall = recall_from_lse(lse, self.ref_lse)
         per_head = blocks.density_per_head().float().cpu()
         density = float(per_head.mean())
         del out, lse, blocks, k_p, v_p, pos

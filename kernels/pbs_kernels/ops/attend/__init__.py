@@ -1,5 +1,5 @@
 """Permuted block-sparse flash forward over the kept tiles."""
-from .naive import attend_naive
+from .naive import attend_blocks_naive, attend_naive
 
 
 def attend(q, k_perm, v_perm, pos, blocks, *, scale: float, backend: str = "torch", return_lse: bool = False):
@@ -10,4 +10,4 @@ def attend(q, k_perm, v_perm, pos, blocks, *, scale: float, backend: str = "torc
     return attend_naive(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse)
 
 
-__all__ = ["attend", "attend_naive"]
+__all__ = ["attend", "attend_blocks_naive", "attend_naive"]
