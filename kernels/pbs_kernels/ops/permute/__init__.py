@@ -23,13 +23,14 @@ def permute_keys(q, k, v, *, block_size: int, segment_size: int, scale: float, b
     """
     scores = score_keys(q, k, block_size=block_size, scale=scale, backend=backend)
     order = sort_within_segments(scores, segment_size)
+    pos = order.to(torch.int32)
     if backend == "triton" and k.stride(-1) == 1 and v.stride(-1) == 1:
         from .gather import gather_keys_triton
 
-        k_p, v_p = gather_keys_triton(k, v, order)
+        k_p, v_p = gather_keys_triton(k, v, pos)
     else:
-        k_p, v_p = gather_keys(k, v, order)
-    return k_p, v_p, order.to(torch.int32)
+        k_p, v_p = gather_keys(k, v, order)  # torch.gather wants int64 indices
+    return k_p, v_p, pos
 
 
 __all__ = ["permute_keys", "permute_keys_naive", "score_keys", "score_keys_naive"]

@@ -38,9 +38,11 @@ def _gather_rows_kernel(
 
 
 def gather_keys_triton(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block_rows: int = 64):
-    """Same contract as `gather_keys`: contiguous K and V in the slot order `order` [B, H, N]."""
+    """Same contract as `gather_keys`: contiguous K and V in the slot order `order` [B, H, N]
+    (int32, contiguous: the `pos` tensor the other ops take)."""
     B, H, N, D = k.shape
-    order = order.to(torch.int32).contiguous()
+    if order.dtype != torch.int32 or not order.is_contiguous():
+        order = order.to(torch.int32).contiguous()
     k_out = torch.empty(B, H, N, D, device=k.device, dtype=k.dtype)
     v_out = torch.empty_like(k_out)
     grid = (triton.cdiv(N, block_rows), B * H)
