@@ -74,7 +74,8 @@ def command(
     """Time PBS attention against dense attention at one or more prompt lengths, and check it.
 
     Per length: PBS (permute + select + attend, and each part), dense SDPA on each backend,
-    FlexAttention on the same tiles, PBS without permutation: ms, TFLOP/s, density, recall,
+    FlexAttention on the same tiles, PBS without permutation, and below the profile's min_seq_len
+    "pbs-auto" (the dense fallback a model runs there): ms, TFLOP/s, density, recall,
     error vs dense and speedup vs the fastest dense backend. A row whose output is wrong is
     FAILED and gets no speedup (exit 1). Writes JSON, CSV, Markdown and a plot to --out.
     Needs a CUDA GPU; --device cpu runs a correctness-only pass on small sizes.

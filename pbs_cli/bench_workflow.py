@@ -114,6 +114,7 @@ class PbsConfig:
     threshold: float
     permute: bool
     source: str  # "defaults" or "PATH layer L"
+    min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
 
 
 @dataclass
@@ -348,9 +349,11 @@ def pbs_config(profile_path: Optional[str], layer: Optional[int]) -> tuple[PbsCo
         if cfg.dense:
             notes.append(f"{source} is `dense: true` (the model runs it dense); benching its PBS knobs anyway")
     if cfg.min_seq_len:
-        notes.append(f"min_seq_len {cfg.min_seq_len} is not applied to the attention bench (it times the kernel "
-                     "at every length); --e2e honours it")
-    return PbsConfig(cfg.block_size, cfg.segment_size, float(cfg.threshold), bool(cfg.permute), source), notes
+        notes.append(f"min_seq_len {cfg.min_seq_len}: 'pbs' times the sparse path at every length; below "
+                     f"{cfg.min_seq_len} tokens 'pbs-auto' times what a model runs there (pbs_attention's dense "
+                     "fallback)")
+    return PbsConfig(cfg.block_size, cfg.segment_size, float(cfg.threshold), bool(cfg.permute), source,
+                     int(cfg.min_seq_len)), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,14 +572,20 @@ class _Bench:
         b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
         B, HQ, _, D = q.shape
 
+        # The parts run as pbs_attention runs them: the permutation hands selection its key-block
+        # statistics.
+        stats = None
         if cfg.permute:
-            k_p, v_p, pos = permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend=be)
+            k_p, v_p, pos, stats = permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale,
+                                                           backend=be, block_stats=True)
         else:
             k_p, v_p = k, v
             pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
-        blocks = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau, scale=scale, backend=be)
+        blocks = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau, scale=scale,
+                                         backend=be, key_stats=stats)
         out, lse = attend_op.attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be, return_lse=True)
-        full = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=1.0, scale=scale, backend=be)
+        full = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=1.0, scale=scale,
+                                       backend=be, key_stats=stats)
         _, lse_full = attend_op.attend(q, k_p, v_p, pos, full, scale=scale, backend=be, return_lse=True)
         del full, _
         qblocks = check_blocks(blocks.num_blocks, b, S)
@@ -591,13 +600,14 @@ class _Bench:
         pbs.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau,
                                                  permute=cfg.permute, min_seq_len=0, scale=scale, backend=be), N)
         if cfg.permute:
-            t_perm = self.time(lambda: permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend=be), N)
+            t_perm = self.time(lambda: permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale,
+                                                               backend=be, block_stats=True), N)
             perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
         else:
             t_perm = 0.0 if self.timed else None
             perm_row = MethodResult("pbs.permute", SKIPPED, note="permute off")
         t_sel = self.time(lambda: select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau,
-                                                          scale=scale, backend=be), N)
+                                                          scale=scale, backend=be, key_stats=stats), N)
         t_att = self.time(lambda: attend_op.attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be), N)
         sel_row = MethodResult("pbs.select", OK, ms=t_sel)
         att_row = MethodResult("pbs.attend", OK, ms=t_att, flops=flops, density=density)
@@ -607,11 +617,32 @@ class _Bench:
         step()
 
         rows_out = [pbs, perm_row, sel_row, att_row]
+        if cfg.min_seq_len and N < cfg.min_seq_len:
+            rows_out.append(self._auto(q, k, v, scale, ref))
         if "flex" in want:
             rows_out += self._flex_rows(q, k_p, v_p, pos, blocks, scale, ref, ref_rows, rows, flops, density,
                                         pbs.recall, t_perm, t_sel)
             step()
         return rows_out, lse_full  # K/V copies, tiles and references are freed on return
+
+    def _auto(self, q, k, v, scale, ref) -> MethodResult:
+        """pbs_attention as a model calls it, min_seq_len included (here: the dense fallback)."""
+        from pbs_kernels import pbs_attention
+
+        cfg, N = self.cfg, q.shape[2]
+
+        def call():
+            return pbs_attention(q, k, v, block_size=cfg.block_size, segment_size=cfg.segment_size,
+                                 threshold=cfg.threshold, permute=cfg.permute, min_seq_len=cfg.min_seq_len,
+                                 scale=scale, backend=self.backend)
+
+        out = call()
+        row = MethodResult("pbs-auto", OK, flops=causal_flops(*q.shape[:2], q.shape[3], N), density=1.0,
+                           recall=1.0, error=rel_error(out, ref),
+                           note=f"dense fallback: {N} tokens < min_seq_len {cfg.min_seq_len}")
+        del out
+        row.ms = self.time(call, N)
+        return self.gate(row)
 
     def _flex_rows(self, q, k_p, v_p, pos, blocks, scale, ref, ref_rows, rows, flops, density, recall,
                    t_perm, t_sel) -> list[MethodResult]:

@@ -130,9 +130,8 @@ def main():
             dens = bl.density_per_head().mean().item()
             configs = [dict()]
             if args.variants:
-                configs = [dict(use_tma=True, num_stages=2), dict(use_tma=True, num_stages=3),
-                           dict(use_tma=True, num_stages=2, warp_specialize=True),
-                           dict(use_tma=True, num_stages=3, warp_specialize=True)]
+                configs = [dict(use_tma=True, num_stages=2), dict(use_tma=True, num_stages=2, fma_softmax=False),
+                           dict(use_tma=True, num_stages=3)]
             for cfg in configs:
                 try:
                     ms = do_bench(lambda: attend_triton(q, kp, vp, pos, bl, scale=scale, **cfg), warmup=25, rep=rep,

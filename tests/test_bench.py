@@ -294,7 +294,7 @@ def json_run(tmp_path_factory):
 
 
 METHODS = ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "pbs", "pbs.permute", "pbs.select", "pbs.attend",
-           "flex", "flex.attend", "pbs-noperm"]
+           "pbs-auto", "flex", "flex.attend", "pbs-noperm"]
 
 
 def test_json_schema(json_run):
@@ -307,7 +307,7 @@ def test_json_schema(json_run):
     assert env["device"] == "cpu" and env["dtype"] == "float32" and isinstance(env["torch"], str)
     assert "correctness only" in env["timing"]
     assert doc["pbs"] == {"block_size": 128, "segment_size": 256, "threshold": 0.9, "permute": True,
-                          "source": "defaults"}
+                          "source": "defaults", "min_seq_len": 16384}
     assert doc["workload"] == "synthetic" and doc["settings"]["seq_lens"] == [512]
     (res,) = doc["results"]
     assert (res["seq_len"], res["heads"], res["kv_heads"], res["head_dim"], res["batch"]) == (512, 4, 2, 64, 1)
@@ -403,6 +403,28 @@ def test_threshold_one_is_dense(tmp_path):
     assert r.exit_code == 0, r.output
     pbs = json.loads(r.stdout)["results"][0]["methods"][0]
     assert pbs["error"] < 1e-5 and pbs["recall"] == pytest.approx(1.0, abs=1e-5) and pbs["density"] >= 1.0
+
+
+def test_pbs_auto_row_below_min_seq_len(tmp_path):
+    # Below the profile's min_seq_len a model runs dense: the bench times that path as "pbs-auto".
+    prof = tmp_path / "auto.yaml"
+    prof.write_text("schema_version: 1\ndefaults: {block_size: 32, segment_size: 64, threshold: 0.9, "
+                    "permute: true, min_seq_len: 1024, dense: false}\n")
+    r = invoke(*TINY, "--profile", str(prof), "--baselines", "none", "--max-error", "1", "--format", "json",
+               "--out", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    rows = {m["method"]: m for m in doc["results"][0]["methods"]}
+    assert rows["pbs"]["density"] < 1.0  # the sparse path is still benched
+    auto = rows["pbs-auto"]
+    assert auto["status"] == "ok" and auto["density"] == 1.0 and auto["error"] < 1e-5
+    assert "min_seq_len 1024" in auto["note"] and any("pbs-auto" in n for n in doc["notes"])
+    # At or above min_seq_len the pbs row is what runs: no extra row.
+    r = invoke("--device", "cpu", "--seq-len", "1024", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
+               "--profile", str(prof), "--baselines", "none", "--max-error", "1", "--format", "json",
+               "--out", str(tmp_path / "o2"))
+    assert r.exit_code == 0, r.output
+    assert "pbs-auto" not in {m["method"] for m in json.loads(r.stdout)["results"][0]["methods"]}
 
 
 def test_captured_workload_from_the_demo_model(tmp_path):

@@ -32,6 +32,15 @@ def test_threshold_one_equals_dense_bf16(N, D):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("N", [8191, 16384])
+def test_dense_fallback_with_grouped_heads_bf16(N):
+    # The fallback hands cuDNN K/V with fewer heads than Q when a probe says it handles them.
+    q, k, v = _qkv(N)
+    out = dense_causal_attention(q, k, v)
+    ref = dense_causal_attention(q.float(), k.float(), v.float())  # fp32: SDPA on copied K/V
+    assert rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("N,b,S", [(8191, 128, 256), (32768, 128, 512), (20000, 64, 256)])
 def test_sparse_matches_reference_bf16(N, b, S):
     q, k, v = _qkv(N)
@@ -57,7 +66,17 @@ def test_select_triton_matches_torch_bf16(N, b, tau):
     want = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5)
     got = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5,
                         backend="triton")
-    assert (got.n_total != want.n_total).float().mean() < 0.01
+    # The Triton path's pooled GEMM runs in TF32 (the reference in fp32): borderline blocks may
+    # flip, nothing more.
+    diff = (got.n_total - want.n_total).abs().float()
+    assert (diff > 0).float().mean() < 0.02 and diff.mean() < 0.05
+    # Key-block statistics from the pooling gather select the same blocks as recomputing them.
+    kp2, vp2, pos2, stats = permute_keys(q, k, v, block_size=b, segment_size=256, scale=128 ** -0.5,
+                                         backend="triton", block_stats=True)
+    assert torch.equal(pos2, pos) and torch.equal(kp2, kp) and torch.equal(vp2, vp)
+    fused = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5,
+                          backend="triton", key_stats=stats)
+    assert (fused.n_total != got.n_total).float().mean() < 0.005
     assert (got.n_total - want.n_total).abs().max() <= 2
 
 

@@ -4,7 +4,7 @@ import torch
 
 from pbs_kernels.ops.attend import attend_naive
 from pbs_kernels.ops.attend.fwd import attend_triton
-from pbs_kernels.ops.permute import permute_keys, score_keys_naive
+from pbs_kernels.ops.permute import gather_keys, permute_keys, score_keys_naive, sort_within_segments
 from pbs_kernels.ops.permute.score import score_keys_triton
 from pbs_kernels.ops.select import block_geometry, pool_blocks, select_blocks, topp_keep
 
@@ -12,10 +12,12 @@ from _ref import masked_ref, max_err, rand_qkv, rel_err, token_mask
 
 
 @pytest.mark.parametrize("N,G,D", [(300, 1, 64), (1000, 4, 128), (257, 2, 64)], ids=["T300-G1", "T1000-G4", "T257-G2"])
-def test_score_keys_triton_matches_naive(N, G, D):
+@pytest.mark.parametrize("tiles_per_chunk", [None, 3], ids=["chunk-auto", "chunk-3"])
+def test_score_keys_triton_matches_naive(N, G, D, tiles_per_chunk):
+    # Chunks of 3 tiles put chunk edges (online-softmax restarts) and the causal edge mid-chunk.
     q, k, _ = rand_qkv(1, 2 * G, 2, N, D)
     ref = score_keys_naive(q, k, block_size=64, scale=D ** -0.5)
-    got = score_keys_triton(q, k, block_size=64, scale=D ** -0.5)
+    got = score_keys_triton(q, k, block_size=64, scale=D ** -0.5, tiles_per_chunk=tiles_per_chunk)
     assert rel_err(got, ref) < 1e-4, f"rel {rel_err(got, ref):.2e} max {max_err(got, ref):.2e}"
     # Each query row's probabilities sum to one: the mean over rows of the key scores sums to 1.
     assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-4)
@@ -203,3 +205,51 @@ def test_triton_permutation_equals_reference():
     assert same > 0.99
     if same == 1:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("N,S,G", [(1000, 256, 4), (700, 192, 2), (383, 128, 1)], ids=["S256", "S192", "S128-G1"])
+def test_segment_order_kernel_equals_stable_sort(N, S, G):
+    from pbs_kernels.ops.permute.order import segment_order_triton
+
+    B, H = 2, 2
+    g = torch.Generator().manual_seed(N)
+    # Small integers: group sums are exact in fp32 and ties are everywhere, so the tie rule
+    # (lower original position first) is what decides most of the order.
+    per_head = torch.randint(0, 4, (B * H * G, N), generator=g).float()
+    got = segment_order_triton(per_head, B, H, N, S)
+    want = sort_within_segments(per_head.view(B, H, G, N).sum(2), S)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+
+
+def test_gather_pools_key_blocks():
+    from pbs_kernels.ops.permute.gather import gather_keys_triton
+    from pbs_kernels.ops.select import key_block_stats
+
+    q, k, v = rand_qkv(2, 4, 2, 300, 64, torch.float16)
+    pos = sort_within_segments(torch.rand(2, 2, 300), 128).to(torch.int32)
+    k_p, v_p, (k_pool, min_pos) = gather_keys_triton(k, v, pos, pool_block=64)
+    want_pool, want_min = key_block_stats(k_p, pos, 64)
+    assert torch.equal(k_p, gather_keys(k, v, pos.long())[0]) and torch.equal(v_p, gather_keys(k, v, pos.long())[1])
+    assert k_pool.shape == (2, 2, 5, 64) and torch.allclose(k_pool, want_pool, atol=1e-6)  # 44-row last block
+    assert torch.equal(min_pos, want_min)
+
+
+@pytest.mark.parametrize("step", [1e-6, 1e-5])
+def test_select_bisection_separates_near_ties(step):
+    # Every key block's pooled logit differs from the others by a multiple of `step`, so the
+    # probabilities at the top-p cut are a few float steps apart: the bisection on their bit
+    # patterns must split them exactly where the sorted reference does (a bisection that stops
+    # 11 steps short keeps hundreds of extra tiles here).
+    from pbs_kernels.ops.select.naive import select_blocks_naive
+
+    N, b = 1024, 32
+    q = torch.zeros(1, 2, N, 32)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, N, 32)
+    for j in range(N // b):
+        k[0, 0, j * b:(j + 1) * b, 0] = 1.0 + step * ((j * 7) % (N // b))
+    pos = torch.arange(N, dtype=torch.int32).expand(1, 1, N).contiguous()
+    for tau in (0.3, 0.7):
+        got = select_blocks(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0, backend="triton")
+        want = select_blocks_naive(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0)
+        assert torch.equal(got.dense_mask(), want.dense_mask())

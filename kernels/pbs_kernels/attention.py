@@ -49,13 +49,52 @@ def _fast_sdpa_order():
     return lambda: sdpa_kernel(order, set_priority=True)
 
 
+# (device, dtype, head dim) -> whether SDPA's cuDNN backend takes K/V with fewer heads than Q
+# (grouped-query attention without copying K/V per query head) and gets the right answer.
+_CUDNN_GQA: dict = {}
+
+
+def _cudnn_gqa_ok(q: torch.Tensor) -> bool:
+    """Probe once per (device, dtype, head dim) on a small input: cuDNN with 2 KV heads for 4
+    query heads against cuDNN on copied K/V. The copy costs ~15% of cuDNN's time at 8K tokens
+    (H100), which is the dense fallback's whole budget."""
+    key = (q.device, q.dtype, q.shape[-1])
+    if key not in _CUDNN_GQA:
+        import warnings
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        g = torch.Generator(device=q.device).manual_seed(0)
+        qs = torch.randn(1, 4, 256, q.shape[-1], device=q.device, dtype=q.dtype, generator=g)
+        ks, vs = (torch.randn(1, 2, 256, q.shape[-1], device=q.device, dtype=q.dtype, generator=g) for _ in "kv")
+        try:
+            with warnings.catch_warnings(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                warnings.simplefilter("ignore")
+                got = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                want = F.scaled_dot_product_attention(qs, ks.repeat_interleave(2, 1), vs.repeat_interleave(2, 1),
+                                                      is_causal=True)
+            _CUDNN_GQA[key] = bool(((got.float() - want.float()).norm() / want.float().norm()) < 1e-2)
+        except RuntimeError:  # no cuDNN attention for these inputs
+            _CUDNN_GQA[key] = False
+    return _CUDNN_GQA[key]
+
+
 def dense_causal_attention(q, k, v, *, scale: float | None = None) -> torch.Tensor:
-    """Dense causal attention through SDPA with grouped-query heads (the fallback path)."""
+    """Dense causal attention through SDPA with grouped-query heads (the fallback path): cuDNN
+    with native grouped-query heads where it takes them, else SDPA on K/V copied per query head."""
     HQ, H = q.shape[1], k.shape[1]
+    ctx = _fast_sdpa_order() if q.is_cuda else None
+    if HQ != H and ctx is not None and _cudnn_gqa_ok(q):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        except RuntimeError:  # shapes the probe did not cover (e.g. too long for cuDNN): copy instead
+            pass
     if HQ != H:
         k = k.repeat_interleave(HQ // H, dim=1)
         v = v.repeat_interleave(HQ // H, dim=1)
-    ctx = _fast_sdpa_order() if q.is_cuda else None
     if ctx is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     with ctx():
@@ -144,14 +183,16 @@ def pbs_attention(
         return out, PbsStats(1.0, torch.ones(HQ), dense=True)
 
     be = resolve_backend(backend, q)
+    key_stats = None
     if permute:
-        k_p, v_p, pos = permute_keys(q, k, v, block_size=block_size, segment_size=segment_size,
-                                     scale=scale, backend=be)
+        # The Triton gather pools the key blocks while it permutes; selection reuses that.
+        k_p, v_p, pos, key_stats = permute_keys(q, k, v, block_size=block_size, segment_size=segment_size,
+                                                scale=scale, backend=be, block_stats=True)
     else:
         k_p, v_p = k, v
         pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
     blocks = select_blocks(q, k_p, pos, block_size=block_size, segment_size=segment_size,
-                           threshold=float(threshold), scale=scale, backend=be)
+                           threshold=float(threshold), scale=scale, backend=be, key_stats=key_stats)
     out = attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be)
     if not return_stats:
         return out

@@ -18,19 +18,32 @@ from ..select.naive import BlockList
 
 
 @triton.jit
-def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_allow, IEEE: tl.constexpr):
-    # [BLOCK_M, BLOCK_N]
+def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_allow, IEEE: tl.constexpr,
+                 FMA: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] raw scores q.k; qk_scale (softmax scale times log2 e) is applied below
     if IEEE:
         b_s = tl.dot(b_q, b_k, input_precision="ieee")
     else:
         b_s = tl.dot(b_q, b_k)
-    b_s = b_s * qk_scale
     if MASK:
         b_s = tl.where(m_allow, b_s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    # A row may see no allowed key yet (masked tile first): keep exp2 away from inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.exp2(b_s - m_safe[:, None])
+    if FMA:
+        # The scale is positive, so the row max can be taken before scaling, and scaling then
+        # shifting each score is one fused multiply-add instead of a multiply and a subtract.
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+    else:
+        b_s = b_s * qk_scale
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    if MASK:
+        # A row may see no allowed key yet (masked tile first): keep exp2 away from inf - inf.
+        # Unmasked tiles always give every row a finite max.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    if FMA:
+        b_p = tl.exp2(b_s * qk_scale - m_safe[:, None])
+    else:
+        b_p = tl.exp2(b_s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None]
@@ -54,6 +67,7 @@ def _attend_fwd_kernel(
     N, HQ, G, NQB, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    FMA: tl.constexpr,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     i_m = NQB - 1 - tl.program_id(0)
@@ -100,7 +114,7 @@ def _attend_fwd_kernel(
                 b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None])
                 # [BLOCK_N, HEAD_DIM]
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :])
-            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE)
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE, FMA)
 
     # Tiles of the query's own segment: mask by original position (and the end of the sequence).
     for t in range(n_off, n_tot):
@@ -119,7 +133,7 @@ def _attend_fwd_kernel(
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
             # [BLOCK_SIZE, BLOCK_N]
             m_allow = b_pos[None, :] <= o_m[:, None]
-            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE)
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA)
 
     # Every real row saw at least its own key; padded rows (o_m >= N) are never stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -166,8 +180,10 @@ def _tma_default(q, k_perm, v_perm) -> bool:
 
 def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False):
-    """Same contract as `attend_naive`; `out` (like q) receives the output if given."""
+                  num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
+                  fma_softmax: bool = True):
+    """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
+    knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants)."""
     _check(q, k_perm, v_perm, pos, blocks)
     B, HQ, N, D = q.shape
     H = k_perm.shape[1]
@@ -209,7 +225,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         N, HQ, HQ // H, nqb, scale * LOG2E,
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
-        WARP_SPEC=warp_specialize and _HAS_WARP_SPEC,
+        WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o

@@ -2,6 +2,10 @@
 
 torch.gather on [B, H, N, D] with an expanded index moved K and V at ~1.2 TB/s on an H100
 (0.88 ms at 128K tokens, 8 KV heads, D=128); a row copy only has to read and write each row once.
+
+With `pool_block` each program copies exactly one key block and also writes what selection
+needs from it: the block's mean key (fp32) and the earliest original position it holds. That
+saves selection a second read of the permuted K.
 """
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ import triton.language as tl
 
 @triton.jit
 def _gather_rows_kernel(
-    K, V, ORDER, KO, VO,
+    K, V, ORDER, KO, VO, KPOOL, MINPOS,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    N, H,
-    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+    N, H, NB,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, POOL: tl.constexpr,
 ):
     i_r = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -26,30 +30,50 @@ def _gather_rows_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     m_r = o_r < N
     # [BLOCK_R] original position of each permuted slot
-    b_src = tl.load(ORDER + i_bh.to(tl.int64) * N + o_r, mask=m_r, other=0).to(tl.int64)
+    b_src32 = tl.load(ORDER + i_bh.to(tl.int64) * N + o_r, mask=m_r, other=0)
+    b_src = b_src32.to(tl.int64)
     # [BLOCK_R, HEAD_DIM]
     b_k = tl.load(K + i_b * stride_kb + i_h * stride_kh + b_src[:, None] * stride_kn + o_d[None, :],
-                  mask=m_r[:, None])
+                  mask=m_r[:, None], other=0.0)
     b_v = tl.load(V + i_b * stride_vb + i_h * stride_vh + b_src[:, None] * stride_vn + o_d[None, :],
                   mask=m_r[:, None])
     o_out = i_bh.to(tl.int64) * N * HEAD_DIM + o_r[:, None] * HEAD_DIM + o_d[None, :]
     tl.store(KO + o_out, b_k, mask=m_r[:, None])
     tl.store(VO + o_out, b_v, mask=m_r[:, None])
+    if POOL:
+        # A partial last block averages its valid rows (padding rows loaded as 0).
+        count = tl.minimum(N - i_r * BLOCK_R, BLOCK_R).to(tl.float32)
+        b_mean = tl.sum(b_k.to(tl.float32), 0) / count
+        o_blk = i_bh.to(tl.int64) * NB + i_r
+        tl.store(KPOOL + o_blk * HEAD_DIM + o_d, b_mean)
+        tl.store(MINPOS + o_blk, tl.min(tl.where(m_r, b_src32, 2147483647), 0))
 
 
-def gather_keys_triton(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block_rows: int = 64):
+def gather_keys_triton(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block_rows: int = 64,
+                       pool_block: int | None = None):
     """Same contract as `gather_keys`: contiguous K and V in the slot order `order` [B, H, N]
-    (int32, contiguous: the `pos` tensor the other ops take)."""
+    (int32, contiguous: the `pos` tensor the other ops take).
+
+    With `pool_block=b` also returns the key-block statistics of `key_block_stats` (mean key per
+    block [B, H, NB, D] float32, earliest original position per block [B, H, NB] int32)."""
     B, H, N, D = k.shape
     if order.dtype != torch.int32 or not order.is_contiguous():
         order = order.to(torch.int32).contiguous()
     k_out = torch.empty(B, H, N, D, device=k.device, dtype=k.dtype)
     v_out = torch.empty_like(k_out)
-    grid = (triton.cdiv(N, block_rows), B * H)
-    _gather_rows_kernel[grid](
-        k, v, order, k_out, v_out,
+    rows = pool_block or block_rows
+    nb = triton.cdiv(N, rows)
+    if pool_block:
+        k_pool = torch.empty(B, H, nb, D, device=k.device, dtype=torch.float32)
+        min_pos = torch.empty(B, H, nb, device=k.device, dtype=torch.int32)
+    else:
+        k_pool = min_pos = k_out  # unused
+    _gather_rows_kernel[(nb, B * H)](
+        k, v, order, k_out, v_out, k_pool, min_pos,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        N, H, BLOCK_R=block_rows, HEAD_DIM=D, num_warps=4,
+        N, H, nb, BLOCK_R=rows, HEAD_DIM=D, POOL=bool(pool_block), num_warps=4,
     )
+    if pool_block:
+        return k_out, v_out, (k_pool, min_pos)
     return k_out, v_out

@@ -1,20 +1,21 @@
 """Select key blocks per query block: top-p over earlier segments + own segment + sink."""
-from .naive import BlockList, block_geometry, pool_blocks, select_blocks_naive, topp_keep
+from .naive import BlockList, block_geometry, key_block_stats, pool_blocks, select_blocks_naive, topp_keep
 
 
 def select_blocks(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
-                  scale: float, backend: str = "torch") -> BlockList:
+                  scale: float, backend: str = "torch", key_stats=None) -> BlockList:
     """Kept key blocks per query block (see BlockList). Both backends work on pooled [NQB, NKB]
-    block scores, O(N^2 / b^2), never N x N."""
+    block scores, O(N^2 / b^2), never N x N. `key_stats` (from `permute_keys(...,
+    block_stats=True)`) spares the Triton path a pass over K; the torch reference recomputes."""
     if backend == "triton":
         from .fused import select_blocks_triton
 
         blocks = select_blocks_triton(q, k_perm, pos, block_size=block_size, segment_size=segment_size,
-                                      threshold=threshold, scale=scale)
+                                      threshold=threshold, scale=scale, key_stats=key_stats)
         if blocks is not None:
             return blocks
     return select_blocks_naive(q, k_perm, pos, block_size=block_size, segment_size=segment_size,
                                threshold=threshold, scale=scale)
 
 
-__all__ = ["BlockList", "block_geometry", "pool_blocks", "select_blocks", "select_blocks_naive", "topp_keep"]
+__all__ = ["BlockList", "block_geometry", "key_block_stats", "pool_blocks", "select_blocks", "select_blocks_naive", "topp_keep"]

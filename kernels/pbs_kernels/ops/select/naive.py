@@ -66,6 +66,16 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int):
+    """What selection needs from the (permuted) keys: the mean key of each block [B, H, NB, D]
+    float32 and the earliest original position each block holds [B, H, NB] int32. The Triton
+    gather computes the same while it permutes (`gather_keys_triton(..., pool_block=b)`)."""
+    B, H, N = pos.shape
+    nb = cdiv(N, block_size)
+    pos_blk = torch.nn.functional.pad(pos, (0, nb * block_size - N), value=N).reshape(B, H, nb, block_size)
+    return pool_blocks(k_perm, block_size), pos_blk.amin(-1).to(torch.int32).contiguous()
+
+
 def block_geometry(N: int, block_size: int, segment_size: int, device):
     """Segment of each block and the last query position of each block."""
     nb = cdiv(N, block_size)
