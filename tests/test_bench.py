@@ -427,14 +427,19 @@ def test_pbs_auto_row_below_min_seq_len(tmp_path):
     assert "pbs-auto" not in {m["method"] for m in json.loads(r.stdout)["results"][0]["methods"]}
 
 
-def test_captured_workload_from_the_demo_model(tmp_path):
-    pytest.importorskip("transformers")
+@pytest.fixture
+def demo_model():
+    """Skips when the shipped demo model cannot be loaded here."""
     try:
         from pbs_kernels.demo import demo_model_path
 
-        demo_model_path()
+        return demo_model_path()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"demo model unavailable: {e}")
+
+
+def test_captured_workload_from_the_demo_model(tmp_path, demo_model):
+    pytest.importorskip("transformers")
     r = invoke("--device", "cpu", "--workload", "captured", "--seq-len", "512", "--layer", "1",
                "--baselines", "noperm", "--max-error", "1", "--format", "json", "--out", str(tmp_path))
     assert r.exit_code == 0, r.output
@@ -448,14 +453,8 @@ def test_captured_workload_from_the_demo_model(tmp_path):
     assert r.exit_code == 1 and "--layer 9" in str(r.exception)
 
 
-def test_e2e_on_the_demo_model(small_profile):
+def test_e2e_on_the_demo_model(small_profile, demo_model):
     pytest.importorskip("pbs_kernels.integrations.hf")
-    try:
-        from pbs_kernels.demo import demo_model_path
-
-        demo_model_path()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"demo model unavailable: {e}")
     s = bw.BenchSettings(seq_lens=[512], heads=4, kv_heads=2, head_dim=64, device="cpu", baselines=(),
                          profile=str(small_profile), max_error=1.0, e2e=True, e2e_warmup=0, e2e_reps=1)
     report = bw.run_bench(s)

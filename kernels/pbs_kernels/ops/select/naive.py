@@ -128,7 +128,7 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
     nb, seg, last_q = block_geometry(N, block_size, segment_size, q.device)
 
     q_pool = pool_blocks(q, block_size).reshape(B, H, G, nb, D)
-    k_pool = pool_blocks(k_perm, block_size)
+    k_pool, min_pos = key_block_stats(k_perm, pos, block_size)  # min_pos: [B, H, NKB]
     # [B, HQ, NQB, NKB]
     s = (torch.einsum("bhgid,bhjd->bhgij", q_pool, k_pool) * scale).reshape(B, HQ, nb, nb)
     earlier = seg[None, :] < seg[:, None]
@@ -139,14 +139,10 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
     off = topp_keep(p, threshold) & earlier
 
     # The sink: the block that holds original token 0, for every query block past segment 0.
-    pos_pad = torch.nn.functional.pad(pos.long(), (0, nb * block_size - N), value=N)
-    blk_pos = pos_pad.reshape(B, H, nb, block_size)
-    sink_blk = (blk_pos == 0).any(-1)  # [B, H, NKB]
-    sink = sink_blk.repeat_interleave(G, dim=1)[:, :, None, :] & earlier
+    sink = (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :] & earlier
     off = off | sink
 
     # Own segment: every block that holds a key at or before the query block's last position.
-    min_pos = blk_pos.amin(-1)  # [B, H, NKB]
     same = seg[None, :] == seg[:, None]
     diag = same & (min_pos[:, :, None, :] <= last_q[:, None])  # [B, H, NQB, NKB]
     diag = diag.repeat_interleave(G, dim=1)
