@@ -22,8 +22,9 @@ from pbs_kernels.attention import dense_causal_attention
 from pbs_kernels.ops.attend.fwd import attend_triton
 from pbs_kernels.ops.attend.naive import attend_naive
 from pbs_kernels.ops.permute import permute_keys
-from pbs_kernels.ops.select import BlockList, select_blocks
-from pbs_kernels.ops.select.naive import compact, block_geometry
+from pbs_kernels.blocks import BlockList, block_geometry
+from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.ops.select.naive import compact
 
 
 def rel(a, b):

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import torch
 
@@ -8,6 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# Test files in sub-folders import the shared helpers in tests/_ref.py.
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(config, items):

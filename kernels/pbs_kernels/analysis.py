@@ -5,10 +5,10 @@
 * oracle block density: for each query block, the fewest key blocks (of `block_size`) that hold
   `coverage` of the block's attention mass (mass = mean over the block's queries of the softmax
   weight on the key block's keys), summed over query blocks and divided by the causal tile count
-  nb(nb+1)/2, the denominator of DESIGN.md §4. Once with keys in original order, once in PBS's
-  own permuted order (`permute_keys`). Lower is sparser; the gap says what permuting buys.
-* PBS's estimated selection at `threshold` (`select_blocks`), with and without permutation: its
-  density (DESIGN.md §4) and recall (true softmax mass on the kept tiles, mean over queries).
+  nb(nb+1)/2, the denominator of docs/design.md ("Metrics"). Once with keys in original order, once in PBS's
+  own permuted order (`permute_stage`). Lower is sparser; the gap says what permuting buys.
+* PBS's estimated selection at `threshold` (`select_stage`), with and without permutation: its
+  density (docs/design.md, "Metrics") and recall (true softmax mass on the kept tiles, mean over queries).
 * sink mass: mass on the first key block (token 0 and its neighbours), mean over the queries past
   the first block; local mass: mass on the query's own and the previous key block, mean over
   queries.
@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import ALLOWED_HEAD_DIMS
+from .attention import permute_stage, select_stage
+from .limits import HEAD_DIMS
 from .ops._common import cdiv, default_scale, resolve_backend
-from .ops.permute import permute_keys
-from .ops.select import select_blocks
 
 __all__ = ["LayerAnalysis", "analyze_layer", "cover_count"]
 
@@ -115,20 +114,21 @@ def analyze_layer(
     if chunk_bytes is None:
         chunk_bytes = (1 << 30) if q.is_cuda else (32 << 20)  # CPU: cache-sized chunks ran 1.5x faster than 256 MiB
     be = resolve_backend(backend, q)
-    if D not in ALLOWED_HEAD_DIMS:
+    if D not in HEAD_DIMS:
         be = "torch"  # the Triton scorer is built for the kernel head dims only
     dev = q.device
 
     # PBS's own view: its permutation and its block selections, with and without permuting.
-    k_perm, _, pos = permute_keys(q, k, k, block_size=bs, segment_size=segment_size, scale=scale, backend=be)
-    sel = select_blocks(q, k_perm, pos, block_size=bs, segment_size=segment_size, threshold=threshold,
-                        scale=scale, backend=be)
-    ident = torch.arange(N, device=dev, dtype=torch.int32).expand(B, H, N).contiguous()
-    sel_np = select_blocks(q, k, ident, block_size=bs, segment_size=segment_size, threshold=threshold,
-                           scale=scale, backend=be)
+    keys = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, scale=scale, backend=be)
+    pos = keys.pos
+    sel = select_stage(q, keys, block_size=bs, segment_size=segment_size, threshold=threshold, scale=scale,
+                       backend=be)
+    plain = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, permute=False, backend=be)
+    sel_np = select_stage(q, plain, block_size=bs, segment_size=segment_size, threshold=threshold,
+                          scale=scale, backend=be)
     kept_perm = sel.dense_mask()  # [B, HQ, nb, nb]
     kept_orig = sel_np.dense_mask()
-    del k_perm
+    del keys, plain
 
     count_orig = torch.zeros(B, HQ, dtype=torch.float64, device=dev)
     count_perm = torch.zeros_like(count_orig)

@@ -1,4 +1,14 @@
-"""pbs_attention(): permute -> select -> attend, with a dense fallback and statistics."""
+"""The runtime's calls: the three stages of PBS, a plan that holds their intermediates, and
+pbs_attention() built on the plan, with a dense fallback and statistics.
+
+    keys = permute_stage(q, k, v, ...)        # K/V in slot order + original positions
+    blocks = select_stage(q, keys, ...)       # kept tiles per query block
+    plan = pbs_plan(q, k, v, ...)             # both, as one object; plan.attend(q) runs the kernel
+    out = pbs_attention(q, k, v, ...)         # what models call
+
+Tools that need the intermediates (analysis, tuning, benchmarks) call these instead of chaining
+the ops themselves.
+"""
 from __future__ import annotations
 
 import inspect
@@ -7,25 +17,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ops._common import default_scale, resolve_backend
+from .blocks import BlockList, identity_positions
+from .limits import BACKENDS, BLOCK_SIZES, HEAD_DIMS
+from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
 from .ops.permute import permute_keys
-from .ops.select import BlockList, select_blocks
+from .ops.select import select_blocks
 
-ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)
-ALLOWED_HEAD_DIMS = (64, 128)
-BACKENDS = ("auto", "triton", "torch")
+# Old names, kept for code written against them.
+ALLOWED_BLOCK_SIZES = BLOCK_SIZES
+ALLOWED_HEAD_DIMS = HEAD_DIMS
 
 
 @dataclass
 class PbsStats:
     """What one pbs_attention call computed.
 
-    density: computed tiles / causal tiles, mean over heads (1.0 on the dense path).
+    density: kept causal tiles / causal tiles (nb (nb + 1) / 2 per head), mean over heads, in
+        [0, 1] (1.0 on the dense path).
     density_per_head: [HQ] float32 (mean over the batch).
     dense: True when the call fell back to dense attention (short prompt).
     blocks: the kept-tile lists (None on the dense path).
     pos: original position of each permuted key slot [B, H, N] (None on the dense path).
+    extra_density: own-segment tiles above the block diagonal that permutation made necessary
+        (an early key moved behind the diagonal block), per causal tile; the work is
+        density + extra_density of dense causal attention.
     """
 
     density: float
@@ -33,6 +49,7 @@ class PbsStats:
     dense: bool
     blocks: BlockList | None = None
     pos: torch.Tensor | None = None
+    extra_density: float = 0.0
 
 
 def _fast_sdpa_order():
@@ -115,10 +132,12 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
             f"pbs_attention: q_len {N} != kv_len {k.shape[2]}; PBS is for prefill "
             "(queries and keys at the same positions); use dense attention for decode"
         )
+    if N == 0:
+        raise ValueError("pbs_attention: the sequence is empty (N = 0); pass at least one token")
     if HQ % k.shape[1] != 0:
         raise ValueError(f"pbs_attention: query heads {HQ} must be a multiple of kv heads {k.shape[1]}")
-    if D not in ALLOWED_HEAD_DIMS:
-        raise ValueError(f"pbs_attention: head dim {D} is not supported; allowed {ALLOWED_HEAD_DIMS}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"pbs_attention: head dim {D} is not supported; allowed {HEAD_DIMS}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"pbs_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -128,8 +147,8 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"pbs_attention: {name} is not contiguous in its last dimension; call .contiguous()")
-    if block_size not in ALLOWED_BLOCK_SIZES:
-        raise ValueError(f"pbs_attention: block_size {block_size} is not allowed; use one of {ALLOWED_BLOCK_SIZES}")
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"pbs_attention: block_size {block_size} is not allowed; use one of {BLOCK_SIZES}")
     if segment_size <= 0 or segment_size % block_size:
         raise ValueError(
             f"pbs_attention: segment_size {segment_size} must be a positive multiple of block_size {block_size}"
@@ -140,6 +159,121 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         raise ValueError(f"pbs_attention: backend {backend!r} is not one of {BACKENDS}")
     if min_seq_len < 0:
         raise ValueError(f"pbs_attention: min_seq_len {min_seq_len} must be >= 0")
+
+
+def _upcast_for_interpreter(backend: str, *ts: torch.Tensor):
+    """Triton's CPU interpreter computes bf16 `tl.dot` wrongly (relative error ~1e9 measured on
+    Triton 3.9): run its kernels on fp32 copies instead. A no-op on CUDA and for other dtypes."""
+    if backend == "triton" and interpreting() and ts[0].dtype == torch.bfloat16 and not ts[0].is_cuda:
+        return tuple(t.float() for t in ts)
+    return ts
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Ties the output of a Triton forward to its inputs so that a backward pass fails with a
+    clear message instead of silently giving no gradient (the kernels are inference-only)."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "pbs_attention: the Triton kernels are forward-only (an inference kernel) and have no "
+            "backward; run under torch.no_grad()/inference_mode, or use backend='torch' to differentiate"
+        )
+
+
+@dataclass
+class PermutedKeys:
+    """Keys and values in slot order, from `permute_stage`.
+
+    k, v: [B, H, N, D] (sorted by score inside each full segment; the inputs when not permuted).
+    pos: [B, H, N] int32 original position of each slot.
+    key_stats: pooled keys and earliest position per block (`blocks.key_block_stats`), or None
+        when selection must compute them.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    key_stats: tuple | None
+    permuted: bool
+
+
+def permute_stage(q, k, v, *, block_size: int = 128, segment_size: int = 256, permute: bool = True,
+                  scale: float | None = None, backend: str = "auto") -> PermutedKeys:
+    """Step 1: sort the keys of every full segment by the attention the last query block gives
+    them (`permute=False`: keys stay in order, positions are the identity)."""
+    be = resolve_backend(backend, q)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if not permute:
+        B, H, N, _ = k.shape
+        return PermutedKeys(k, v, identity_positions(B, H, N, k.device), None, False)
+    q, k, v = _upcast_for_interpreter(be, q, k, v)
+    # The Triton gather pools the key blocks while it permutes; selection reuses that.
+    k_p, v_p, pos, key_stats = permute_keys(q, k, v, block_size=block_size, segment_size=segment_size,
+                                            scale=scale, backend=be, block_stats=True)
+    return PermutedKeys(k_p, v_p, pos, key_stats, True)
+
+
+def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: int = 256,
+                 threshold: float = 0.9, scale: float | None = None, backend: str = "auto") -> BlockList:
+    """Step 2: per query block, the fewest earlier-segment key blocks whose pooled attention mass
+    reaches `threshold`, plus its own segment and the block holding token 0."""
+    be = resolve_backend(backend, q)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    (q,) = _upcast_for_interpreter(be, q)
+    k = keys.k.float() if q.dtype != keys.k.dtype else keys.k
+    return select_blocks(q, k, keys.pos, block_size=block_size, segment_size=segment_size,
+                         threshold=float(threshold), scale=scale, backend=be, key_stats=keys.key_stats)
+
+
+@dataclass
+class PbsPlan:
+    """What PBS decided for one (q, k, v): K/V in slot order, their original positions and the
+    kept tiles. `attend(q)` runs the sparse forward over them."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    blocks: BlockList
+    scale: float
+    backend: str
+    block_size: int
+    segment_size: int
+    threshold: float
+    permuted: bool
+
+    def attend(self, q: torch.Tensor, *, return_lse: bool = False):
+        """Output [B, HQ, N, D] in q's dtype (and the natural-log LSE [B, HQ, N] fp32 over the
+        computed tiles with `return_lse=True`)."""
+        dtype = q.dtype
+        (qc,) = _upcast_for_interpreter(self.backend, q)
+        k, v = (self.k, self.v) if self.k.dtype == qc.dtype else (self.k.to(qc.dtype), self.v.to(qc.dtype))
+        res = attend(qc, k, v, self.pos, self.blocks, scale=self.scale, backend=self.backend, return_lse=return_lse)
+        out, lse = res if return_lse else (res, None)
+        out = out.to(dtype)
+        return (out, lse) if return_lse else out
+
+    def density_per_head(self) -> torch.Tensor:
+        return self.blocks.density_per_head()
+
+
+def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, threshold: float = 0.9,
+             permute: bool = True, scale: float | None = None, backend: str = "auto") -> PbsPlan:
+    """Steps 1 and 2 for q [B, HQ, N, D], k/v [B, H, N, D]: a PbsPlan (never dense; see
+    `pbs_attention` for the short-prompt fallback). Same checks and knobs as pbs_attention."""
+    _validate(q, k, v, block_size, segment_size, threshold, backend, 0)
+    be = resolve_backend(backend, q)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    keys = permute_stage(q, k, v, block_size=block_size, segment_size=segment_size, permute=permute,
+                         scale=scale, backend=be)
+    blocks = select_stage(q, keys, block_size=block_size, segment_size=segment_size, threshold=threshold,
+                          scale=scale, backend=be)
+    return PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, block_size, segment_size, float(threshold),
+                   keys.permuted)
 
 
 def pbs_attention(
@@ -168,8 +302,12 @@ def pbs_attention(
     3. attend: flash-attention forward over the kept tiles only.
 
     Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
-    equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter), "torch"
-    (plain torch reference) or "auto" (triton on CUDA, torch elsewhere).
+    equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
+    inputs are computed in fp32 because the interpreter's bf16 matmul is wrong), "torch" (plain
+    torch reference) or "auto" (triton on CUDA, torch elsewhere).
+
+    Inference only on the Triton backend: the output carries no gradient and a backward pass
+    through it raises; the torch backend is differentiable.
 
     Returns the output [B, HQ, N, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
@@ -182,19 +320,14 @@ def pbs_attention(
             return out
         return out, PbsStats(1.0, torch.ones(HQ), dense=True)
 
-    be = resolve_backend(backend, q)
-    key_stats = None
-    if permute:
-        # The Triton gather pools the key blocks while it permutes; selection reuses that.
-        k_p, v_p, pos, key_stats = permute_keys(q, k, v, block_size=block_size, segment_size=segment_size,
-                                                scale=scale, backend=be, block_stats=True)
-    else:
-        k_p, v_p = k, v
-        pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
-    blocks = select_blocks(q, k_p, pos, block_size=block_size, segment_size=segment_size,
-                           threshold=float(threshold), scale=scale, backend=be, key_stats=key_stats)
-    out = attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be)
+    plan = pbs_plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
+                    permute=permute, scale=scale, backend=backend)
+    out = plan.attend(q)
+    if plan.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = _ForwardOnly.apply(out, q, k, v)
     if not return_stats:
         return out
-    per_head = blocks.density_per_head().cpu()
-    return out, PbsStats(float(per_head.mean()), per_head, dense=False, blocks=blocks, pos=pos)
+    per_head = plan.blocks.density_per_head().cpu()
+    extra = float(plan.blocks.extra_density_per_head().mean())
+    return out, PbsStats(float(per_head.mean()), per_head, dense=False, blocks=plan.blocks, pos=plan.pos,
+                         extra_density=extra)

@@ -1,4 +1,4 @@
-"""The accuracy metrics of DESIGN.md §4, one definition for analyze, tune and bench.
+"""The accuracy metrics of docs/design.md ("Metrics"), one definition for analyze, tune and bench.
 
 Tensor methods only, no torch import: the toolkit can import this where `pbs --help` must stay
 instant."""

@@ -18,11 +18,11 @@ from typing import Any, Mapping
 import yaml
 
 from ._io import write_atomic
+from .limits import BLOCK_SIZES
 
 __all__ = ["LayerConfig", "PbsProfile", "ProfileError", "builtin_profile"]
 
 SCHEMA_VERSION = 1
-BLOCK_SIZES = (16, 32, 64, 128)  # 16/32 only make sense for tiny CPU models
 TUNED_FOR_KEYS = ("seq_len", "target_speedup", "objective")
 
 
@@ -58,7 +58,7 @@ def _is_number(v: Any) -> bool:
 
 # field -> (kind, range check, allowed text). kind: "int" | "float" | "bool".
 _LAYER_FIELDS: dict[str, tuple[str, Any, str]] = {
-    "block_size": ("int", lambda v: v in BLOCK_SIZES, "one of 16, 32, 64, 128"),
+    "block_size": ("int", lambda v: v in BLOCK_SIZES, f"one of {', '.join(map(str, BLOCK_SIZES))}"),
     "segment_size": ("int", lambda v: v > 0, "a positive multiple of block_size"),
     "threshold": ("float", lambda v: 0.0 < v <= 1.0, "(0, 1]"),  # NaN fails both comparisons
     "permute": ("bool", None, "true or false"),
@@ -120,7 +120,7 @@ def _check_mapping(value: Any, where: str, what: str) -> dict:
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """PBS settings of one attention layer; the defaults are the method's (DESIGN.md §1)."""
+    """PBS settings of one attention layer; the defaults are the method's (docs/design.md, "The method")."""
 
     block_size: int = 128
     segment_size: int = 256

@@ -37,7 +37,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import ALLOWED_HEAD_DIMS, BACKENDS, pbs_attention
+from ..attention import pbs_attention
+from ..limits import BACKENDS, HEAD_DIMS
 from ..profile import LayerConfig, PbsProfile
 
 __all__ = [
@@ -167,6 +168,35 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
 # The "pbs" attention function.
 
 
+def _unsupported(query, key, value, kwargs) -> tuple[str, str, str] | None:
+    """The first feature of this attention call that the PBS kernels do not implement, as
+    (label, detail, message), or None. The one place that decides it: the attention function,
+    `AttentionCall.fallback_reason` and through it the toolkit's analysis and tuning use it."""
+    kv_len = key.shape[2]
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        return ("softcap", f"softcap {softcap:g}",
+                f"uses attention logit soft-capping ({softcap}); PBS does not implement it, so such layers "
+                "run dense attention")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < kv_len:
+        return ("sliding window", f"sliding window {window}",
+                f"uses a sliding window of {window} tokens, shorter than the {kv_len}-token prompt; PBS does "
+                "not implement sliding windows, so such layers run dense attention")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return ("attention sinks", "attention sinks",
+                "uses learned attention sinks; PBS does not implement them, so such layers run dense attention")
+    D = query.shape[-1]
+    if D not in HEAD_DIMS or value.shape[-1] != D:
+        return ("head dim", f"head dim {D}",
+                f"has head dim {D}, which the PBS kernels do not support (supported: "
+                f"{', '.join(map(str, HEAD_DIMS))}); attention runs dense")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (query.dtype == key.dtype == value.dtype):
+        return ("dtype", f"dtype {query.dtype}",
+                f"has dtype {query.dtype}, which the PBS kernels do not support; attention runs dense")
+    return None
+
+
 def _dense_reason(state: _State, module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx):
     """Why this call must run dense attention, or None when PBS can run. Features PBS does not
     implement warn once per model."""
@@ -180,32 +210,15 @@ def _dense_reason(state: _State, module, query, key, value, attention_mask, drop
         return "decode"  # decode step or chunked prefill against a KV cache
     if q_len < cfg.min_seq_len or q_len <= cfg.segment_size:
         return "short prompt"  # dense by design: no warning for what PBS would not run anyway
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        state.warn_once("softcap", f"pbs: {where} uses attention logit soft-capping ({softcap}); PBS does not "
-                        "implement it, so such layers run dense attention")
-        return "softcap"
-    window = kwargs.get("sliding_window")
-    if window is not None and window < kv_len:
-        state.warn_once("sliding window", f"pbs: {where} uses a sliding window of {window} tokens, shorter than the "
-                        f"{kv_len}-token prompt; PBS does not implement sliding windows, so such layers run dense attention")
-        return "sliding window"
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        state.warn_once("sinks", f"pbs: {where} uses learned attention sinks; PBS does not implement them, so such "
-                        "layers run dense attention")
-        return "attention sinks"
     if dropout and module.training:
         state.warn_once("dropout", "pbs: attention dropout is on (training mode); PBS is an inference kernel, so "
                         "attention runs dense; call model.eval() for PBS")
         return "dropout"
-    D = query.shape[-1]
-    if D not in ALLOWED_HEAD_DIMS or value.shape[-1] != D:
-        state.warn_once("head dim", f"pbs: head dim {D} is not supported by the PBS kernels (supported: "
-                        f"{', '.join(map(str, ALLOWED_HEAD_DIMS))}); attention runs dense")
-        return "head dim"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (query.dtype == key.dtype == value.dtype):
-        state.warn_once("dtype", f"pbs: dtype {query.dtype} is not supported by the PBS kernels; attention runs dense")
-        return "dtype"
+    found = _unsupported(query, key, value, kwargs)
+    if found is not None:
+        label, _, message = found
+        state.warn_once(label, f"pbs: {where} {message}")
+        return label
     if attention_mask is not None:
         # Only padded batches (or custom masks) get here: with no padding the "pbs" mask function
         # returns None for prefill. The dense path applies the mask exactly.
@@ -275,6 +288,14 @@ class AttentionCall:
     scaling: float
     softcap: float | None = None
     sliding_window: int | None = None
+    sinks: Any = None
+
+    def fallback_reason(self) -> str | None:
+        """Why the "pbs" attention function would run this layer dense whatever the profile
+        (e.g. "softcap 30", "sliding window 4096", "head dim 96"), or None when PBS can run it."""
+        found = _unsupported(self.query, self.key, self.value,
+                             {"softcap": self.softcap, "sliding_window": self.sliding_window, "sinks": self.sinks})
+        return None if found is None else found[1]
 
 
 @dataclass
@@ -299,6 +320,7 @@ def _capture_forward(module, query, key, value, attention_mask, dropout: float =
             out = cap.on_layer(AttentionCall(
                 layer_idx, module, query, key, value, attention_mask, scaling,
                 kwargs.get("softcap"), kwargs.get("sliding_window"),
+                kwargs.get("s_aux", kwargs.get("sinks")),
             ))
     if out is not None:
         return out.transpose(1, 2).contiguous(), None

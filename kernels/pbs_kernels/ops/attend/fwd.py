@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, cdiv
-from ..select.naive import BlockList
+from ...blocks import BlockList
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Plain-torch reference of the permuted block-sparse attention forward (DESIGN.md §1, step 3).
+"""Plain-torch reference of the permuted block-sparse attention forward (docs/design.md, "The method", step 3).
 
 Works one query block at a time and gathers only the kept key blocks, so memory stays
 O(N * kept) rather than N x N.
@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from ..select.naive import BlockList
+from ...blocks import BlockList
 
 
 def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks: Iterable[int], *, scale: float):

@@ -43,7 +43,7 @@ def permute_keys(q, k, v, *, block_size: int, segment_size: int, scale: float, b
     k_p, v_p = gather_keys(k, v, order)  # torch.gather wants int64 indices
     pos = order.to(torch.int32)
     if block_stats:
-        from ..select.naive import key_block_stats
+        from ...blocks import key_block_stats
 
         return k_p, v_p, pos, key_block_stats(k_p, pos, block_size)
     return k_p, v_p, pos

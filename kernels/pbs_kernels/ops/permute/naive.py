@@ -1,4 +1,4 @@
-"""Plain-torch reference of the key permutation (DESIGN.md §1, step 1)."""
+"""Plain-torch reference of the key permutation (docs/design.md, "The method", step 1)."""
 from __future__ import annotations
 
 import torch

@@ -1,12 +1,13 @@
 """Select key blocks per query block: top-p over earlier segments + own segment + sink."""
-from .naive import BlockList, block_geometry, key_block_stats, pool_blocks, select_blocks_naive, topp_keep
+from .naive import select_blocks_naive, topp_keep
 
 
 def select_blocks(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
-                  scale: float, backend: str = "torch", key_stats=None) -> BlockList:
-    """Kept key blocks per query block (see BlockList). Both backends work on pooled [NQB, NKB]
-    block scores, O(N^2 / b^2), never N x N. `key_stats` (from `permute_keys(...,
-    block_stats=True)`) spares the Triton path a pass over K; the torch reference recomputes."""
+                  scale: float, backend: str = "torch", key_stats=None):
+    """Kept key blocks per query block (a `pbs_kernels.blocks.BlockList`). Both backends work on
+    pooled [NQB, NKB] block scores, O(N^2 / b^2), never N x N. `key_stats` (from
+    `permute_keys(..., block_stats=True)`) spares the Triton path a pass over K; the torch
+    reference recomputes."""
     if backend == "triton":
         from .fused import select_blocks_triton
 
@@ -18,4 +19,4 @@ def select_blocks(q, k_perm, pos, *, block_size: int, segment_size: int, thresho
                                threshold=threshold, scale=scale)
 
 
-__all__ = ["BlockList", "block_geometry", "key_block_stats", "pool_blocks", "select_blocks", "select_blocks_naive", "topp_keep"]
+__all__ = ["select_blocks", "select_blocks_naive", "topp_keep"]

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import cdiv, interpreting
-from .naive import BlockList, key_block_stats, pool_blocks
+from ...blocks import BlockList, key_block_stats, pool_blocks
 
 MAX_ROW = 8192  # key blocks held in registers per program (1M tokens at b=128)
 

@@ -114,3 +114,17 @@ def test_bad_tensors():
         pbs_attention(q[0], k, v)
     with pytest.raises(ValueError, match="dtype"):
         pbs_attention(q.double(), k.double(), v.double())
+
+
+def test_full_pipeline_triton_vs_torch():
+    q, k, v = rand_qkv(1, 4, 2, 700, 64, torch.float16)
+    from pbs_kernels import pbs_attention
+
+    o_t, st_t = pbs_attention(q, k, v, block_size=64, segment_size=128, threshold=0.8, backend="triton",
+                              return_stats=True)
+    o_r, st_r = pbs_attention(q, k, v, block_size=64, segment_size=128, threshold=0.8, backend="torch",
+                              return_stats=True)
+    agree = (st_t.blocks.dense_mask() == st_r.blocks.dense_mask()).float().mean()
+    assert agree > 0.98
+    if agree == 1:
+        assert rel_err(o_t, o_r) < 1e-2

@@ -10,7 +10,7 @@ import yaml
 
 from pbs_kernels.profile import LayerConfig, PbsProfile, ProfileError, builtin_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tuned() -> PbsProfile:

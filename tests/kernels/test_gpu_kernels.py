@@ -8,7 +8,8 @@ from pbs_kernels.ops.attend.fwd import attend_triton
 from pbs_kernels.ops.attend.naive import attend_naive
 from pbs_kernels.ops.permute import permute_keys, score_keys_naive
 from pbs_kernels.ops.permute.score import score_keys_triton
-from pbs_kernels.ops.select import BlockList, select_blocks
+from pbs_kernels.blocks import BlockList
+from pbs_kernels.ops.select import select_blocks
 
 from _ref import rel_err
 

@@ -1,0 +1,129 @@
+"""Selection (ops/select): top-p, pooling and the fused Triton kernel against brute force and the
+plain-torch reference."""
+import pytest
+import torch
+
+from pbs_kernels.blocks import block_geometry, pool_blocks
+from pbs_kernels.ops.permute import permute_keys
+from pbs_kernels.ops.select import select_blocks, topp_keep
+
+from _ref import rand_qkv
+
+
+def test_topp_keep_is_smallest_set():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        p = torch.rand(7, generator=g) ** 3
+        p = p / p.sum()
+        tau = float(torch.rand(1, generator=g)) * 0.98 + 0.01
+        keep = topp_keep(p[None], tau)[0]
+        order = torch.argsort(p, descending=True)
+        need = int((torch.cumsum(p[order], 0) < tau).sum()) + 1
+        assert keep.sum() == need
+        assert set(order[:need].tolist()) == set(torch.nonzero(keep).flatten().tolist())
+
+
+def test_pool_blocks_partial_last_block():
+    x = torch.randn(1, 1, 70, 4)
+    pooled = pool_blocks(x, 32)
+    assert torch.allclose(pooled[0, 0, 2], x[0, 0, 64:].mean(0))
+
+
+def _brute_select(q, kp, pos, b, S, tau, scale):
+    """Per-row loop: the selection rules of DESIGN.md §1 step 2, written plainly."""
+    B, HQ, N, D = q.shape
+    G = HQ // kp.shape[1]
+    nb, seg, last_q = block_geometry(N, b, S, q.device)
+    qp, kpool = pool_blocks(q, b), pool_blocks(kp, b)
+    keep = torch.zeros(B, HQ, nb, nb, dtype=torch.bool)
+    for bi in range(B):
+        for h in range(HQ):
+            hk = h // G
+            for i in range(nb):
+                earlier = [j for j in range(nb) if seg[j] < seg[i]]
+                if earlier:
+                    s = torch.stack([qp[bi, h, i] @ kpool[bi, hk, j] * scale for j in earlier])
+                    p = torch.softmax(s, 0)
+                    order = torch.argsort(p, descending=True, stable=True)
+                    mass = 0.0
+                    for o in order.tolist():
+                        if mass >= tau:
+                            break
+                        keep[bi, h, i, earlier[o]] = True
+                        mass += float(p[o])
+                    sink = int((pos[bi, hk] == 0).nonzero()[0]) // b
+                    keep[bi, h, i, sink] = True
+                for j in range(nb):
+                    if seg[j] == seg[i]:
+                        lo = pos[bi, hk, j * b:(j + 1) * b].min()
+                        keep[bi, h, i, j] = bool(lo <= last_q[i])
+    return keep
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.8, 1.0])
+def test_select_matches_brute_force(tau):
+    q, k, v = rand_qkv(1, 4, 2, 333, 64, seed=None)
+    kp, vp, pos = permute_keys(q, k, v, block_size=32, segment_size=64, scale=0.125)
+    blocks = select_blocks(q, kp, pos, block_size=32, segment_size=64, threshold=tau, scale=0.125)
+    want = _brute_select(q, kp, pos, 32, 64, tau, 0.125)
+    got = blocks.dense_mask()
+    # Exact up to ties at the top-p boundary (fp32 rounding of cumulative sums).
+    assert (got != want).float().mean() < 0.01
+    # Lists are well formed: earlier-segment blocks first, then own-segment blocks.
+    nb, seg, _ = block_geometry(333, 32, 64, q.device)
+    for i in range(nb):
+        n_off, n_tot = int(blocks.n_off[0, 0, i]), int(blocks.n_total[0, 0, i])
+        ids = blocks.idx[0, 0, i, :n_tot].long()
+        assert (seg[ids[:n_off]] < seg[i]).all() and (seg[ids[n_off:]] == seg[i]).all()
+
+
+@pytest.mark.parametrize("N,b,S,tau,HQ,H", [
+    pytest.param(333, 32, 64, 0.5, 4, 2, id="T333-b32-S64-tau0.5"),
+    pytest.param(1000, 64, 256, 0.9, 4, 1, id="T1000-b64-S256-tau0.9"),
+    pytest.param(700, 64, 128, 1.0, 2, 2, id="T700-b64-S128-tau1"),
+])
+def test_select_triton_matches_naive(N, b, S, tau, HQ, H):
+    from pbs_kernels.ops.select import select_blocks_naive
+    from pbs_kernels.ops.select.fused import select_blocks_triton
+
+    q, k, v = rand_qkv(2, HQ, H, N, 64)
+    kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)
+    want = select_blocks_naive(q, kp, pos, block_size=b, segment_size=S, threshold=tau, scale=0.125)
+    got = select_blocks_triton(q, kp, pos, block_size=b, segment_size=S, threshold=tau, scale=0.125)
+    # Same tiles (bisection vs sort can differ only at exact ties) and the same list order.
+    assert (got.dense_mask() != want.dense_mask()).float().mean() < 0.005
+    if torch.equal(got.n_total, want.n_total):
+        valid = torch.arange(got.idx.shape[-1]) < got.n_total[..., None]
+        assert torch.equal(torch.where(valid, got.idx, 0), torch.where(valid, want.idx, 0))
+        assert torch.equal(got.n_off, want.n_off)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_threshold_one_keeps_blocks_whose_probability_underflows(backend):
+    q, k, v = rand_qkv(1, 2, 2, 512, 64)
+    k[:, :, :64] *= 200.0  # pooled scores far apart: other blocks' softmax mass is exactly 0
+    pos = torch.arange(512, dtype=torch.int32).expand(1, 2, 512).contiguous()
+    blocks = select_blocks(q, k, pos, block_size=64, segment_size=128, threshold=1.0, scale=0.125,
+                           backend=backend)
+    assert blocks.density_per_head().tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("step", [1e-6, 1e-5])
+def test_select_bisection_separates_near_ties(step):
+    # Every key block's pooled logit differs from the others by a multiple of `step`, so the
+    # probabilities at the top-p cut are a few float steps apart: the bisection on their bit
+    # patterns must split them exactly where the sorted reference does (a bisection that stops
+    # 11 steps short keeps hundreds of extra tiles here).
+    from pbs_kernels.ops.select.naive import select_blocks_naive
+
+    N, b = 1024, 32
+    q = torch.zeros(1, 2, N, 32)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, N, 32)
+    for j in range(N // b):
+        k[0, 0, j * b:(j + 1) * b, 0] = 1.0 + step * ((j * 7) % (N // b))
+    pos = torch.arange(N, dtype=torch.int32).expand(1, 1, N).contiguous()
+    for tau in (0.3, 0.7):
+        got = select_blocks(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0, backend="triton")
+        want = select_blocks_naive(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0)
+        assert torch.equal(got.dense_mask(), want.dense_mask())
