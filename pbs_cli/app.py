@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import analyze, bench, profile_cmd, tune
-from ._errors import PbsError
+from .commands import analyze, bench, profile, tune
+from .workflows.errors import PbsError
 
 app = typer.Typer(
     name="pbs",
@@ -27,8 +27,8 @@ app.command("tune")(tune.command)
 app.command("bench")(bench.command)
 
 profile_app = typer.Typer(help="Inspect and check PBS profile YAML files.", no_args_is_help=True)
-profile_app.command("show")(profile_cmd.show)
-profile_app.command("validate")(profile_cmd.validate)
+profile_app.command("show")(profile.show)
+profile_app.command("validate")(profile.validate)
 app.add_typer(profile_app, name="profile")
 
 
@@ -59,8 +59,8 @@ def _user_message(e: BaseException) -> str | None:
         return str(e)
     # ProfileError is checked only if its module was loaded: importing pbs_kernels here would pull
     # torch into `pbs --help`. If the error was raised, the module is loaded.
-    profile = sys.modules.get("pbs_kernels.profile")
-    if profile is not None and isinstance(e, profile.ProfileError):
+    profiles = sys.modules.get("pbs_kernels.profile")
+    if profiles is not None and isinstance(e, profiles.ProfileError):
         return str(e)
     return None
 

@@ -50,8 +50,8 @@ from typing import Any, Callable, Optional
 from pbs_kernels.metrics import output_error as rel_error
 from pbs_kernels.metrics import recall_from_lse as recall_of
 
-from ._errors import DeviceError, ModelError, UsageError
-from ._output import ProgressFn, no_progress
+from ..errors import DeviceError, ModelError, UsageError
+from ..progress import ProgressFn, no_progress
 
 BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
@@ -446,7 +446,7 @@ class _Bench:
     def time(self, fn: Callable[[], Any], n: int) -> Optional[float]:
         if not self.timed:
             return None
-        from ._timing import bench_budget, time_ms
+        from ..timing import bench_budget, time_ms
 
         warmup, rep = bench_budget(n)
         return time_ms(fn, warmup=warmup, rep=rep)
@@ -501,7 +501,7 @@ class _Bench:
         dense_rows, dense_out = [], {}
         wanted_dense = [d for d in DENSE_BACKENDS if d in want]
         if wanted_dense:
-            from ._timing import expand_kv, sdpa_runner
+            from ..timing import expand_kv, sdpa_runner
 
             kx, vx = expand_kv(q, k, v) if self.timed else (k, v)
             for name in wanted_dense:
@@ -808,7 +808,7 @@ def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2ERes
     """TTFT of the model as loaded (dense attention), then with the profile applied."""
     from pbs_kernels.profile import PbsProfile
 
-    from ._model import build_prompt, check_seq_len, load_model
+    from ..model import build_prompt, check_seq_len, load_model
 
     try:
         from pbs_kernels.integrations.hf import apply_profile
@@ -852,7 +852,7 @@ def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2ERes
 
 def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchReport:
     """Run the attention bench (and the e2e bench with `s.e2e`); returns plain results."""
-    from pbs_cli._model import resolve_dtype
+    from ..model import resolve_dtype
 
     if s.workload not in WORKLOADS:
         raise UsageError(f"--workload {s.workload!r} is unknown; use synthetic or captured")
@@ -881,7 +881,7 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
 
     workloads: dict[int, Workload] = {}
     if s.workload == "captured":
-        from ._model import build_prompt, check_seq_len, load_model
+        from ..model import build_prompt, check_seq_len, load_model
 
         loaded = load_model(s.model, device=device.type, dtype=s.dtype)
         layer = 0 if s.layer is None else s.layer

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import pbs_kernels.analysis as analysis
-from pbs_cli._errors import DeviceError, ModelError, PbsError, UsageError
+from pbs_cli.workflows.errors import DeviceError, ModelError, PbsError, UsageError
 from pbs_cli.app import app, main
 from pbs_kernels.analysis import analyze_layer, cover_count
 from pbs_kernels.ops.permute import permute_keys
@@ -237,7 +237,7 @@ def test_error_no_gpu(tiny, tmp_path):
 
 
 def test_error_cuda_out_of_memory(tiny, tmp_path, monkeypatch):
-    import pbs_cli.analyze_workflow as workflow
+    import pbs_cli.workflows.analyze as workflow
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

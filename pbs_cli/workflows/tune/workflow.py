@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ModelError, PbsError, UsageError
-from ._output import ProgressFn, no_progress
+from ..errors import ModelError, PbsError, UsageError
+from ..progress import ProgressFn, no_progress
 
 __all__ = ["TargetUnreachableError", "TuneResult", "TuneSettings", "run_tune"]
 
@@ -107,7 +107,7 @@ class TuneResult:
     profile: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        from ._output import to_jsonable
+        from ..jsonable import to_jsonable
 
         d = {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "profile"}
         d["profile"] = self.profile.to_dict() if self.profile is not None else None
@@ -148,7 +148,7 @@ def capture_layers(model, input_ids, *, name: str = "") -> dict[int, Any]:
 
     from pbs_kernels.integrations.hf import PbsIntegrationError, capture_attention
 
-    from .tune_layer import LayerCapture
+    from .layer import LayerCapture
 
     N = int(input_ids.shape[1])
     caps: dict[int, LayerCapture] = {}
@@ -318,9 +318,9 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
     from pbs_kernels.analysis import analyze_layer
     from pbs_kernels.profile import LayerConfig
 
-    from . import tune_study as ts
-    from .tune_alloc import Choice, allocate, fastest_speedup, pareto_front
-    from .tune_layer import LayerEvaluator
+    from . import study as ts
+    from .alloc import Choice, allocate, fastest_speedup, pareto_front
+    from .layer import LayerEvaluator
 
     t0 = time.perf_counter()
     if calib_ids.dim() != 2 or calib_ids.shape[0] != 1 or heldout_ids.shape != calib_ids.shape:
@@ -487,8 +487,8 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
     from pbs_kernels.attention import pbs_attention
     from pbs_kernels.integrations.hf import capture_attention, pbs_profile
 
-    from .tune_cost import dense_time_ms, kernel_time_ms
-    from .tune_layer import LayerCapture, LayerEvaluator
+    from .cost import dense_time_ms, kernel_time_ms
+    from .layer import LayerCapture, LayerEvaluator
 
     N = int(input_ids.shape[1])
     by_layer = {lr.layer: lr for lr in layers}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ._errors import PbsError, UsageError
+from ..errors import PbsError, UsageError
 
 if TYPE_CHECKING:
     import optuna

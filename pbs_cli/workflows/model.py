@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._errors import DeviceError, ModelError, UsageError
+from .errors import DeviceError, ModelError, UsageError
 
 __all__ = [
     "DEMO_NAME",

@@ -19,11 +19,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pbs_cli._errors import UsageError
+from pbs_cli.workflows.errors import UsageError
 from pbs_cli.app import app, main
-from pbs_cli.tune_alloc import Choice, allocate, fastest_speedup, pareto_front
-from pbs_cli.tune_cost import predicted_cost
-from pbs_cli.tune_study import SearchSpace, StudyMismatchError, open_storage, open_study, parse_storage, seed_configs
+from pbs_cli.workflows.tune.alloc import Choice, allocate, fastest_speedup, pareto_front
+from pbs_cli.workflows.tune.cost import predicted_cost
+from pbs_cli.workflows.tune.study import SearchSpace, StudyMismatchError, open_storage, open_study, parse_storage, seed_configs
 from pbs_kernels.profile import LayerConfig, PbsProfile
 
 N = 1024
@@ -165,7 +165,7 @@ def test_search_space():
 
 @pytest.mark.parametrize("n", [300, 1100], ids=["N300", "N1100"])
 def test_layer_evaluator(n):
-    from pbs_cli.tune_layer import LayerCapture, LayerEvaluator
+    from pbs_cli.workflows.tune.layer import LayerCapture, LayerEvaluator
     from pbs_kernels.attention import dense_causal_attention
 
     torch.manual_seed(0)
@@ -344,7 +344,7 @@ def test_shipped_demo_profile():
     from pbs_kernels.demo import demo_model_path
     from pbs_kernels.profile import builtin_profile
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     shipped = PbsProfile.load(root / "profiles" / "demo.yaml")
     assert builtin_profile("demo") == shipped
     assert (root / "profiles" / "demo.yaml").read_text() == \

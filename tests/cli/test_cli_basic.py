@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pbs_cli._errors import ModelError, PbsError
-from pbs_cli._output import Output, to_jsonable, write_atomic
+from pbs_cli.workflows.errors import ModelError, PbsError
+from pbs_cli.commands._output import Output, to_jsonable, write_atomic
 from pbs_cli.app import app, main
 from pbs_kernels.profile import LayerConfig, PbsProfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "profiles" / "default.yaml"
 runner = CliRunner()
 

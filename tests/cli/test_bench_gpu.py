@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pbs_cli import bench_workflow as bw
+from pbs_cli.workflows.bench import workflow as bw
 from pbs_cli.app import app
 
 pytestmark = pytest.mark.gpu
@@ -83,7 +83,7 @@ def test_gate_max_error():
 def test_timing_helpers():
     from triton.testing import do_bench
 
-    from pbs_cli._timing import fastest_dense_ms, sdpa_runner, time_ms
+    from pbs_cli.workflows.timing import fastest_dense_ms, sdpa_runner, time_ms
 
     params = inspect.signature(do_bench).parameters
     assert "warmup" in params and "rep" in params

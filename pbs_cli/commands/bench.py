@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ._errors import PbsError, ProfileFileError
+from ..workflows.errors import PbsError, ProfileFileError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
 from ._output import Output, to_jsonable, write_atomic
 
 if TYPE_CHECKING:
-    from .bench_workflow import BenchReport
+    from ..workflows.bench import BenchReport
 
 DEFAULT_OUT = Path("pbs-out") / "bench"
 _BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")  # = bench_workflow.BASELINES
@@ -82,7 +82,7 @@ def command(
 
     Example: pbs bench --seq-len 8k,32k,128k --profile profiles/default.yaml
     """
-    from .bench_workflow import BenchSettings, run_bench
+    from ..workflows.bench import BenchSettings, run_bench
 
     o = Output(format)
     settings = BenchSettings(
@@ -137,7 +137,7 @@ def report_document(report: BenchReport) -> dict:
 
 
 def csv_text(report: BenchReport) -> str:
-    from .bench_workflow import CSV_COLUMNS, csv_rows
+    from ..workflows.bench import CSV_COLUMNS, csv_rows
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")

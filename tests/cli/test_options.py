@@ -7,7 +7,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pbs_cli._options import (
+from pbs_cli.commands._options import (
     DeviceOpt,
     DtypeOpt,
     FormatOpt,

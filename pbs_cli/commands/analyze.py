@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._errors import DeviceError
+from ..workflows.errors import DeviceError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SeqLenOpt, parse_fraction
 
 DEFAULT_OUT = Path("pbs-out/analyze")
@@ -46,9 +46,9 @@ def command(
     # Heavy imports here, not at module level: `pbs --help` must stay instant.
     import torch
 
-    from ._model import build_prompt, check_seq_len, load_model
+    from ..workflows.model import build_prompt, check_seq_len, load_model
     from ._output import Output, to_jsonable, write_atomic
-    from .analyze_workflow import parse_layers, run_analysis, write_pictures
+    from ..workflows.analyze import parse_layers, run_analysis, write_pictures
 
     output = Output(format)
     parse_layers(layers, 1 << 30)  # syntax errors before the (slow) model load

@@ -20,7 +20,7 @@ from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks
 from pbs_kernels.profile import LayerConfig
 
-from .tune_cost import dense_time_ms, kernel_time_ms, predicted_cost
+from .cost import dense_time_ms, kernel_time_ms, predicted_cost
 
 __all__ = ["LayerCapture", "LayerEvaluator", "LayerMeasure"]
 

@@ -20,8 +20,8 @@ DEFAULT_LEN_CPU = 8192  # the demo model's training length; longer prompts are s
 
 def _storage_spec(value: str) -> str:
     """Check the form of --storage early (bad value: exit 2); opening it is the workflow's job."""
-    from ._errors import UsageError
-    from .tune_study import parse_storage
+    from ..workflows.errors import UsageError
+    from ..workflows.tune.study import parse_storage
 
     try:
         parse_storage(value)
@@ -78,8 +78,8 @@ def command(
 
     Example: pbs tune meta-llama/Llama-3.1-8B --target-speedup 2x --seq-len 32k --out profiles/llama8b.yaml
     """
-    from ._model import check_seq_len, load_model
-    from .tune_workflow import TuneSettings, run_tune
+    from ..workflows.model import check_seq_len, load_model
+    from ..workflows.tune import TuneSettings, run_tune
 
     if out is not None and out.suffix not in (".yaml", ".yml"):
         raise typer.BadParameter(f"{out} is not a .yaml path", param_hint="--out")
@@ -106,7 +106,7 @@ def split_prompt(loaded, n: int, input_file) -> tuple[Any, Any, list[str]]:
     """Calibration ids (the first n tokens) and held-out ids (the next n - 1 behind the same BOS)."""
     import torch
 
-    from ._model import build_prompt
+    from ..workflows.model import build_prompt
 
     prompt = build_prompt(loaded, 2 * n, input_file)
     ids = prompt.input_ids
@@ -126,7 +126,7 @@ def split_prompt(loaded, n: int, input_file) -> tuple[Any, Any, list[str]]:
 
 
 def _slug(name: str) -> str:
-    from .tune_workflow import _slug as slug
+    from ..workflows.tune import _slug as slug
 
     return slug(name)
 

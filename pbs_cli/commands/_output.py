@@ -7,29 +7,18 @@ they take a plain progress callback (`ProgressFn`) and return data.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
 import sys
 from contextlib import contextmanager
-from datetime import date
-from enum import Enum
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from pbs_kernels._io import write_atomic  # noqa: F401  (re-exported for commands)
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-# progress(desc, completed, total): `completed` is absolute (not an increment), so a workflow can
-# report the same step twice harmlessly; total None means unknown. One bar per distinct desc.
-ProgressFn = Callable[[str, int, Optional[int]], None]
-
-
-def no_progress(desc: str, completed: int, total: Optional[int] = None) -> None:
-    """The progress callback for callers that want none (tests, Python callers)."""
+from ..workflows.jsonable import to_jsonable  # noqa: F401  (re-exported for commands)
+from ..workflows.progress import ProgressFn, no_progress  # noqa: F401
 
 
 class Output:
@@ -121,31 +110,6 @@ class Output:
         self._json_emitted = True
         sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON data from results: dataclasses, mappings, sequences, Paths, enums, scalars."""
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Enum):
-        return to_jsonable(obj.value)
-    if isinstance(obj, (Path, os.PathLike)):
-        return os.fspath(obj)
-    if isinstance(obj, date):
-        return obj.isoformat()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if callable(getattr(obj, "to_dict", None)):
-        return to_jsonable(obj.to_dict())
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if callable(getattr(obj, "tolist", None)):  # numpy arrays/scalars, torch tensors
-        return to_jsonable(obj.tolist())
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
 def _is_number(v: Any) -> bool:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ModelError, UsageError
-from ._output import ProgressFn, no_progress, write_atomic
+from pbs_kernels._io import write_atomic
+
+from .errors import ModelError, UsageError
+from .progress import ProgressFn, no_progress
 
 __all__ = [
     "AnalysisReport",
@@ -120,7 +122,7 @@ class AnalysisReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: everything but the heatmap arrays (those go to the PNGs)."""
-        from ._output import to_jsonable
+        from .jsonable import to_jsonable
 
         out = {}
         for name in self.__dataclass_fields__:

@@ -59,7 +59,7 @@ QUICK = {"warmup": 5.0, "rep": 40.0, "min_reps": 5}
 
 def kernel_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
     """Median time of `fn()` in ms on the current CUDA device (pbs_cli._timing.time_ms)."""
-    from ._timing import time_ms
+    from ..timing import time_ms
 
     return float(time_ms(fn, **QUICK) if quick else time_ms(fn))
 
@@ -67,7 +67,7 @@ def kernel_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
 def dense_time_ms(q, k, v, *, scale: float | None = None, quick: bool = False) -> tuple[float, str]:
     """(time in ms, backend name) of the fastest dense causal SDPA backend for these inputs
     (cuDNN or flash, DESIGN.md §4)."""
-    from ._timing import fastest_dense_ms
+    from ..timing import fastest_dense_ms
 
     budget = {"warmup": QUICK["warmup"], "rep": QUICK["rep"]} if quick else {}
     name, ms = fastest_dense_ms(q, k, v, scale=scale, **budget)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pbs_cli import bench_workflow as bw
-from pbs_cli._errors import DeviceError, PbsError
-from pbs_cli._options import parse_lengths
+from pbs_cli.workflows.bench import workflow as bw
+from pbs_cli.workflows.errors import DeviceError, PbsError
+from pbs_cli.commands._options import parse_lengths
 from pbs_cli.app import app, main
 from pbs_kernels.ops.attend import attend
 from pbs_kernels.ops.permute import permute_keys_naive
@@ -240,7 +240,7 @@ def test_flops_are_exact():
 
 
 def test_timing_helpers_without_a_gpu():
-    from pbs_cli._timing import expand_kv, fastest_dense_ms, sdpa_runner
+    from pbs_cli.workflows.timing import expand_kv, fastest_dense_ms, sdpa_runner
 
     q, k, v = make_workload(256, 4, 2, 64, dtype=torch.float32, seed=7)
     kx, vx = expand_kv(q, k, v)
@@ -466,7 +466,7 @@ def test_e2e_on_the_demo_model(small_profile, demo_model):
 
 def test_plot_of_timed_results(tmp_path):
     pytest.importorskip("matplotlib")
-    from pbs_cli.bench import plot_png, write_outputs
+    from pbs_cli.commands.bench import plot_png, write_outputs
 
     env = bw.EnvInfo("NVIDIA test card", "12.8", None, "2.11", "3.6", None, "bfloat16", "median of do_bench")
     cfg = bw.PbsConfig(128, 256, 0.9, True, "defaults")
@@ -490,7 +490,7 @@ def test_timed_path_simulated_on_cpu(monkeypatch):
     with wall-clock timing and SDPA's math backend standing in for cuDNN/flash/efficient."""
     import time
 
-    import pbs_cli._timing as timing
+    import pbs_cli.workflows.timing as timing
 
     def wall_ms(fn, **kw):
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._errors import ProfileFileError
+from ..workflows.errors import ProfileFileError
 from ._options import FormatOpt
 from ._output import Output
 
