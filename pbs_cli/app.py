@@ -5,30 +5,54 @@ Command modules import torch and friends inside their bodies, so `pbs --help` st
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
 from .commands import analyze, bench, profile, tune
+from .commands._messages import message, phrase
 from .workflows.errors import PbsError
+
+
+def _face(name: str, fn: Callable) -> Callable:
+    """`fn` as the command `name`: a domain error leaving it is worded for the command line
+    (commands._messages), so every caller of the app (main, CliRunner) sees the flags."""
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PbsError as e:
+            phrase(e, name)
+            raise
+
+    return command
+
 
 app = typer.Typer(
     name="pbs",
     help="Permuted Block-Sparse attention for long-prompt prefill: analyze, tune, bench, apply.",
     no_args_is_help=True,
     add_completion=False,
+    # Click's plain help formatter: it re-wraps docstring paragraphs and option help to the
+    # terminal (COLUMNS) and never cuts a default short; Typer 0.29's rich panels kept the
+    # docstrings' line breaks (ragged at 80 columns), cut defaults with '…' and showed flags
+    # as `<bool>`.
+    rich_markup_mode=None,
     # Plain tracebacks under PBS_DEBUG=1: easy to paste into an issue, never dumps tensor locals.
     pretty_exceptions_enable=False,
 )
-app.command("analyze")(analyze.command)
-app.command("tune")(tune.command)
-app.command("bench")(bench.command)
+app.command("analyze", short_help="How sparse a model's attention is, with and without permutation.")(_face("analyze", analyze.command))
+app.command("tune", short_help="Tune per-layer PBS settings to a target speedup; write a profile.")(_face("tune", tune.command))
+app.command("bench", short_help="Time and check PBS attention against dense attention.")(_face("bench", bench.command))
 
-profile_app = typer.Typer(help="Inspect and check PBS profile YAML files.", no_args_is_help=True)
-profile_app.command("show")(profile.show)
-profile_app.command("validate")(profile.validate)
+profile_app = typer.Typer(help="Inspect and check PBS profile YAML files.", no_args_is_help=True,
+                          rich_markup_mode=None)
+profile_app.command("show")(_face("profile show", profile.show))
+profile_app.command("validate", short_help="Check a profile; print ok or the problem in one line.")(_face("profile validate", profile.validate))
 app.add_typer(profile_app, name="profile")
 
 
@@ -56,7 +80,7 @@ def _root(
 def _user_message(e: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug (which keeps its traceback)."""
     if isinstance(e, PbsError):
-        return str(e)
+        return message(e)
     # ProfileError is checked only if its module was loaded: importing pbs_kernels here would pull
     # torch into `pbs --help`. If the error was raised, the module is loaded.
     profiles = sys.modules.get("pbs_kernels.profile")

@@ -12,20 +12,20 @@ from ..workflows.errors import DeviceError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SeqLenOpt, parse_fraction
 
 DEFAULT_OUT = Path("pbs-out/analyze")
-_BLOCK_SIZES = (16, 32, 64, 128)
+_BLOCK_SIZES = (16, 32, 64, 128)  # TODO(issue 10): pbs_kernels.limits.BLOCK_SIZES once it lands
 
 
 def command(
     model: ModelArg = None,
     seq_len: SeqLenOpt = 8192,
-    input: Annotated[Optional[Path], typer.Option("--input", metavar="FILE", help="Text file used as the prompt (default: a built-in synthetic text with long-range lookups).", show_default=False)] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", metavar="FILE", help="Text file used as the prompt.", show_default="a built-in synthetic text with long-range lookups")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Tile edge: 16, 32, 64 or 128.")] = 128,
     segment_size: Annotated[int, typer.Option("--segment-size", help="Permutation window, a multiple of the block size.")] = 256,
     coverage: Annotated[float, typer.Option("--coverage", parser=parse_fraction, help="Attention mass the oracle must cover, in (0, 1].")] = 0.9,
     threshold: Annotated[float, typer.Option("--threshold", parser=parse_fraction, help="PBS selection threshold to evaluate, in (0, 1].")] = 0.9,
-    layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", help="Layers to analyse, e.g. 0,2,5-7 (default: all).", show_default=False)] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", help="Layers to analyse, e.g. 0,2,5-7.", show_default="all")] = None,
     no_extend: Annotated[bool, typer.Option("--no-extend", help="Fail if the input is shorter than --seq-len instead of repeating it.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for report.json and the PNGs [default: pbs-out/analyze].", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for report.json and the PNGs.", show_default=str(DEFAULT_OUT))] = None,
     format: FormatOpt = "table",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

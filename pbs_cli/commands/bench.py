@@ -18,6 +18,7 @@ import typer
 
 from ..workflows.errors import PbsError, ProfileFileError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
+from ..workflows.lengths import format_length
 from ._output import Output, to_jsonable, write_atomic
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 DEFAULT_OUT = Path("pbs-out") / "bench"
 _BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")  # = bench_workflow.BASELINES
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (64, 128)  # TODO(issue 10): pbs_kernels.limits.HEAD_DIMS once it lands
 
 
 class WorkloadKind(str, Enum):
@@ -61,13 +62,13 @@ def command(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size.")] = 1,
     dtype: DtypeOpt = "auto",
     workload: Annotated[WorkloadKind, typer.Option("--workload", case_sensitive=False, help="synthetic: seeded Q/K/V with sink, local, needle and slash heads; captured: one layer of --model.")] = "synthetic",
-    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model id or folder for --workload captured and --e2e (default: the embedded demo model).", show_default=False)] = None,
-    layer: Annotated[Optional[int], typer.Option("--layer", min=0, help="Layer to capture, and the profile layer whose settings are benched (default 0).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model id or folder for --workload captured and --e2e.", show_default="the embedded demo model")] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", min=0, help="Layer to capture, and the profile layer whose settings are benched.", show_default="0")] = None,
     e2e: Annotated[bool, typer.Option("--e2e", help="Also time the model's first token with and without the profile.")] = False,
     baselines: Annotated[str, typer.Option("--baselines", parser=parse_baselines, metavar="NAMES", help="Comma-separated: cudnn,flash,efficient,flex,noperm (or none).")] = ",".join(_BASELINES),
-    max_error: Annotated[Optional[float], typer.Option("--max-error", min=0.0, help="Output error vs dense above which PBS rows are FAILED (default 0.05; 0.02 at threshold 1.0).", show_default=False)] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", min=0.0, help="Output error vs dense above which PBS rows are FAILED.", show_default="0.05; 0.02 at threshold 1.0")] = None,
     format: FormatOpt = "table",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for results.json, results.csv, results.md and time_vs_seq_len.png (default pbs-out/bench).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for results.json, results.csv, results.md and time_vs_seq_len.png.", show_default=str(DEFAULT_OUT))] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload.")] = 0,
 ) -> None:
@@ -185,7 +186,7 @@ def plot_png(report: BenchReport) -> Optional[bytes]:
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("time (ms, median)")
     lens = sorted({r.seq_len for r in report.results})
-    ax.set_xticks(lens, [_short(n) for n in lens])
+    ax.set_xticks(lens, [format_length(n) for n in lens])
     ax.set_title(f"causal attention forward, {report.env.device}, {report.env.dtype}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -194,10 +195,6 @@ def plot_png(report: BenchReport) -> Optional[bytes]:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def _short(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -245,7 +242,7 @@ def _config_line(report: BenchReport) -> str:
 
 def _title(r) -> str:
     fastest = f"{r.fastest_dense} {r.fastest_dense_ms:.3f} ms" if r.fastest_dense_ms is not None else "-"
-    return (f"{_short(r.seq_len)} tokens (B={r.batch} HQ={r.heads} H={r.kv_heads} D={r.head_dim}), "
+    return (f"{format_length(r.seq_len)} tokens (B={r.batch} HQ={r.heads} H={r.kv_heads} D={r.head_dim}), "
             f"reference {r.reference}, fastest dense {fastest}")
 
 
@@ -265,11 +262,16 @@ def print_report(o: Output, report: BenchReport) -> None:
     o.info(_config_line(report))
     for r in report.results:
         table = Table(title=Text(_title(r), style="bold"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for i, (header, _, spec) in enumerate(_COLUMNS):
+        # Columns nothing filled (ms, TFLOP/s, speedup on the CPU pass) are left out: with them the
+        # CPU table took 98 columns. results.md keeps every column.
+        shown = [i for i, (_, name, _) in enumerate(_COLUMNS) if any(getattr(m, name) is not None for m in r.methods)]
+        for i in shown:
+            header, _, spec = _COLUMNS[i]
             table.add_column(header, justify="left" if spec is None else "right", no_wrap=True)
         for m in r.methods:
             style = "bold red" if m.status == "FAILED" else ("dim" if m.status in ("unavailable", "skipped") else "")
-            table.add_row(*(Text(c) for c in _cells(m)), style=style)
+            cells = _cells(m)
+            table.add_row(*(Text(cells[i]) for i in shown), style=style)
         console.print(table)
         for m in r.methods:
             if m.note and m.status in ("FAILED", "unavailable", "skipped"):
@@ -279,7 +281,7 @@ def print_report(o: Output, report: BenchReport) -> None:
         for header in ("seq len", "dense ms", "pbs ms", "speedup"):
             table.add_column(header, justify="right", no_wrap=True)
         for e in report.e2e:
-            table.add_row(_short(e.seq_len), _fmt(e.ttft_dense_ms, ".1f"), _fmt(e.ttft_pbs_ms, ".1f"), _fmt(e.speedup, ".2f"))
+            table.add_row(format_length(e.seq_len), _fmt(e.ttft_dense_ms, ".1f"), _fmt(e.ttft_pbs_ms, ".1f"), _fmt(e.speedup, ".2f"))
         console.print(table)
     for note in report.notes:
         o.info(f"note: {note}")
@@ -296,7 +298,7 @@ def markdown(report: BenchReport) -> str:
         lines += [""] + notes + ([""] if notes else [])
     if report.e2e:
         lines += ["**time to first token**", "", "| seq len | dense ms | pbs ms | speedup |", "|---:|---:|---:|---:|"]
-        lines += [f"| {_short(e.seq_len)} | {_fmt(e.ttft_dense_ms, '.1f')} | {_fmt(e.ttft_pbs_ms, '.1f')} | "
+        lines += [f"| {format_length(e.seq_len)} | {_fmt(e.ttft_dense_ms, '.1f')} | {_fmt(e.ttft_pbs_ms, '.1f')} | "
                   f"{_fmt(e.speedup, '.2f')} |" for e in report.e2e]
         lines.append("")
     lines += [f"- note: {n}" for n in report.notes]

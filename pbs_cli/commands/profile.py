@@ -42,7 +42,8 @@ def show(file: FileArg, format: FormatOpt = "table") -> None:
     defaults = profile.to_dict()["defaults"]
     out.table("defaults", ["setting", "value"], defaults.items())
     if profile.layers:
-        fields = list(defaults)
+        # Only the fields some layer overrides: all seven would not fit 80 columns and cut headers.
+        fields = [f for f in defaults if any(f in o for o in profile.layers.values())]
         rows = [[i, *(profile.layers[i].get(f) for f in fields)] for i in sorted(profile.layers)]
         out.table("layer overrides (- = default)", ["layer", *fields], rows)
     else:

@@ -20,13 +20,13 @@ DEFAULT_LEN_CPU = 8192  # the demo model's training length; longer prompts are s
 
 def _storage_spec(value: str) -> str:
     """Check the form of --storage early (bad value: exit 2); opening it is the workflow's job."""
-    from ..workflows.errors import UsageError
+    from ..workflows.errors import StorageInvalid
     from ..workflows.tune.study import parse_storage
 
     try:
         parse_storage(value)
-    except UsageError as e:
-        raise typer.BadParameter(str(e).removeprefix("--storage ")) from None
+    except StorageInvalid as e:
+        raise typer.BadParameter(str(e)) from None
     return value
 
 
@@ -36,31 +36,31 @@ def command(
     seq_len: Annotated[
         Optional[int],
         typer.Option("--seq-len", parser=parse_length, metavar="LEN",
-                     help="Prompt length to tune for: 8192, 8k, 32K. Default 32k on a GPU, 8k on the CPU."),
+                     help="Prompt length to tune for: 8192, 8k, 32K.", show_default="32k on a GPU, 8k on the CPU"),
     ] = None,
     input: Annotated[
         Optional[Path],
         typer.Option("--input", metavar="FILE",
-                     help="Text to tune on: its first LEN tokens calibrate, the next LEN validate. "
-                          "Default: a built-in synthetic long text.", show_default=False),
+                     help="Text to tune on: its first LEN tokens calibrate, the next LEN validate.",
+                     show_default="a built-in synthetic long text"),
     ] = None,
     trials: Annotated[int, typer.Option("--trials", min=1, help="Completed Optuna trials per layer (seeds included).")] = 30,
     storage: Annotated[
         Optional[str],
         typer.Option("--storage", metavar="URL", parser=_storage_spec,
                      help="Optuna storage shared by workers: postgresql://..., mysql://..., sqlite:///FILE.db, "
-                          "journal:FILE or FILE.log. Default: OUT with suffix .optuna.db.", show_default=False),
+                          "journal:FILE or FILE.log.", show_default="OUT with suffix .optuna.db"),
     ] = None,
     study: Annotated[
         Optional[str],
         typer.Option("--study", metavar="NAME",
-                     help="Base study name (layer i uses NAME-layer<i>). Default: from model, length and "
-                          "calibration text, so rerunning the same command resumes.", show_default=False),
+                     help="Base study name (layer i uses NAME-layer<i>); rerunning the same command "
+                          "resumes its studies.", show_default="from model, length and calibration text"),
     ] = None,
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", metavar="PATH",
-                     help="Profile YAML to write. Default: pbs-out/<model>-<len>.yaml.", show_default=False),
+                     help="Profile YAML to write (must end in .yaml).", show_default="pbs-out/<model>-<len>.yaml"),
     ] = None,
     format: FormatOpt = "table",
     device: DeviceOpt = "auto",
@@ -78,8 +78,10 @@ def command(
 
     Example: pbs tune meta-llama/Llama-3.1-8B --target-speedup 2x --seq-len 32k --out profiles/llama8b.yaml
     """
+    from ..workflows.lengths import format_length
     from ..workflows.model import check_seq_len, load_model
     from ..workflows.tune import TuneSettings, run_tune
+    from ..workflows.tune.workflow import slug
 
     if out is not None and out.suffix not in (".yaml", ".yml"):
         raise typer.BadParameter(f"{out} is not a .yaml path", param_hint="--out")
@@ -90,7 +92,7 @@ def command(
     calib, heldout, notes = split_prompt(loaded, n, input)
     for note in notes:
         o.warn(note)
-    out_path = out if out is not None else Path("pbs-out") / f"{_slug(loaded.name)}-{_short_len(n)}.yaml"
+    out_path = out if out is not None else Path("pbs-out") / f"{slug(loaded.name)}-{format_length(n)}.yaml"
     settings = TuneSettings(target_speedup=target_speedup, out=out_path, trials=trials, storage=storage,
                             study=study, seed=seed, model_name=loaded.name)
     o.info(f"tuning {loaded.name} for {target_speedup:g}x at {n} tokens on {loaded.device.type} "
@@ -123,16 +125,6 @@ def split_prompt(loaded, n: int, input_file) -> tuple[Any, Any, list[str]]:
     else:
         heldout = ids[:, n:2 * n]
     return calib, heldout, notes
-
-
-def _slug(name: str) -> str:
-    from ..workflows.tune import _slug as slug
-
-    return slug(name)
-
-
-def _short_len(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def _setting(cfg: dict) -> str:

@@ -11,7 +11,6 @@ the last selected layer. It returns plain dataclasses; it prints nothing.
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 import time
@@ -21,7 +20,8 @@ from typing import Any
 
 from pbs_kernels._io import write_atomic
 
-from .errors import ModelError, UsageError
+from .capture import CapturedLayer, capture_prefill
+from .errors import LayerMissing, LayerSpecInvalid
 from .progress import ProgressFn, no_progress
 
 __all__ = [
@@ -136,7 +136,8 @@ class AnalysisReport:
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> None (all). UsageError for indices past the model."""
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> None (all). LayerSpecInvalid for a list that does not
+    parse, LayerMissing for indices past the model."""
     if spec is None or not str(spec).strip():
         return None
     chosen: set[int] = set()
@@ -149,15 +150,15 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
             a = int(lo)
             b = int(hi) if sep else a
         except ValueError:
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index or range; use e.g. 0,2,5-7") from None
+            raise LayerSpecInvalid(f"{spec!r}: {part!r} is not a layer index or range; use e.g. 0,2,5-7") from None
         if a < 0 or b < a:
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a valid range; use e.g. 0,2,5-7")
+            raise LayerSpecInvalid(f"{spec!r}: {part!r} is not a valid range; use e.g. 0,2,5-7")
         chosen.update(range(a, b + 1))
     if not chosen:
-        raise UsageError(f"--layers {spec!r} names no layer; use e.g. 0,2,5-7")
+        raise LayerSpecInvalid(f"{spec!r} names no layer; use e.g. 0,2,5-7")
     bad = [i for i in sorted(chosen) if i >= num_layers]
     if bad:
-        raise UsageError(f"--layers: layer {bad[0]} does not exist; the model has {num_layers} layers (0-{num_layers - 1})")
+        raise LayerMissing(bad[0], num_layers)
     return sorted(chosen)
 
 
@@ -195,14 +196,13 @@ def run_analysis(
     """Analyse `model`'s attention on one prompt (`input_ids` [1, N]).
 
     layers: layer indices to analyse (None: all). The forward pass stops after the last one.
-    Raises ModelError when the model's attention does not go through transformers'
-    AttentionInterface (nothing could be captured).
+    Raises the capture's errors (workflows.capture.capture_prefill) when nothing can be captured.
     """
     import torch
 
     from pbs_kernels.analysis import analyze_layer
-    from pbs_kernels.attention import ALLOWED_HEAD_DIMS
-    from pbs_kernels.integrations.hf import PbsIntegrationError, StopForward, attention_layers, capture_attention
+
+    from .capture import model_layers
 
     t0 = time.perf_counter()
     on_cuda = input_ids.is_cuda
@@ -212,17 +212,8 @@ def run_analysis(
         raise ValueError(f"run_analysis: input_ids must be [1, N], got {tuple(input_ids.shape)}")
     N = int(input_ids.shape[1])
     name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-    modules = attention_layers(model)
-    if not modules:
-        raise ModelError(f"{name}: {type(model).__name__} has no attention layers that PBS can drive "
-                         "(none goes through transformers' AttentionInterface)")
-    all_layers = sorted({m.layer_idx for m in modules})
+    all_layers = model_layers(model, name)
     selected = all_layers if layers is None else sorted(set(layers))
-    missing = [i for i in selected if i not in all_layers]
-    if missing:
-        raise UsageError(f"--layers: layer {missing[0]} does not exist; the model has {len(all_layers)} layers "
-                         f"(0-{all_layers[-1]})")
-    last = selected[-1]
 
     results: dict[int, Any] = {}
     shapes: dict[str, int] = {}
@@ -231,49 +222,23 @@ def run_analysis(
     total = len(selected)
     progress("layers", 0, total)
 
-    def on_layer(call):
-        q, k = call.query, call.key
-        if q.shape[0] != 1 or q.shape[2] != k.shape[2]:
-            return None  # not the prefill we drive (should not happen with use_cache=False)
+    def on_layer(layer: CapturedLayer) -> None:
+        q, k = layer.q, layer.k
+        window = layer.sliding_window
         la = analyze_layer(
             q, k, block_size=block_size, segment_size=segment_size, coverage=coverage, threshold=threshold,
-            scale=call.scaling, softcap=call.softcap,
-            sliding_window=call.sliding_window if call.sliding_window is not None and call.sliding_window < N else None,
+            scale=layer.scale, softcap=layer.softcap,
+            sliding_window=window if window is not None and window < N else None,
             backend=backend, return_maps=True, chunk_bytes=chunk_bytes,
         )
-        idx = int(call.layer_idx)
         shapes.update(num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[3])
-        reason = None
-        if call.softcap is not None:
-            reason = f"softcap {call.softcap:g}"
-        elif call.sliding_window is not None and call.sliding_window < N:
-            reason = f"sliding window {call.sliding_window}"
-        elif q.shape[3] not in ALLOWED_HEAD_DIMS:
-            reason = f"head dim {q.shape[3]}"
-        fallbacks[idx] = reason
-        _keep_extremes(extremes, idx, la)
+        fallbacks[layer.layer] = layer.fallback
+        _keep_extremes(extremes, layer.layer, la)
         la.block_mass = la.block_mass_perm = None  # kept only for the extreme heads
-        results[idx] = la
+        results[layer.layer] = la
         progress("layers", len(results), total)
-        if idx == last:
-            raise StopForward
-        return None
 
-    kwargs: dict[str, Any] = {"use_cache": False}
-    params = inspect.signature(model.forward).parameters
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1  # the full [N, vocab] logits would dwarf everything else
-    try:
-        with torch.inference_mode(), capture_attention(model, on_layer, layers=selected) as cap:
-            try:
-                model(input_ids=input_ids, **kwargs)
-            except StopForward:
-                pass
-    except PbsIntegrationError as e:
-        raise ModelError(f"{name}: {e}") from None
-    if cap.calls == 0:
-        raise ModelError(f"{name}: {type(model).__name__} computes attention without transformers' "
-                         "AttentionInterface, so PBS cannot analyse or run it")
+    capture_prefill(model, input_ids, on_layer, layers=selected, name=name)
 
     G = max(1, shapes["num_heads"] // shapes["num_kv_heads"])
     layer_reports = []

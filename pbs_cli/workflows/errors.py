@@ -1,19 +1,30 @@
-"""Errors the user can fix. Each carries a one-line message: what is wrong and how to fix it.
+"""Errors the user can fix: the `PbsError` family.
 
-`pbs_cli.app.main` is the only place that prints them (exit 1); commands and workflows raise.
+Workflows raise them with the facts as fields and a one-line message that names no
+command-line flag (a Python caller has none). The `pbs` command words each class for the
+command line in one table (`pbs_cli.commands._messages`), naming the flag and the fix, and
+`pbs_cli.app` is the only place that prints them (exit 1).
 """
 
 from __future__ import annotations
 
 
 class PbsError(Exception):
-    """Base of every expected failure; the message is one line, shown without a traceback."""
+    """Base of every expected failure; the message is one line, shown without a traceback.
+
+    `shown_as` is the wording the calling interface chose for it (the CLI's, naming flags); once
+    set, str() gives that wording, so whoever displays the error shows what the user typed.
+    """
 
     exit_code = 1
+    shown_as: str | None = None
+
+    def __str__(self) -> str:
+        return self.shown_as if self.shown_as is not None else super().__str__()
 
 
 class UsageError(PbsError):
-    """Options that parse but cannot work together (e.g. --profile with --dense)."""
+    """Settings that parse but cannot work together, or do not fit the model or the input."""
 
 
 class ModelError(PbsError):
@@ -26,3 +37,185 @@ class DeviceError(PbsError):
 
 class ProfileFileError(PbsError):
     """A profile YAML that is missing or malformed (wraps pbs_kernels.profile.ProfileError)."""
+
+
+# -- device and dtype -------------------------------------------------------------------------
+
+
+class CudaUnavailable(DeviceError):
+    def __init__(self) -> None:
+        super().__init__("CUDA was requested but no CUDA GPU is available; use the CPU or auto")
+
+
+class Bf16Unsupported(DeviceError):
+    def __init__(self) -> None:
+        super().__init__("this GPU does not support bf16; use fp16")
+
+
+class GpuRequired(DeviceError):
+    """A workflow that times GPU kernels found no GPU; `cpu_max_len` bounds its CPU check pass."""
+
+    def __init__(self, cpu_max_len: int) -> None:
+        self.cpu_max_len = cpu_max_len
+        super().__init__(f"no CUDA GPU found: the bench times GPU kernels; run it on the CPU for a "
+                         f"correctness-only pass on small sizes (<= {cpu_max_len} tokens)")
+
+
+class OutOfMemoryAt(DeviceError):
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        super().__init__(f"out of GPU memory at {seq_len} tokens; use a shorter length or fewer heads")
+
+
+# -- model, layers, prompt --------------------------------------------------------------------
+
+
+class ModelUnsupported(ModelError):
+    """No attention layer PBS can drive (`detail`: the integration's own explanation)."""
+
+    def __init__(self, model: str, cls: str, detail: str | None = None) -> None:
+        self.model, self.cls, self.detail = model, cls, detail
+        super().__init__(f"{model}: {detail}" if detail else
+                         f"{model}: {cls} has no attention layers that PBS can drive "
+                         "(none goes through transformers' AttentionInterface)")
+
+
+class AttentionNotCaptured(ModelError):
+    def __init__(self, model: str, cls: str) -> None:
+        self.model, self.cls = model, cls
+        super().__init__(f"{model}: {cls} computes attention without transformers' AttentionInterface, "
+                         "so PBS cannot capture, analyse, tune or run it")
+
+
+class LayerMissing(UsageError):
+    def __init__(self, layer: int, num_layers: int) -> None:
+        self.layer, self.num_layers = layer, num_layers
+        super().__init__(f"layer {layer} does not exist; the model has {num_layers} layers (0-{num_layers - 1})")
+
+
+class LayerSpecInvalid(UsageError):
+    """A layer list like '0,2,5-7' that does not parse; `detail` says where."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"layer list {detail}")
+
+
+class SeqLenTooLong(UsageError):
+    def __init__(self, seq_len: int, limit: int, model: str) -> None:
+        self.seq_len, self.limit, self.model = seq_len, limit, model
+        super().__init__(f"{seq_len} tokens exceed {model}'s max_position_embeddings {limit}")
+
+
+class InputFileError(UsageError):
+    """The prompt file cannot serve; `detail` starts with its path ('p.txt: file not found')."""
+
+    def __init__(self, path, detail: str) -> None:
+        self.path, self.detail = path, detail
+        super().__init__(f"prompt file {detail}")
+
+
+class NoTokenizer(UsageError):
+    def __init__(self, model: str, source: str) -> None:
+        self.model, self.source = model, source
+        super().__init__(f"a prompt text needs a tokenizer and {model} has none (no tokenizer files in {source}); "
+                         "use synthetic tokens")
+
+
+class PromptTooShort(UsageError):
+    """The prompt has fewer tokens than asked and repeating it was refused. source: its path,
+    None for the built-in synthetic text."""
+
+    def __init__(self, source: str | None, tokens: int, seq_len: int) -> None:
+        self.source, self.tokens, self.seq_len = source, tokens, seq_len
+        what = "the synthetic text" if source is None else source
+        super().__init__(f"{what} has {tokens} tokens, fewer than the {seq_len} asked for")
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+class WorkloadUnknown(UsageError):
+    def __init__(self, workload: str) -> None:
+        self.workload = workload
+        super().__init__(f"workload {workload!r} is unknown; use synthetic or captured")
+
+
+class HeadsNotMultiple(UsageError):
+    def __init__(self, heads: int, kv_heads: int) -> None:
+        self.heads, self.kv_heads = heads, kv_heads
+        super().__init__(f"{heads} query heads are not a multiple of {kv_heads} key/value heads; "
+                         "grouped-query attention needs it")
+
+
+class SeqLenNotAboveSegment(UsageError):
+    def __init__(self, seq_len: int, segment_size: int) -> None:
+        self.seq_len, self.segment_size = seq_len, segment_size
+        self.suggested = max(2 * segment_size, 1024)
+        super().__init__(f"{seq_len} tokens are not more than segment_size {segment_size}: PBS would run dense "
+                         f"attention; use {self.suggested} tokens or more")
+
+
+class E2EUnavailable(UsageError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"timing a model end to end needs pbs_kernels.integrations.hf, which cannot be "
+                         f"imported here ({reason})")
+
+
+# -- tune -------------------------------------------------------------------------------------
+
+
+class TrialsTooFew(UsageError):
+    def __init__(self, trials: int) -> None:
+        self.trials = trials
+        super().__init__(f"{trials} trials per layer: there must be at least 1")
+
+
+class SeqLenTooShort(UsageError):
+    def __init__(self, seq_len: int, minimum: int) -> None:
+        self.seq_len, self.minimum = seq_len, minimum
+        super().__init__(f"{seq_len} tokens is too short to tune; use at least {minimum} tokens")
+
+
+class TargetUnreachableError(PbsError):
+    """No combination of the settings found reaches the target speedup."""
+
+    def __init__(self, target: float, best_speedup: float, cost_model: str, seq_len: int) -> None:
+        self.target, self.best_speedup, self.cost_model, self.seq_len = target, best_speedup, cost_model, seq_len
+        super().__init__(f"target {target:g}x is out of reach: the fastest settings found give {best_speedup:.2f}x "
+                         f"({cost_model} attention speedup at {seq_len} tokens); lower the target, run more "
+                         "trials, or tune at a longer length")
+
+
+class StorageInvalid(UsageError):
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        super().__init__(f"{spec!r} is not a storage; use sqlite:///FILE.db, postgresql://USER@HOST/DB, "
+                         "mysql://..., journal:FILE or FILE.log")
+
+
+class StorageUnwritable(PbsError):
+    def __init__(self, path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot open the journal file {path} ({reason}); use a writable storage")
+
+
+class StorageDriverMissing(PbsError):
+    def __init__(self, label: str, reason: str) -> None:
+        self.label, self.reason = label, reason
+        super().__init__(f"storage {label}: the database driver is missing ({reason}); install it, e.g. "
+                         "pip install psycopg2-binary for postgresql")
+
+
+class StudyMismatchError(PbsError):
+    """An existing study was made under other conditions than this run's. key None: it is not a
+    pbs tune study at all (other objectives)."""
+
+    def __init__(self, study: str, key: str | None = None, recorded=None, current=None) -> None:
+        self.study, self.key, self.recorded, self.current = study, key, recorded, current
+        if key is None:
+            text = f"study {study} in the storage is not a pbs tune study (other objectives)"
+        else:
+            text = f"study {study} was tuned with {key}={recorded!r}, this run has {key}={current!r}"
+        super().__init__(text + "; use another study name to avoid mixing results")

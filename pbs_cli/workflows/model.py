@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DeviceError, ModelError, UsageError
+from .errors import (Bf16Unsupported, CudaUnavailable, DeviceError, InputFileError, ModelError, NoTokenizer,
+                     PromptTooShort, SeqLenTooLong)
 
 __all__ = [
     "DEMO_NAME",
@@ -77,7 +78,7 @@ def resolve_device(device: str = "auto"):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+        raise CudaUnavailable()
     if device not in ("cpu", "cuda"):
         raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
@@ -95,7 +96,7 @@ def resolve_dtype(dtype: str, device):
     if dtype not in _DTYPES:
         raise DeviceError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("this GPU does not support bf16; use --dtype fp16")
+        raise Bf16Unsupported()
     return getattr(torch, _DTYPES[dtype])
 
 
@@ -199,12 +200,9 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
 
 
 def check_seq_len(loaded: LoadedModel, seq_len: int) -> None:
-    """UsageError when `seq_len` exceeds the model's max_position_embeddings."""
+    """SeqLenTooLong when `seq_len` exceeds the model's max_position_embeddings."""
     if loaded.max_positions is not None and seq_len > loaded.max_positions:
-        raise UsageError(
-            f"--seq-len {seq_len} exceeds {loaded.name}'s max_position_embeddings {loaded.max_positions}; "
-            f"use --seq-len {_short_len(loaded.max_positions)} or less"
-        )
+        raise SeqLenTooLong(seq_len, loaded.max_positions, loaded.name)
 
 
 def _synthetic_ids(loaded: LoadedModel, seq_len: int) -> list[int]:
@@ -230,7 +228,7 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
                  extend: bool = True) -> Prompt:
     """Exactly `seq_len` token ids: from `input_file` (tokenized with the model's tokenizer) or a
     built-in synthetic text. A shorter input is repeated to fill the length (the note says so),
-    or, with extend=False, refused (UsageError). A longer one is cut to its first tokens."""
+    or, with extend=False, refused (PromptTooShort). A longer one is cut to its first tokens."""
     import torch
 
     if input_file is None:
@@ -241,26 +239,24 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            raise UsageError(f"--input {path}: file not found") from None
+            raise InputFileError(path, f"{path}: file not found") from None
         except OSError as e:
-            raise UsageError(f"--input {path}: cannot read it ({e.strerror or e})") from None
+            raise InputFileError(path, f"{path}: cannot read it ({e.strerror or e})") from None
         if not text.strip():
-            raise UsageError(f"--input {path} is empty; pass a text file with the prompt")
+            raise InputFileError(path, f"{path} is empty; pass a text file with the prompt")
         if loaded.tokenizer is None:
-            raise UsageError(f"--input needs a tokenizer and {loaded.name} has none (no tokenizer files in "
-                             f"{loaded.source}); drop --input to use synthetic tokens")
+            raise NoTokenizer(loaded.name, loaded.source)
         ids = list(loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
         source = str(path)
         if not ids:
-            raise UsageError(f"--input {path} gives no tokens; pass a text file with the prompt")
+            raise InputFileError(path, f"{path} gives no tokens; pass a text file with the prompt")
 
     n = len(ids)
     prompt = Prompt(input_ids=None, source=source, source_tokens=n)
     if n < seq_len:
         what = "the synthetic text" if input_file is None else f"--input {source}"
         if not extend:
-            raise UsageError(f"{what} has {n} tokens, fewer than --seq-len {seq_len}; pass a longer text, "
-                             f"a smaller --seq-len, or drop --no-extend to repeat it")
+            raise PromptTooShort(None if input_file is None else source, n, seq_len)
         bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
         # Repeat the body, not the leading BOS: one BOS at the start, as a real document has.
         head = ids[:1] if bos is not None and ids[0] == bos else []
@@ -282,10 +278,3 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
 
-
-def _short_len(n: int) -> str:
-    if n % (1024 * 1024) == 0:
-        return f"{n // (1024 * 1024)}m"
-    if n % 1024 == 0:
-        return f"{n // 1024}k"
-    return str(n)

@@ -50,7 +50,10 @@ from typing import Any, Callable, Optional
 from pbs_kernels.metrics import output_error as rel_error
 from pbs_kernels.metrics import recall_from_lse as recall_of
 
-from ..errors import DeviceError, ModelError, UsageError
+from ..capture import capture_prefill, logits_kwargs
+from ..errors import (DeviceError, E2EUnavailable, GpuRequired, HeadsNotMultiple, ModelUnsupported, OutOfMemoryAt,
+                      SeqLenNotAboveSegment, UsageError, WorkloadUnknown)
+from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
 
 BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
@@ -206,10 +209,6 @@ def tile_flops(tiles: int, block_size: int, head_dim: int) -> float:
     return 4.0 * block_size * block_size * head_dim * tiles
 
 
-def _short(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
-
-
 def _sync(device) -> None:
     import torch
 
@@ -294,10 +293,7 @@ def resolve_bench_device(device: str):
     if device not in ("auto", "cuda"):
         raise DeviceError(f"unknown device {device!r}; use auto, cuda or cpu")
     if not torch.cuda.is_available():
-        raise DeviceError(
-            "no CUDA GPU found: `pbs bench` times GPU kernels; run `pbs bench --device cpu` "
-            f"for a correctness-only pass on small sizes (<= {CPU_MAX_SEQ_LEN} tokens)"
-        )
+        raise GpuRequired(CPU_MAX_SEQ_LEN)
     return torch.device("cuda")
 
 
@@ -377,55 +373,17 @@ def synthetic_workload(s: BenchSettings, n: int, device, dtype) -> Workload:
 
 
 def capture_layer(loaded, input_ids, layer: int) -> Workload:
-    """Q/K/V (after RoPE, K/V not repeated for GQA) of attention layer `layer` in one prefill,
-    through `pbs_kernels.integrations.hf.capture_attention` (the path `pbs analyze` uses). The
-    forward pass stops right after the layer: no later layers, no logits."""
-    import torch
-    from pbs_kernels.integrations.hf import PbsIntegrationError, StopForward, attention_layers, capture_attention
-
-    model = loaded.model
-    layers = sorted({m.layer_idx for m in attention_layers(model)})
-    if not layers:
-        raise ModelError(f"{loaded.name}: {type(model).__name__} has no attention layers that PBS can drive "
-                         "(none goes through transformers' AttentionInterface)")
-    if layer not in layers:
-        raise UsageError(f"--layer {layer} does not exist; {loaded.name} has {len(layers)} layers (0-{layers[-1]})")
-    store: dict[str, Any] = {}
-
-    def on_layer(call):
-        store.update(q=call.query.detach().clone(), k=call.key.detach().clone(), v=call.value.detach().clone(),
-                     scale=call.scaling, softcap=call.softcap, window=call.sliding_window)
-        raise StopForward
-
-    try:
-        with torch.inference_mode(), capture_attention(model, on_layer, layers=[layer]):
-            try:
-                model(input_ids=input_ids, use_cache=False, **_logits_kwargs(model))
-            except StopForward:
-                pass
-    except PbsIntegrationError as e:
-        raise ModelError(f"{loaded.name}: {e}") from None
-    if "q" not in store:
-        raise ModelError(f"{loaded.name}: {type(model).__name__} computes attention without transformers' "
-                         "AttentionInterface, so its Q/K/V cannot be captured")
+    """Q/K/V (after RoPE, K/V not repeated for GQA) of attention layer `layer` in one prefill
+    (workflows.capture, the path `pbs analyze` and `pbs tune` use); the pass stops right after it."""
+    got = capture_prefill(loaded.model, input_ids, layers=[layer], name=loaded.name)[layer]
     notes = []
-    if store["softcap"] is not None:
-        notes.append(f"layer {layer} uses logit softcap {store['softcap']:g}, which PBS and the baselines ignore here")
-    if store["window"] is not None and store["window"] < input_ids.shape[1]:
-        notes.append(f"layer {layer} is a sliding-window layer ({store['window']}); benched as full causal attention")
-    q, k, v = (store[x].contiguous() for x in ("q", "k", "v"))
-    return Workload(q, k, v, float(store["scale"]), note="; ".join(notes) or None)
-
-
-def _logits_kwargs(model) -> dict[str, Any]:
-    """Ask for the last position's logits only (a 128K x vocab logits tensor is ~30 GiB)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    for key in ("logits_to_keep", "num_logits_to_keep"):
-        if key in params:
-            return {key: 1}
-    return {}
+    if got.softcap is not None:
+        notes.append(f"layer {layer} uses logit softcap {got.softcap:g}, which PBS and the baselines ignore here")
+    if got.sliding_window is not None and got.sliding_window < input_ids.shape[1]:
+        notes.append(f"layer {layer} is a sliding-window layer ({got.sliding_window}); benched as full causal attention")
+    # The attention inputs are fresh tensors of this forward (no KV cache): no copy beyond contiguity.
+    q, k, v = (t.contiguous() for t in (got.q, got.k, got.v))
+    return Workload(q, k, v, got.scale, note="; ".join(notes) or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +437,7 @@ class _Bench:
         want = set(s.baselines)
         steps = ["reference", *[d for d in DENSE_BACKENDS if d in want], "pbs",
                  *(["flex"] if "flex" in want else []), *(["noperm"] if "noperm" in want and cfg.permute else [])]
-        desc = f"bench {_short(N)}"
+        desc = f"bench {format_length(N)}"
         done = 0
 
         def step():
@@ -788,7 +746,7 @@ def _ttft_ms(model, input_ids, device, warmup: int = E2E_WARMUP, reps: int = E2E
     """Median wall-clock ms of one prefill with use_cache=True up to the first token's logits."""
     import torch
 
-    kwargs = _logits_kwargs(model)
+    kwargs = logits_kwargs(model)
     times = []
     for i in range(warmup + reps):
         _sync(device)
@@ -813,7 +771,7 @@ def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2ERes
     try:
         from pbs_kernels.integrations.hf import apply_profile
     except ImportError as e:
-        raise UsageError(f"--e2e needs pbs_kernels.integrations.hf, which cannot be imported here ({_one_line(e)})") from None
+        raise E2EUnavailable(_one_line(e)) from None
     loaded = load_model(s.model, device=device.type, dtype=s.dtype)
     for n in s.seq_lens:
         check_seq_len(loaded, n)
@@ -835,7 +793,7 @@ def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2ERes
     try:
         model = apply_profile(loaded.model, profile)
     except PbsIntegrationError as e:
-        raise ModelError(f"{loaded.name}: {e}") from None
+        raise ModelUnsupported(loaded.name, type(loaded.model).__name__, str(e)) from None
     results = []
     for i, n in enumerate(s.seq_lens):
         ms = _ttft_ms(model, prompts[n], device, s.e2e_warmup, s.e2e_reps)
@@ -855,12 +813,12 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
     from ..model import resolve_dtype
 
     if s.workload not in WORKLOADS:
-        raise UsageError(f"--workload {s.workload!r} is unknown; use synthetic or captured")
+        raise WorkloadUnknown(s.workload)
     unknown = [b for b in s.baselines if b not in BASELINES]
     if unknown:
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     if s.workload == "synthetic" and s.heads % s.kv_heads:
-        raise UsageError(f"--heads {s.heads} is not a multiple of --kv-heads {s.kv_heads}; grouped-query attention needs it")
+        raise HeadsNotMultiple(s.heads, s.kv_heads)
     device = resolve_bench_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     cfg, notes = pbs_config(s.profile, s.layer)
@@ -873,8 +831,7 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         seq_lens = list(dict.fromkeys(capped))
     for n in seq_lens:
         if n <= cfg.segment_size:
-            raise UsageError(f"--seq-len {n} is not longer than segment_size {cfg.segment_size}: PBS would run dense "
-                             f"attention; use --seq-len {max(2 * cfg.segment_size, 1024)} or more")
+            raise SeqLenNotAboveSegment(n, cfg.segment_size)
     settings = asdict(s)
     settings["seq_lens"] = seq_lens
     report = BenchReport(environment(device, dtype), settings, cfg, s.workload, notes=notes)
@@ -913,7 +870,7 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
             import torch
 
             if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise DeviceError(f"out of GPU memory at --seq-len {n}; use a shorter --seq-len or fewer --heads") from None
+                raise OutOfMemoryAt(n) from None
             raise
         finally:
             del wl

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..errors import PbsError, UsageError
+from ..errors import (PbsError, SeqLenTooShort, StorageDriverMissing, StorageInvalid, StorageUnwritable,
+                      StudyMismatchError)
 
 if TYPE_CHECKING:
     import optuna
@@ -47,20 +48,16 @@ __all__ = [
 ]
 
 SPACE_VERSION = 1
+BLOCK_SIZES = (16, 32, 64, 128)  # TODO(issue 10): pbs_kernels.limits.BLOCK_SIZES once it lands
 # A layer setting whose output is off by more than this fraction of the output's norm is not a
 # candidate at any speed: the model would be broken there (typical chosen settings: 0.01-0.1).
 MAX_LAYER_ERROR = 0.35
-BLOCK_SIZES = (16, 32, 64, 128)
 SMALL_N = 2048  # at or below this many tokens, 16/32-token tiles are allowed (tiny CPU models)
 SEGMENT_BLOCKS = (1, 2, 4, 8)
 MIN_TAIL, MAX_TAIL = 1e-3, 0.8  # 1 - threshold, sampled on a log scale: thresholds 0.2 ... 0.999
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 HEARTBEAT_S = 20  # RDB storages: a trial whose process died is failed and retried after ~3x this
-
-
-class StudyMismatchError(PbsError):
-    """An existing study was made under other conditions than this run's."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +83,7 @@ class SearchSpace:
     def for_length(cls, n_tokens: int, *, min_seq_len: int = 0) -> SearchSpace:
         sizes = tuple(b for b in BLOCK_SIZES if n_tokens >= 4 * b and (b >= 64 or n_tokens <= SMALL_N))
         if not sizes:
-            raise UsageError(f"--seq-len {n_tokens} is too short to tune; use at least {4 * BLOCK_SIZES[0]} tokens")
+            raise SeqLenTooShort(n_tokens, 4 * BLOCK_SIZES[0])
         return cls(n_tokens=n_tokens, block_sizes=sizes, min_seq_len=min_seq_len)
 
     def seed_block_size(self) -> int:
@@ -177,7 +174,7 @@ def default_storage_url(out: Path) -> str:
 
 
 def parse_storage(spec: str) -> tuple[str, str]:
-    """("journal", path) or ("rdb", url) from a --storage value; UsageError for anything else.
+    """("journal", path) or ("rdb", url) from a storage spec; StorageInvalid for anything else.
 
     Accepted: SQLAlchemy URLs (sqlite:///FILE, postgresql://..., mysql://...), `journal:FILE`
     or FILE.log / FILE.journal (Optuna's journal file: append-only, fine on NFS), FILE.db."""
@@ -194,10 +191,7 @@ def parse_storage(spec: str) -> tuple[str, str]:
             return "journal", spec
         if p.suffix in SQLITE_SUFFIXES:
             return "rdb", f"sqlite:///{p.resolve()}"
-    raise UsageError(
-        f"--storage {spec!r} is not a storage; use sqlite:///FILE.db, postgresql://USER@HOST/DB, "
-        "mysql://..., journal:FILE or FILE.log"
-    )
+    raise StorageInvalid(spec)
 
 
 def open_storage(spec: str | None, out: Path):
@@ -212,7 +206,7 @@ def open_storage(spec: str | None, out: Path):
         try:
             return JournalStorage(JournalFileBackend(str(path))), f"journal:{path}"
         except OSError as e:
-            raise PbsError(f"cannot open the journal file {path} ({e.strerror or e}); pass a writable --storage") from None
+            raise StorageUnwritable(path, str(e.strerror or e)) from None
 
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +227,7 @@ def open_storage(spec: str | None, out: Path):
                 **kwargs,
             )
     except ImportError as e:
-        raise PbsError(f"--storage {storage_label(url)}: the database driver is missing ({e}); install it, e.g. "
-                       "pip install psycopg2-binary for postgresql") from None
+        raise StorageDriverMissing(storage_label(url), str(e)) from None
     except Exception as e:  # SQLAlchemy's errors: bad URL, unreachable server, locked file...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PbsError(f"cannot open Optuna storage {storage_label(url)} ({first})") from None
@@ -263,17 +256,13 @@ def open_study(storage, name: str, identity: dict[str, Any], *, seed: int, n_sta
         load_if_exists=True,
     )
     if study.directions != [optuna.study.StudyDirection.MINIMIZE] * 2:
-        raise StudyMismatchError(f"study {name} in the storage is not a pbs tune study (other objectives); "
-                                 "pass another --study name")
+        raise StudyMismatchError(name)
     recorded = study.user_attrs.get("pbs")
     if recorded is None:
         study.set_user_attr("pbs", identity)
     elif recorded != identity:
         key = next((k for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)), "?")
-        raise StudyMismatchError(
-            f"study {name} was tuned with {key}={recorded.get(key)!r}, this run has {key}={identity.get(key)!r}; "
-            "pass another --study name (or the same options as before) to avoid mixing results"
-        )
+        raise StudyMismatchError(name, key, recorded.get(key), identity.get(key))
     return study
 
 

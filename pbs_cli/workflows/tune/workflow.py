@@ -22,7 +22,6 @@ Nothing prints: progress goes through a callback, the result is a plain dataclas
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import time
 from collections import Counter
@@ -30,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError, PbsError, UsageError
+from ..capture import CapturedLayer, capture_prefill
+from ..errors import TargetUnreachableError, TrialsTooFew, UsageError
+from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
 
 __all__ = ["TargetUnreachableError", "TuneResult", "TuneSettings", "run_tune"]
@@ -40,14 +41,6 @@ OBJECTIVE = "min_error"  # least summed per-layer output error at the target spe
 # beyond it they wait in host memory and travel to the GPU one layer at a time.
 GPU_CAPTURE_SHARE = 0.3
 LOGITS_CHUNK_BYTES = 1 << 30
-
-
-class TargetUnreachableError(PbsError):
-    """No combination of the settings found reaches the target speedup."""
-
-    def __init__(self, message: str, best_speedup: float):
-        super().__init__(message)
-        self.best_speedup = best_speedup
 
 
 @dataclass
@@ -118,39 +111,17 @@ class TuneResult:
 # Calibration capture.
 
 
-def _fallback_reason(call, n_tokens: int) -> str | None:
-    """Why the integration would run this layer dense (so there is nothing to tune)."""
-    from pbs_kernels.attention import ALLOWED_HEAD_DIMS
-
-    if call.softcap is not None:
-        return f"softcap {call.softcap:g}"
-    if call.sliding_window is not None and call.sliding_window < n_tokens:
-        return f"sliding window {call.sliding_window}"
-    if call.query.shape[3] not in ALLOWED_HEAD_DIMS:
-        return f"head dim {call.query.shape[3]}"
-    return None
-
-
-def _forward_kwargs(model, *, last_logit_only: bool) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"use_cache": False}
-    if last_logit_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # the capture needs no logits; [N, vocab] would dwarf the rest
-    return kwargs
-
-
 def capture_layers(model, input_ids, *, name: str = "") -> dict[int, Any]:
-    """One dense prefill; every attention layer's post-RoPE Q/K/V as a LayerCapture.
+    """One dense prefill (workflows.capture); every attention layer's post-RoPE Q/K/V as a
+    LayerCapture.
 
     On CUDA the activations stay on the GPU while they fit in GPU_CAPTURE_SHARE of free memory,
     else they move to host memory as they are captured.
     """
     import torch
 
-    from pbs_kernels.integrations.hf import PbsIntegrationError, capture_attention
-
     from .layer import LayerCapture
 
-    N = int(input_ids.shape[1])
     caps: dict[int, LayerCapture] = {}
     budget = None
     if input_ids.is_cuda:
@@ -158,30 +129,19 @@ def capture_layers(model, input_ids, *, name: str = "") -> dict[int, Any]:
         budget = GPU_CAPTURE_SHARE * free
     used = 0
 
-    def on_layer(call):
+    def on_layer(layer: CapturedLayer) -> None:
         nonlocal used
-        if call.query.shape[0] != 1 or call.query.shape[2] != call.key.shape[2]:
-            return None
         # The attention inputs are fresh tensors of this forward (no KV cache): keeping references
         # is enough, no copy unless they must move.
-        t = [x.contiguous() for x in (call.query, call.key, call.value)]
+        t = [x.contiguous() for x in (layer.q, layer.k, layer.v)]
         size = sum(x.numel() * x.element_size() for x in t)
         if budget is not None and used + size > budget:
             t = [x.to("cpu") for x in t]  # the GPU needs the room for the search itself
         elif budget is not None:
             used += size
-        caps[int(call.layer_idx)] = LayerCapture(int(call.layer_idx), *t, scale=float(call.scaling),
-                                                 unsupported=_fallback_reason(call, N))
-        return None
+        caps[layer.layer] = LayerCapture(layer.layer, *t, scale=layer.scale, unsupported=layer.fallback)
 
-    try:
-        with torch.inference_mode(), capture_attention(model, on_layer) as cap:
-            model(input_ids=input_ids, **_forward_kwargs(model, last_logit_only=True))
-    except PbsIntegrationError as e:
-        raise ModelError(f"{name or type(model).__name__}: {e}") from None
-    if cap.calls == 0 or not caps:
-        raise ModelError(f"{name or type(model).__name__} computes attention without transformers' "
-                         "AttentionInterface, so PBS cannot tune or run it")
+    capture_prefill(model, input_ids, on_layer, name=name)
     return caps
 
 
@@ -199,7 +159,7 @@ def _final_hidden_and_head(model, input_ids):
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if vocab * N * 4 <= LOGITS_CHUNK_BYTES or decoder is None or head is None:
-        logits = model(input_ids=input_ids, **_forward_kwargs(model, last_logit_only=False)).logits[0]
+        logits = model(input_ids=input_ids, use_cache=False).logits[0]
         return logits, None
     hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[0]
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -238,19 +198,6 @@ def _config_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _point(cfg, m, trial: int | None) -> dict[str, Any]:
-    return {
-        "trial": trial,
-        "config": _config_dict(cfg),
-        "error": m.error,
-        "recall": m.recall,
-        "density": m.density,
-        "cost": m.cost,
-        "predicted_cost": m.predicted_cost,
-        "time_ms": m.time_ms,
-    }
-
-
 def _dense_point(space) -> dict[str, Any]:
     from pbs_kernels.profile import LayerConfig
 
@@ -259,15 +206,12 @@ def _dense_point(space) -> dict[str, Any]:
             "cost": 1.0, "predicted_cost": 1.0, "time_ms": None}
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A file-name-safe short form of a model id or folder ('meta-llama/Llama-3.1-8B' -> 'llama-3.1-8b')."""
     import re
 
     base = Path(name.rstrip("/")).name or name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
-
-
-def _short_len(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def _device_name(device) -> str:
@@ -326,7 +270,7 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
     if calib_ids.dim() != 2 or calib_ids.shape[0] != 1 or heldout_ids.shape != calib_ids.shape:
         raise ValueError("run_tune: calib_ids and heldout_ids must both be [1, N]")
     if settings.trials < 1:
-        raise UsageError("--trials must be at least 1")
+        raise TrialsTooFew(settings.trials)
     N = int(calib_ids.shape[1])
     device = calib_ids.device
     cost_model = settings.cost_model or ("measured" if device.type == "cuda" else "predicted")
@@ -360,7 +304,7 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
         "dtype": dtype,
         "shape": shape,
     }
-    base = settings.study or f"pbs-{_slug(name)}-{_short_len(N)}-{ts.fingerprint(identity)[:8]}"
+    base = settings.study or f"pbs-{slug(name)}-{format_length(N)}-{ts.fingerprint(identity)[:8]}"
     results: list[LayerResult] = []
     dense_ms: dict[tuple, tuple[float, str]] = {}
     total = settings.trials * sum(1 for i in layer_ids if caps[i].unsupported is None)
@@ -439,12 +383,7 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
     alloc = allocate(fronts, settings.target_speedup, weights)
     unit = "predicted" if cost_model == "predicted" else "measured"
     if alloc is None:
-        raise TargetUnreachableError(
-            f"target {settings.target_speedup:g}x is out of reach: the fastest settings found give "
-            f"{best:.2f}x ({unit} attention speedup at {N} tokens); lower --target-speedup, raise --trials, "
-            "or tune at a longer --seq-len",
-            best,
-        )
+        raise TargetUnreachableError(settings.target_speedup, best, unit, N)
     for lr, f, i in zip(results, fronts, alloc.picks):
         lr.chosen = f[i].payload
     search = {"speedup": alloc.speedup, "cost": alloc.cost, "error_sum": alloc.error, "best_speedup": best}

@@ -1,0 +1,89 @@
+"""How the `pbs` command words each domain error: ONE table, class -> one-line message.
+
+Workflows raise errors that name no flag (`pbs_cli.workflows.errors`); here each class gets the
+message a command-line user needs: the flag they typed and the fix. `pbs_cli.app` applies it
+where errors leave a command (`phrase`) and prints it in `main`. A class not in the table keeps
+its own message (it names no flag, so it reads the same everywhere).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..workflows import errors as E
+from ..workflows.lengths import format_length
+
+# message(error, command) -> str; `command` is the name of the command that raised (None outside one).
+Message = Callable[[E.PbsError, Optional[str]], str]
+
+
+def _input(e: E.PromptTooShort) -> str:
+    return "the synthetic text" if e.source is None else f"--input {e.source}"
+
+
+MESSAGES: dict[type, Message] = {
+    E.CudaUnavailable: lambda e, c: "--device cuda was requested but no CUDA GPU is available; use --device cpu or auto",
+    E.Bf16Unsupported: lambda e, c: "this GPU does not support bf16; use --dtype fp16",
+    E.GpuRequired: lambda e, c: (
+        "no CUDA GPU found: `pbs bench` times GPU kernels; run `pbs bench --device cpu` "
+        f"for a correctness-only pass on small sizes (<= {e.cpu_max_len} tokens)"),
+    E.OutOfMemoryAt: lambda e, c: f"out of GPU memory at --seq-len {e.seq_len}; use a shorter --seq-len or fewer --heads",
+    E.LayerMissing: lambda e, c: (
+        f"--layer {e.layer} does not exist; the model has {e.num_layers} layers (0-{e.num_layers - 1})"
+        if c == "bench" else
+        f"--layers: layer {e.layer} does not exist; the model has {e.num_layers} layers (0-{e.num_layers - 1})"),
+    E.LayerSpecInvalid: lambda e, c: f"--layers {e.detail}",
+    E.SeqLenTooLong: lambda e, c: (
+        f"--seq-len {e.seq_len} exceeds {e.model}'s max_position_embeddings {e.limit}; "
+        f"use --seq-len {format_length(e.limit)} or less"),
+    E.InputFileError: lambda e, c: f"--input {e.detail}",
+    E.NoTokenizer: lambda e, c: (
+        f"--input needs a tokenizer and {e.model} has none (no tokenizer files in {e.source}); "
+        "drop --input to use synthetic tokens"),
+    E.PromptTooShort: lambda e, c: (
+        f"{_input(e)} has {e.tokens} tokens, fewer than --seq-len {e.seq_len}; pass a longer text, "
+        "a smaller --seq-len, or drop --no-extend to repeat it"),
+    E.WorkloadUnknown: lambda e, c: f"--workload {e.workload!r} is unknown; use synthetic or captured",
+    E.HeadsNotMultiple: lambda e, c: (
+        f"--heads {e.heads} is not a multiple of --kv-heads {e.kv_heads}; grouped-query attention needs it"),
+    E.SeqLenNotAboveSegment: lambda e, c: (
+        f"--seq-len {e.seq_len} is not longer than segment_size {e.segment_size}: PBS would run dense "
+        f"attention; use --seq-len {e.suggested} or more"),
+    E.E2EUnavailable: lambda e, c: (
+        f"--e2e needs pbs_kernels.integrations.hf, which cannot be imported here ({e.reason})"),
+    E.TrialsTooFew: lambda e, c: "--trials must be at least 1",
+    E.SeqLenTooShort: lambda e, c: f"--seq-len {e.seq_len} is too short to tune; use at least {e.minimum} tokens",
+    E.TargetUnreachableError: lambda e, c: (
+        f"target {e.target:g}x is out of reach: the fastest settings found give {e.best_speedup:.2f}x "
+        f"({e.cost_model} attention speedup at {e.seq_len} tokens); lower --target-speedup, raise --trials, "
+        "or tune at a longer --seq-len"),
+    E.StorageInvalid: lambda e, c: (
+        f"--storage {e.spec!r} is not a storage; use sqlite:///FILE.db, postgresql://USER@HOST/DB, "
+        "mysql://..., journal:FILE or FILE.log"),
+    E.StorageUnwritable: lambda e, c: (
+        f"cannot open the journal file {e.path} ({e.reason}); pass a writable --storage"),
+    E.StorageDriverMissing: lambda e, c: (
+        f"--storage {e.label}: the database driver is missing ({e.reason}); install it, e.g. "
+        "pip install psycopg2-binary for postgresql"),
+    E.StudyMismatchError: lambda e, c: (
+        f"study {e.study} in the storage is not a pbs tune study (other objectives); pass another --study name"
+        if e.key is None else
+        f"study {e.study} was tuned with {e.key}={e.recorded!r}, this run has {e.key}={e.current!r}; "
+        "pass another --study name (or the same options as before) to avoid mixing results"),
+}
+
+
+def message(e: E.PbsError, command: Optional[str] = None) -> str:
+    """The command-line wording of `e` (its own message for a class not in the table)."""
+    if e.shown_as is not None:
+        return e.shown_as
+    for cls in type(e).__mro__:
+        if cls in MESSAGES:
+            return MESSAGES[cls](e, command)
+    return Exception.__str__(e)
+
+
+def phrase(e: E.PbsError, command: Optional[str] = None) -> E.PbsError:
+    """`e` worded for the command line from now on (str(e) gives the table's message)."""
+    e.shown_as = message(e, command)
+    return e
