@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pbs_kernels.limits import BLOCK_SIZES
 
 from ..workflows.errors import DeviceError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SeqLenOpt, parse_fraction
 
 DEFAULT_OUT = Path("pbs-out/analyze")
-_BLOCK_SIZES = (16, 32, 64, 128)  # TODO(issue 10): pbs_kernels.limits.BLOCK_SIZES once it lands
 
 
 def command(
@@ -36,8 +36,8 @@ def command(
 
     Example: pbs analyze meta-llama/Llama-3.1-8B --seq-len 32k --layers 0-3
     """
-    if block_size not in _BLOCK_SIZES:
-        raise typer.BadParameter(f"{block_size} is not allowed; use one of 16, 32, 64, 128", param_hint="'--block-size'")
+    if block_size not in BLOCK_SIZES:
+        raise typer.BadParameter(f"{block_size} is not allowed; use one of {', '.join(map(str, BLOCK_SIZES))}", param_hint="'--block-size'")
     if segment_size <= 0 or segment_size % block_size:
         raise typer.BadParameter(f"{segment_size} is not a positive multiple of --block-size {block_size}",
                                  param_hint="'--segment-size'")

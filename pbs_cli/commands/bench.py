@@ -1,7 +1,7 @@
 """`pbs bench`: time PBS attention against dense SDPA, FlexAttention and PBS without permutation,
 check its output in the same run, and optionally time a model's first token with a profile.
 
-The work is in `bench_workflow` (returns plain results); this module parses options, prints and
+The work is in `pbs_cli.workflows.bench` (returns plain results); this module parses options, prints and
 writes files. torch, triton and matplotlib are imported inside functions.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from pbs_kernels.limits import HEAD_DIMS
 
 from ..workflows.errors import PbsError, ProfileFileError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
     from ..workflows.bench import BenchReport
 
 DEFAULT_OUT = Path("pbs-out") / "bench"
-_BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")  # = bench_workflow.BASELINES
-_HEAD_DIMS = (64, 128)  # TODO(issue 10): pbs_kernels.limits.HEAD_DIMS once it lands
+# = pbs_cli.workflows.bench.BASELINES, spelled out: importing the workflow here would load torch for --help.
+_BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
 
 
 class WorkloadKind(str, Enum):
@@ -48,8 +49,8 @@ def parse_baselines(s: str) -> str:
 
 
 def _check_head_dim(value: int) -> int:
-    if value not in _HEAD_DIMS:
-        raise typer.BadParameter(f"{value} is not supported; use 64 or 128")
+    if value not in HEAD_DIMS:
+        raise typer.BadParameter(f"{value} is not supported; use {' or '.join(map(str, HEAD_DIMS))}")
     return value
 
 

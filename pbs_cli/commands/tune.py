@@ -1,6 +1,6 @@
 """`pbs tune`: per-layer Optuna search to a target speedup, written as a PBS profile.
 
-The work is in tune_workflow (calibrate, search, allocate, validate); this module parses the
+The work is in workflows/tune (calibrate, search, allocate, validate); this module parses the
 options, loads the model, prints, and saves the profile.
 """
 
@@ -31,7 +31,7 @@ def _storage_spec(value: str) -> str:
 
 
 def command(
-    target_speedup: SpeedupOpt,  # required (DESIGN.md §3); first because it has no default
+    target_speedup: SpeedupOpt,  # required: a tune has no sensible default target; first because it has no default
     model: ModelArg = None,
     seq_len: Annotated[
         Optional[int],

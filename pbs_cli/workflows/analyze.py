@@ -39,7 +39,7 @@ VERDICT_MARGIN = 0.05
 
 @dataclass
 class HeadReport:
-    """One query head. Densities are computed tiles / causal tiles (DESIGN.md §4).
+    """One query head. Densities are computed tiles / causal tiles (docs/design.md, Metrics).
 
     oracle_density[_perm]: fewest key blocks per query block that hold `coverage` of its
     attention mass, keys in original [PBS-permuted] order. pbs_density/pbs_recall: PBS's own

@@ -64,20 +64,6 @@ def model_layers(model, name: str = "") -> list[int]:
     return layers
 
 
-def _fallback(call, n_tokens: int) -> str | None:
-    # TODO(issue 10): use the runtime's AttentionCall.fallback_reason() once it lands on main; this
-    # private copy only exists until then (it is the one place in the toolkit that decides it).
-    from pbs_kernels.attention import ALLOWED_HEAD_DIMS
-
-    if call.softcap is not None:
-        return f"softcap {call.softcap:g}"
-    if call.sliding_window is not None and call.sliding_window < n_tokens:
-        return f"sliding window {call.sliding_window}"
-    if call.query.shape[3] not in ALLOWED_HEAD_DIMS:
-        return f"head dim {call.query.shape[3]}"
-    return None
-
-
 def capture_prefill(
     model,
     input_ids,
@@ -105,7 +91,6 @@ def capture_prefill(
     if missing:
         raise LayerMissing(missing[0], len(all_layers))
     last = wanted[-1]
-    n_tokens = int(input_ids.shape[1])
     kept: dict[int, CapturedLayer] = {}
     seen: set[int] = set()
 
@@ -115,7 +100,7 @@ def capture_prefill(
             return None  # not the prefill driven here (cannot happen with use_cache=False)
         idx = int(call.layer_idx)
         layer = CapturedLayer(idx, q, k, call.value, float(call.scaling), call.softcap, call.sliding_window,
-                              _fallback(call, n_tokens))
+                              call.fallback_reason())
         seen.add(idx)
         if on_layer is None:
             kept[idx] = layer

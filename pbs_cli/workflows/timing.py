@@ -23,7 +23,7 @@ SDPA_BACKENDS = {
     "efficient": "EFFICIENT_ATTENTION",
     "math": "MATH",
 }
-# The speedup's denominator (DESIGN.md section 4): the fastest of these that runs.
+# The speedup's denominator (docs/design.md, Metrics): the fastest of these that runs.
 FAST_DENSE = ("cudnn", "flash")
 
 

@@ -15,9 +15,9 @@ Per sequence length, on one Q/K/V (synthetic or captured from a model layer):
                 BlockMask is not timed.
 * pbs-noperm    PBS with permutation off, same threshold.
 
-Metrics (DESIGN.md section 4):
+Metrics (docs/design.md, Metrics):
 
-* ms: median of `triton.testing.do_bench` (pbs_cli._timing.time_ms). None on the CPU.
+* ms: median of `triton.testing.do_bench` (pbs_cli.workflows.timing.time_ms). None on the CPU.
 * flops / tflops: dense rows count exact causal work, 4*D flops per (query, allowed key) pair
   (2*D for q.k, 2*D for p.v): 2*B*HQ*D*N*(N+1). Sparse rows count every computed tile in full,
   masked diagonal tiles included: 4*b*b*D per tile per query head. tflops = flops / time.
@@ -41,6 +41,7 @@ a `BenchReport` of plain dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -49,6 +50,7 @@ from typing import Any, Callable, Optional
 
 from pbs_kernels.metrics import output_error as rel_error
 from pbs_kernels.metrics import recall_from_lse as recall_of
+from pbs_kernels.reference import dense_reference, tile_reference
 
 from ..capture import capture_prefill, logits_kwargs
 from ..errors import (DeviceError, E2EUnavailable, GpuRequired, HeadsNotMultiple, ModelUnsupported, OutOfMemoryAt,
@@ -231,31 +233,6 @@ def _one_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def reference_fp32(q, k, v, scale: float, *, budget_bytes: int = 1 << 30):
-    """Dense causal attention in fp32, [B, HQ, N, D]: query rows in chunks against the keys up
-    to the chunk's end, so memory stays at `budget_bytes` of scores, never N x N."""
-    import torch
-
-    B, HQ, N, D = q.shape
-    H = k.shape[1]
-    G = HQ // H
-    out = torch.empty(B, HQ, N, D, dtype=torch.float32, device=q.device)
-    rows = max(16, min(N, budget_bytes // max(1, 4 * G * N)))
-    for b in range(B):
-        for h in range(H):
-            kf = k[b, h].float()
-            vf = v[b, h].float()
-            for r0 in range(0, N, rows):
-                r1 = min(N, r0 + rows)
-                qf = q[b, h * G:(h + 1) * G, r0:r1].float()  # [G, R, D]
-                s = torch.matmul(qf, kf[:r1].T) * scale  # [G, R, r1]
-                keep = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
-                s.masked_fill_(~keep, float("-inf"))
-                out[b, h * G:(h + 1) * G, r0:r1] = torch.matmul(torch.softmax(s, dim=-1), vf[:r1])
-                del s
-    return out
-
-
 def check_blocks(num_blocks: int, block_size: int, segment_size: int, count: int = N_CHECK_BLOCKS) -> list[int]:
     """Query blocks sampled for kernel_error: spread over the sequence, the last one included
     (it keeps the most tiles), none in the first segment (dense there anyway)."""
@@ -264,15 +241,6 @@ def check_blocks(num_blocks: int, block_size: int, segment_size: int, count: int
         return list(range(first, num_blocks))
     step = (num_blocks - 1 - first) / (count - 1)
     return sorted({first + round(i * step) for i in range(count)})
-
-
-def tile_reference(q, k_perm, v_perm, pos, blocks, qblocks: list[int], scale: float):
-    """Exact fp32 attention over the kept tiles for the query blocks `qblocks` only:
-    (out [B, HQ, R, D] fp32, rows [R] long query positions)."""
-    from pbs_kernels.ops.attend import attend_blocks_naive
-
-    out, _, rows = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, qblocks, scale=scale)
-    return out, rows
 
 
 def kernel_error(out, ref_rows, rows) -> float:
@@ -449,7 +417,7 @@ class _Bench:
         result = SeqLenResult(N, B, HQ, H, D, reference="fp32", fastest_dense=None, fastest_dense_ms=None)
         ref = None
         if not self.timed or N <= s.fp32_ref_max_len:
-            ref = reference_fp32(q, k, v, scale)
+            ref = dense_reference(q, k, v, scale)
         else:
             result.reference = "fastest dense"
         step()
@@ -485,7 +453,7 @@ class _Bench:
             result.fastest_dense, result.fastest_dense_ms = fastest.method.removeprefix("sdpa-"), fastest.ms
         if ref is None:
             if fastest is None:
-                ref = reference_fp32(q, k, v, scale)  # no dense backend ran: pay for fp32 after all
+                ref = dense_reference(q, k, v, scale)  # no dense backend ran: pay for fp32 after all
                 result.reference = "fp32"
             else:
                 ref = dense_out.pop(result.fastest_dense)
@@ -520,32 +488,23 @@ class _Bench:
         return result
 
     def _pbs(self, q, k, v, scale, ref, step, want):
-        import torch
-        from pbs_kernels import pbs_attention
-        from pbs_kernels.ops import attend as attend_op
-        from pbs_kernels.ops import permute as permute_op
-        from pbs_kernels.ops import select as select_op
+        from pbs_kernels.attention import PbsPlan, pbs_attention, permute_stage, select_stage
 
         cfg, be, N = self.cfg, self.backend, q.shape[2]
         b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
-        B, HQ, _, D = q.shape
+        D = q.shape[3]
+        knobs = {"block_size": b, "segment_size": S, "scale": scale, "backend": be}
 
-        # The parts run as pbs_attention runs them: the permutation hands selection its key-block
-        # statistics.
-        stats = None
-        if cfg.permute:
-            k_p, v_p, pos, stats = permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale,
-                                                           backend=be, block_stats=True)
-        else:
-            k_p, v_p = k, v
-            pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
-        blocks = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau, scale=scale,
-                                         backend=be, key_stats=stats)
-        out, lse = attend_op.attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be, return_lse=True)
-        full = select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=1.0, scale=scale,
-                                       backend=be, key_stats=stats)
-        _, lse_full = attend_op.attend(q, k_p, v_p, pos, full, scale=scale, backend=be, return_lse=True)
+        # The stages one by one (each is timed alone below), as pbs_plan chains them; a second
+        # selection at threshold 1.0 on the same keys gives the full-softmax lse recall needs.
+        keys = permute_stage(q, k, v, permute=cfg.permute, **knobs)
+        blocks = select_stage(q, keys, threshold=tau, **knobs)
+        plan = PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, b, S, tau, keys.permuted)
+        out, lse = plan.attend(q, return_lse=True)
+        full = dataclasses.replace(plan, blocks=select_stage(q, keys, threshold=1.0, **knobs), threshold=1.0)
+        _, lse_full = full.attend(q, return_lse=True)
         del full, _
+        k_p, v_p, pos = plan.k, plan.v, plan.pos
         qblocks = check_blocks(blocks.num_blocks, b, S)
         ref_rows, rows = tile_reference(q, k_p, v_p, pos, blocks, qblocks, scale)
 
@@ -558,15 +517,13 @@ class _Bench:
         pbs.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau,
                                                  permute=cfg.permute, min_seq_len=0, scale=scale, backend=be), N)
         if cfg.permute:
-            t_perm = self.time(lambda: permute_op.permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale,
-                                                               backend=be, block_stats=True), N)
+            t_perm = self.time(lambda: permute_stage(q, k, v, permute=True, **knobs), N)
             perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
         else:
             t_perm = 0.0 if self.timed else None
             perm_row = MethodResult("pbs.permute", SKIPPED, note="permute off")
-        t_sel = self.time(lambda: select_op.select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=tau,
-                                                          scale=scale, backend=be, key_stats=stats), N)
-        t_att = self.time(lambda: attend_op.attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be), N)
+        t_sel = self.time(lambda: select_stage(q, keys, threshold=tau, **knobs), N)
+        t_att = self.time(lambda: plan.attend(q), N)
         sel_row = MethodResult("pbs.select", OK, ms=t_sel)
         att_row = MethodResult("pbs.attend", OK, ms=t_att, flops=flops, density=density)
         self.gate(pbs)
@@ -663,25 +620,22 @@ class _Bench:
         return call_eager
 
     def _noperm(self, q, k, v, scale, ref, lse_full) -> MethodResult:
-        import torch
-        from pbs_kernels import pbs_attention
-        from pbs_kernels.ops import attend as attend_op
-        from pbs_kernels.ops import select as select_op
+        from pbs_kernels.attention import pbs_attention, pbs_plan
 
         cfg, be = self.cfg, self.backend
-        B, HQ, N, D = q.shape
+        D, N = q.shape[3], q.shape[2]
         b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
-        pos = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
-        blocks = select_op.select_blocks(q, k, pos, block_size=b, segment_size=S, threshold=tau, scale=scale, backend=be)
-        out, lse = attend_op.attend(q, k, v, pos, blocks, scale=scale, backend=be, return_lse=True)
-        ref_rows, rows = tile_reference(q, k, v, pos, blocks, check_blocks(blocks.num_blocks, b, S), scale)
+        plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False, scale=scale, backend=be)
+        blocks = plan.blocks
+        out, lse = plan.attend(q, return_lse=True)
+        ref_rows, rows = tile_reference(q, plan.k, plan.v, plan.pos, blocks, check_blocks(blocks.num_blocks, b, S), scale)
         row = MethodResult(
             "pbs-noperm", OK, flops=tile_flops(int(blocks.tiles_per_head().sum()), b, D),
             density=float(blocks.density_per_head().mean()),
             # The full-density lse is a sum over the same keys in any order: reuse the permuted one.
             recall=recall_of(lse, lse_full), error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows),
         )
-        del out, lse, blocks, ref_rows
+        del out, lse, blocks, plan, ref_rows
         row.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False,
                                                  min_seq_len=0, scale=scale, backend=be), N)
         return self.gate(row)

@@ -3,12 +3,12 @@
 Two ways, never mixed in one study:
 
 * measured (CUDA): median kernel time of `pbs_attention` (permutation + selection + attend)
-  over the time of the fastest dense SDPA backend, same GPU, same process (DESIGN.md §4);
+  over the time of the fastest dense SDPA backend, same GPU, same process (docs/design.md, Metrics);
 * predicted (CPU, where timings say nothing about a GPU): a cost model from the tile density,
   labelled "predicted" everywhere it is shown.
 
 The model: PBS computes a fraction `density` of the causal tiles at a per-tile efficiency
-`e(b)` relative to the fastest dense kernel (DESIGN.md §6: time = density / e), plus the work
+`e(b)` relative to the fastest dense kernel (docs/design.md, Performance: time = density / e), plus the work
 done before attending: scoring keys against the last b queries (2b/N of the dense work, at a
 lower efficiency) and a fixed share for the sort, the block selection and the launches.
 """
@@ -53,12 +53,12 @@ def predicted_cost(*, block_size: int, permute: bool, density: float, n_tokens: 
 
 # do_bench budgets (ms). Each trial is timed once to rank it against the others, so a short
 # measurement does (a PBS call at 32K takes a few ms; +-3% noise is below the gaps that matter);
-# the held-out figures of the chosen profile get _timing's full default budget.
+# the held-out figures of the chosen profile get timing.time_ms's full default budget.
 QUICK = {"warmup": 5.0, "rep": 40.0, "min_reps": 5}
 
 
 def kernel_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
-    """Median time of `fn()` in ms on the current CUDA device (pbs_cli._timing.time_ms)."""
+    """Median time of `fn()` in ms on the current CUDA device (pbs_cli.workflows.timing.time_ms)."""
     from ..timing import time_ms
 
     return float(time_ms(fn, **QUICK) if quick else time_ms(fn))
@@ -66,7 +66,7 @@ def kernel_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
 
 def dense_time_ms(q, k, v, *, scale: float | None = None, quick: bool = False) -> tuple[float, str]:
     """(time in ms, backend name) of the fastest dense causal SDPA backend for these inputs
-    (cuDNN or flash, DESIGN.md §4)."""
+    (cuDNN or flash, docs/design.md, Metrics)."""
     from ..timing import fastest_dense_ms
 
     budget = {"warmup": QUICK["warmup"], "rep": QUICK["rep"]} if quick else {}

@@ -3,8 +3,8 @@
 `LayerEvaluator(capture)` computes the dense reference of the layer once (output and per-row
 log-sum-exp, from the attend op over every causal tile, so the reference and the sparse result
 share their arithmetic), then `evaluate(config)` runs PBS on the same Q/K/V and returns the
-accuracy figures of DESIGN.md §4 (output error, recall, density) and the cost relative to dense
-attention: measured kernel time on CUDA, the cost model elsewhere (tune_cost).
+accuracy figures of docs/design.md, Metrics (output error, recall, density) and the cost relative to dense
+attention: measured kernel time on CUDA, the cost model elsewhere (cost.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pbs_kernels.attention import pbs_attention
+from pbs_kernels.attention import pbs_attention, pbs_plan
 from pbs_kernels.metrics import output_error, recall_from_lse
-from pbs_kernels.ops.attend import attend
-from pbs_kernels.ops.permute import permute_keys
-from pbs_kernels.ops.select import select_blocks
 from pbs_kernels.profile import LayerConfig
 
 from .cost import dense_time_ms, kernel_time_ms, predicted_cost
@@ -44,9 +41,6 @@ class LayerCapture:
     def n_tokens(self) -> int:
         return self.q.shape[2]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v))
-
     def to(self, device) -> LayerCapture:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return LayerCapture(self.layer, move(self.q), move(self.k), move(self.v), self.scale, self.unsupported)
@@ -70,7 +64,7 @@ class LayerEvaluator:
     """Scores PBS settings on one layer's captured Q/K/V.
 
     cost_model: "measured" (CUDA: time `pbs_attention` against the fastest dense SDPA backend)
-    or "predicted" (tune_cost.predicted_cost from the tile density).
+    or "predicted" (cost.predicted_cost from the tile density).
     """
 
     def __init__(self, capture: LayerCapture, *, cost_model: str, backend: str = "auto",
@@ -81,29 +75,22 @@ class LayerEvaluator:
         self.cost_model = cost_model
         self.backend = backend
         q, k = capture.q, capture.k
-        B, _, N, _ = q.shape
+        N = q.shape[2]
         self.n_tokens = N
-        self._ident = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, k.shape[1], N).contiguous()
-        # Dense reference through the same attend op over every causal tile (threshold 1.0, no
-        # permutation), so the output is exact dense attention and its lse the full softmax
-        # normaliser recall is measured against.
+        # Dense reference through the same attend kernel over every causal tile (a threshold-1.0
+        # plan without permutation), so the output is exact dense attention and its lse the full
+        # softmax normaliser recall is measured against.
         ref_b = 128 if N >= 1024 else 16
         with torch.no_grad():
-            full = select_blocks(q, k, self._ident, block_size=ref_b, segment_size=ref_b, threshold=1.0,
-                                 scale=capture.scale, backend=self._backend(q))
-            self.ref_out, self.ref_lse = attend(q, k, capture.v, self._ident, full, scale=capture.scale,
-                                                backend=self._backend(q), return_lse=True)
+            full = pbs_plan(q, k, capture.v, block_size=ref_b, segment_size=ref_b, threshold=1.0, permute=False,
+                            scale=capture.scale, backend=backend)
+            self.ref_out, self.ref_lse = full.attend(q, return_lse=True)
         del full
         self.dense_ms = dense_ms
         self.dense_backend: str | None = None
         if cost_model == "measured" and dense_ms is None:
             # Full budget: every trial's cost is divided by this one number.
             self.dense_ms, self.dense_backend = dense_time_ms(q, k, capture.v, scale=capture.scale)
-
-    def _backend(self, t: torch.Tensor) -> str:
-        if self.backend == "auto":
-            return "triton" if t.is_cuda else "torch"
-        return self.backend
 
     @torch.no_grad()
     def evaluate(self, config: LayerConfig) -> LayerMeasure:
@@ -113,20 +100,16 @@ class LayerEvaluator:
             return LayerMeasure(error=0.0, recall=1.0, density=1.0, cost=1.0, predicted_cost=1.0,
                                 time_ms=self.dense_ms, density_per_head=[1.0] * cap.q.shape[1])
         q, k, v, scale = cap.q, cap.k, cap.v, cap.scale
-        be = self._backend(q)
+        be = self.backend
         b, S = config.block_size, config.segment_size
-        if config.permute:
-            k_p, v_p, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend=be)
-        else:
-            k_p, v_p, pos = k, v, self._ident
-        blocks = select_blocks(q, k_p, pos, block_size=b, segment_size=S, threshold=config.threshold,
-                               scale=scale, backend=be)
-        out, lse = attend(q, k_p, v_p, pos, blocks, scale=scale, backend=be, return_lse=True)
+        plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=config.threshold, permute=config.permute,
+                        scale=scale, backend=be)
+        out, lse = plan.attend(q, return_lse=True)
         error = output_error(out, self.ref_out)
         recall = recall_from_lse(lse, self.ref_lse)
-        per_head = blocks.density_per_head().float().cpu()
+        per_head = plan.density_per_head().float().cpu()
         density = float(per_head.mean())
-        del out, lse, blocks, k_p, v_p, pos
+        del out, lse, plan
         predicted = predicted_cost(block_size=b, permute=config.permute, density=density, n_tokens=self.n_tokens)
         time = None
         cost = predicted

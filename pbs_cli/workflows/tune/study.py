@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from pbs_kernels.limits import BLOCK_SIZES
+
 from ..errors import (PbsError, SeqLenTooShort, StorageDriverMissing, StorageInvalid, StorageUnwritable,
                       StudyMismatchError)
 
@@ -48,7 +50,6 @@ __all__ = [
 ]
 
 SPACE_VERSION = 1
-BLOCK_SIZES = (16, 32, 64, 128)  # TODO(issue 10): pbs_kernels.limits.BLOCK_SIZES once it lands
 # A layer setting whose output is off by more than this fraction of the output's norm is not a
 # candidate at any speed: the model would be broken there (typical chosen settings: 0.01-0.1).
 MAX_LAYER_ERROR = 0.35

@@ -6,11 +6,11 @@
 
 1. Calibration: one dense prefill of `calib_ids` captures every layer's post-RoPE Q, K, V
    (pbs_kernels.integrations.hf.capture_attention).
-2. Per layer: an Optuna study (tune_study) over block size, segment, threshold and permutation,
-   two objectives, output error and cost (measured on CUDA, predicted elsewhere; tune_cost),
+2. Per layer: an Optuna study (study.py) over block size, segment, threshold and permutation,
+   two objectives, output error and cost (measured on CUDA, predicted elsewhere; cost.py),
    seeded from `pbs_kernels.analysis.analyze_layer` on the same activations. Dense attention is
    always one of the layer's options (error 0, cost 1).
-3. Allocation (tune_alloc): from each layer's Pareto front, the setting per layer with total
+3. Allocation (alloc.py): from each layer's Pareto front, the setting per layer with total
    attention time <= dense / target at the least summed output error.
 4. Validation on held-out text: each layer's chosen setting on the held-out activations (error,
    recall, density, cost), and the whole model with the profile applied: logits KL(dense || pbs)
