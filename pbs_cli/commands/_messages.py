@@ -87,3 +87,16 @@ def phrase(e: E.PbsError, command: Optional[str] = None) -> E.PbsError:
     """`e` worded for the command line from now on (str(e) gives the table's message)."""
     e.shown_as = message(e, command)
     return e
+
+
+def prompt_remarks(prompt, seq_len: int) -> tuple[Optional[str], Optional[str]]:
+    """(warning, info) about a prompt (workflows.model.Prompt) in the command line's words: the
+    text was repeated to reach --seq-len, or a longer --input was cut. None where there is none."""
+    what = "the synthetic text" if prompt.source == "synthetic" else f"--input {prompt.source}"
+    warning = info = None
+    if prompt.repeats is not None:
+        warning = (f"{what} has {prompt.source_tokens} tokens, fewer than --seq-len {seq_len}: repeated it "
+                   f"{prompt.repeats:.1f} times to fill (pass --no-extend to refuse)")
+    if prompt.truncated:
+        info = f"{what} has {prompt.source_tokens} tokens; using the first {seq_len}"
+    return warning, info

@@ -47,6 +47,7 @@ def command(
     import torch
 
     from ..workflows.model import build_prompt, check_seq_len, load_model
+    from ._messages import prompt_remarks
     from ._output import Output, to_jsonable, write_atomic
     from ..workflows.analyze import parse_layers, run_analysis, write_pictures
 
@@ -57,10 +58,11 @@ def command(
         check_seq_len(loaded, seq_len)
         chosen = parse_layers(layers, loaded.num_layers) if loaded.num_layers else None
         prompt = build_prompt(loaded, seq_len, input, extend=not no_extend)
-        if prompt.note:
-            output.warn(prompt.note)
-        if prompt.info:
-            output.info(prompt.info)
+        warning, remark = prompt_remarks(prompt, seq_len)
+        if warning:
+            output.warn(warning)
+        if remark:
+            output.info(remark)
         output.info(f"analysing {loaded.name} on {loaded.device.type} ({str(loaded.dtype).replace('torch.', '')}), "
                     f"{seq_len} tokens of {'synthetic text' if input is None else input}, block {block_size}, "
                     f"segment {segment_size}")
@@ -84,8 +86,8 @@ def command(
         ) from None
 
     report.input = prompt.source
-    if prompt.note:
-        report.notes.append(prompt.note)
+    if warning:
+        report.notes.append(warning)
     pictures = write_pictures(report, out_dir)
     report_path = out_dir / "report.json"
     report.files = {"report": str(report_path), "pictures": [str(p) for p in pictures]}

@@ -19,6 +19,7 @@ from pbs_kernels.limits import HEAD_DIMS
 
 from ..workflows.errors import PbsError, ProfileFileError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
+from ..workflows.bench.results import BASELINES as _BASELINES
 from ..workflows.lengths import format_length
 from ._output import Output, to_jsonable, write_atomic
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from ..workflows.bench import BenchReport
 
 DEFAULT_OUT = Path("pbs-out") / "bench"
-# = pbs_cli.workflows.bench.BASELINES, spelled out: importing the workflow here would load torch for --help.
-_BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
 
 
 class WorkloadKind(str, Enum):

@@ -59,15 +59,18 @@ class LoadedModel:
 
 @dataclass
 class Prompt:
-    """Token ids for one prefill. note: one line for the user when the text was extended to
-    reach the requested length (None otherwise); info: a plain remark (e.g. truncation)."""
+    """Token ids for one prefill. repeats: how many times the text was repeated to reach the
+    length (None when it was long enough); truncated: a longer prompt file was cut to its first
+    tokens. note: one flag-free line saying the text was repeated (None otherwise); the command
+    words both facts for its own options (commands._messages.prompt_remarks)."""
 
     input_ids: Any  # [1, N] int64 on the model's device
-    source: str  # "synthetic" or the --input path
+    source: str  # "synthetic" or the prompt file's path
     source_tokens: int  # tokens the source gave before extending or truncating
     extended: bool = False
+    repeats: float | None = None
+    truncated: bool = False
     note: str | None = None
-    info: str | None = None
 
 
 def resolve_device(device: str = "auto"):
@@ -254,7 +257,7 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
     n = len(ids)
     prompt = Prompt(input_ids=None, source=source, source_tokens=n)
     if n < seq_len:
-        what = "the synthetic text" if input_file is None else f"--input {source}"
+        what = "the synthetic text" if input_file is None else source
         if not extend:
             raise PromptTooShort(None if input_file is None else source, n, seq_len)
         bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
@@ -264,12 +267,11 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
         reps = math.ceil((seq_len - len(head)) / len(body))
         ids = (head + body * reps)[:seq_len]
         prompt.extended = True
-        prompt.note = (f"{what} has {n} tokens, fewer than --seq-len {seq_len}: repeated it "
-                       f"{(seq_len - len(head)) / len(body):.1f} times to fill (pass --no-extend to refuse)")
+        prompt.repeats = (seq_len - len(head)) / len(body)
+        prompt.note = f"{what} has {n} tokens, fewer than the {seq_len} asked for: repeated it {prompt.repeats:.1f} times"
     elif n > seq_len:
         ids = ids[:seq_len]
-        if input_file is not None:
-            prompt.info = f"--input {source} has {n} tokens; using the first {seq_len}"
+        prompt.truncated = input_file is not None
     prompt.input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.device)
     return prompt
 

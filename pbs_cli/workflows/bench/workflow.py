@@ -43,159 +43,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from pbs_kernels.metrics import output_error as rel_error
 from pbs_kernels.metrics import recall_from_lse as recall_of
 from pbs_kernels.reference import dense_reference, tile_reference
 
-from ..capture import capture_prefill, logits_kwargs
-from ..errors import (DeviceError, E2EUnavailable, GpuRequired, HeadsNotMultiple, ModelUnsupported, OutOfMemoryAt,
-                      SeqLenNotAboveSegment, UsageError, WorkloadUnknown)
+from ..capture import capture_prefill
+from ..errors import (DeviceError, GpuRequired, HeadsNotMultiple, OutOfMemoryAt, SeqLenNotAboveSegment, UsageError,
+                      WorkloadUnknown)
 from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
+from ._util import _free, _one_line, _sync
+from .e2e import run_e2e
+from .flex import flex_block_mask
+# The data types live in results.py (torch-free); re-exported here, the module tests and callers use.
+from .results import (BASELINES, CSV_COLUMNS, FAILED, OK, SKIPPED, UNAVAILABLE, WORKLOADS,  # noqa: F401
+                      BenchReport, BenchSettings, E2EResult, EnvInfo, MethodResult, PbsConfig, SeqLenResult,
+                      csv_rows)
 
-BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
-WORKLOADS = ("synthetic", "captured")
 CPU_MAX_SEQ_LEN = 2048  # the CPU pass computes fp32 references and eager FlexAttention
 DENSE_TOL = 2e-2  # a dense backend vs the fp32 reference, bf16/fp16
 KERNEL_TOL = {"fp32": 1e-3, "low": 2e-2}
 N_CHECK_BLOCKS = 6  # query blocks sampled for kernel_error
-E2E_WARMUP, E2E_REPS = 1, 3
-
-OK, FAILED, UNAVAILABLE, SKIPPED = "ok", "FAILED", "unavailable", "skipped"
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings and results (plain data).
-
-
-@dataclass
-class BenchSettings:
-    """What to bench. Mirrors `pbs bench`'s options; see the command's help."""
-
-    seq_lens: list[int]
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
-    batch: int = 1
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
-    device: str = "auto"  # auto | cuda | cpu
-    workload: str = "synthetic"  # synthetic | captured
-    model: Optional[str] = None
-    layer: Optional[int] = None
-    profile: Optional[str] = None  # path of a profile YAML
-    baselines: tuple[str, ...] = BASELINES
-    seed: int = 0
-    max_error: Optional[float] = None  # None: 0.05, or 2e-2 at threshold 1.0
-    e2e: bool = False
-    fp32_ref_max_len: int = 131072
-    e2e_warmup: int = E2E_WARMUP
-    e2e_reps: int = E2E_REPS
-
-
-@dataclass
-class EnvInfo:
-    device: str  # GPU name, or "cpu"
-    cuda: Optional[str]
-    cudnn: Optional[str]
-    torch: str
-    triton: Optional[str]
-    transformers: Optional[str]
-    dtype: str
-    timing: str
-
-
-@dataclass
-class PbsConfig:
-    """The PBS knobs benched (from the profile's layer, or the method defaults)."""
-
-    block_size: int
-    segment_size: int
-    threshold: float
-    permute: bool
-    source: str  # "defaults" or "PATH layer L"
-    min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
-
-
-@dataclass
-class MethodResult:
-    method: str
-    status: str  # ok | FAILED | unavailable | skipped
-    ms: Optional[float] = None
-    flops: Optional[float] = None
-    tflops: Optional[float] = None
-    density: Optional[float] = None
-    recall: Optional[float] = None
-    error: Optional[float] = None
-    kernel_error: Optional[float] = None
-    speedup: Optional[float] = None
-    note: Optional[str] = None
-
-
-@dataclass
-class SeqLenResult:
-    seq_len: int
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    reference: str  # "fp32" or the dense backend whose output served as reference
-    fastest_dense: Optional[str]
-    fastest_dense_ms: Optional[float]
-    methods: list[MethodResult] = field(default_factory=list)
-
-    def method(self, name: str) -> Optional[MethodResult]:
-        return next((m for m in self.methods if m.method == name), None)
-
-
-@dataclass
-class E2EResult:
-    seq_len: int
-    ttft_dense_ms: Optional[float]
-    ttft_pbs_ms: Optional[float]
-    speedup: Optional[float]
-    note: Optional[str] = None
-
-
-@dataclass
-class BenchReport:
-    env: EnvInfo
-    settings: dict[str, Any]
-    pbs: PbsConfig
-    workload: str
-    results: list[SeqLenResult] = field(default_factory=list)
-    e2e: list[E2EResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[str]:
-        return [f"{r.seq_len}:{m.method}" for r in self.results for m in r.methods if m.status == FAILED]
-
-
-CSV_COLUMNS = ("seq_len", "method", "status", "ms", "tflops", "density", "recall", "error",
-               "kernel_error", "speedup", "reference", "note")
-
-
-def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
-    """One row per (seq_len, method), then the e2e rows (method ttft-dense / ttft-pbs)."""
-    rows = []
-    for r in report.results:
-        for m in r.methods:
-            rows.append({"seq_len": r.seq_len, "method": m.method, "status": m.status, "ms": m.ms,
-                         "tflops": m.tflops, "density": m.density, "recall": m.recall, "error": m.error,
-                         "kernel_error": m.kernel_error, "speedup": m.speedup, "reference": r.reference,
-                         "note": m.note})
-    for e in report.e2e:
-        for method, ms, sp in (("ttft-dense", e.ttft_dense_ms, None), ("ttft-pbs", e.ttft_pbs_ms, e.speedup)):
-            rows.append({"seq_len": e.seq_len, "method": method, "status": OK if ms is not None else SKIPPED,
-                         "ms": ms, "speedup": sp, "note": e.note})
-    return rows
-
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
@@ -209,28 +81,6 @@ def causal_flops(batch: int, heads: int, head_dim: int, n: int) -> float:
 def tile_flops(tiles: int, block_size: int, head_dim: int) -> float:
     """Work of `tiles` computed b x b tiles (summed over batch and query heads)."""
     return 4.0 * block_size * block_size * head_dim * tiles
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free(device) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def check_blocks(num_blocks: int, block_size: int, segment_size: int, count: int = N_CHECK_BLOCKS) -> list[int]:
@@ -641,121 +491,10 @@ class _Bench:
         return self.gate(row)
 
 
-def flex_block_mask(blocks, pos, G: int, N: int, *, tile_checked_mask: bool = False,
-                    compute_q_blocks: bool = False):
-    """A FlexAttention BlockMask with exactly the kept tiles of `blocks`, in permuted key order.
-
-    Earlier-segment tiles become full blocks (no mask_mod, as PBS computes them unmasked); the
-    own-segment tiles become partial blocks whose mask_mod allows a key iff its original
-    position (`pos`) is <= the query's. Block size = PBS's block size.
-
-    Compiled FlexAttention visits only the BlockMask's blocks; eager FlexAttention (the CPU)
-    evaluates mask_mod everywhere and uses the BlockMask only to skip work, so for it
-    `tile_checked_mask=True` also makes mask_mod say which tiles are kept.
-    """
-    import inspect
-
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask
-
-    b = blocks.block_size
-    nb = blocks.num_blocks
-    idx, n_off, n_tot = blocks.idx, blocks.n_off, blocks.n_total
-    W = idx.shape[-1]
-    # Own-segment entries start at n_off in each row of idx: shift them to the front.
-    src = (n_off[..., None].long() + torch.arange(W, device=idx.device)).clamp(max=W - 1)
-    part_idx = torch.gather(idx, 3, src).contiguous()
-    part_num = (n_tot - n_off).contiguous()
-    # Padding slots past N get a position no query reaches.
-    pos_pad = torch.nn.functional.pad(pos.long(), (0, nb * b - N), value=1 << 40)
-    if tile_checked_mask:
-        tiles = blocks.dense_mask()
-
-        def mask_mod(bb, h, q_idx, kv_idx):
-            return tiles[bb, h, q_idx // b, kv_idx // b] & (pos_pad[bb, h // G, kv_idx] <= q_idx)
-    else:
-        def mask_mod(bb, h, q_idx, kv_idx):
-            return pos_pad[bb, h // G, kv_idx] <= q_idx
-
-    kwargs: dict[str, Any] = {"BLOCK_SIZE": b, "mask_mod": mask_mod}
-    params = inspect.signature(BlockMask.from_kv_blocks).parameters
-    if "seq_lengths" in params:
-        kwargs["seq_lengths"] = (N, N)
-    if "compute_q_blocks" in params:
-        kwargs["compute_q_blocks"] = compute_q_blocks  # the transposed index serves backward only
-    return BlockMask.from_kv_blocks(part_num, part_idx, n_off.contiguous(), idx, **kwargs)
-
-
 def dtype_is_fp32(dtype) -> bool:
     import torch
 
     return dtype == torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end: time to first token.
-
-
-def _ttft_ms(model, input_ids, device, warmup: int = E2E_WARMUP, reps: int = E2E_REPS) -> float:
-    """Median wall-clock ms of one prefill with use_cache=True up to the first token's logits."""
-    import torch
-
-    kwargs = logits_kwargs(model)
-    times = []
-    for i in range(warmup + reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(input_ids=input_ids, use_cache=True, **kwargs)
-            token = out.logits[:, -1].argmax(-1)
-        int(token[0])  # waits for the GPU
-        elapsed = (time.perf_counter() - t0) * 1e3
-        del out, token
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
-
-
-def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2EResult], list[str]]:
-    """TTFT of the model as loaded (dense attention), then with the profile applied."""
-    from pbs_kernels.profile import PbsProfile
-
-    from ..model import build_prompt, check_seq_len, load_model
-
-    try:
-        from pbs_kernels.integrations.hf import apply_profile
-    except ImportError as e:
-        raise E2EUnavailable(_one_line(e)) from None
-    loaded = load_model(s.model, device=device.type, dtype=s.dtype)
-    for n in s.seq_lens:
-        check_seq_len(loaded, n)
-    profile = PbsProfile.load(s.profile) if s.profile else PbsProfile.default()
-    notes = [f"e2e model: {loaded.name}; profile: {s.profile or 'method defaults'}"]
-    if device.type != "cuda":
-        notes.append("e2e on cpu: wall-clock times, not meaningful as performance figures")
-    prompts = {n: build_prompt(loaded, n).input_ids for n in s.seq_lens}
-    total = 2 * len(s.seq_lens)
-    desc = "e2e ttft"
-    progress(desc, 0, total)
-    dense = {}
-    for i, n in enumerate(s.seq_lens):
-        dense[n] = _ttft_ms(loaded.model, prompts[n], device, s.e2e_warmup, s.e2e_reps)
-        progress(desc, i + 1, total)
-    _free(device)
-    from pbs_kernels.integrations.hf import PbsIntegrationError
-
-    try:
-        model = apply_profile(loaded.model, profile)
-    except PbsIntegrationError as e:
-        raise ModelUnsupported(loaded.name, type(loaded.model).__name__, str(e)) from None
-    results = []
-    for i, n in enumerate(s.seq_lens):
-        ms = _ttft_ms(model, prompts[n], device, s.e2e_warmup, s.e2e_reps)
-        results.append(E2EResult(n, dense[n], ms, dense[n] / ms if ms > 0 else None))
-        progress(desc, len(s.seq_lens) + i + 1, total)
-    del model, loaded, prompts
-    _free(device)
-    return results, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -811,7 +550,7 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         progress("capture", len(seq_lens), len(seq_lens))
         w0 = workloads[seq_lens[0]]
         notes.append(f"captured {loaded.name} layer {layer}: heads {w0.q.shape[1]}, kv heads {w0.k.shape[1]}, "
-                     f"head dim {w0.q.shape[3]}, scale {w0.scale:.4g} (--heads/--kv-heads/--head-dim ignored)")
+                     f"head dim {w0.q.shape[3]}, scale {w0.scale:.4g} (the synthetic workload's head counts and head dim do not apply)")
         del loaded
         _free(device)
 

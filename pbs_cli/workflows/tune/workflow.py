@@ -402,7 +402,7 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
         notes.append(
             f"on held-out text the {unit} speedup is {validation['speedup']:.2f}x, below the "
             f"{settings.target_speedup:g}x target reached on calibration text ({alloc.speedup:.2f}x): "
-            "attention is denser there; tune with a --target-speedup margin or a more typical --input"
+            "attention is denser there; tune for a higher target speedup (a margin) or on more typical text"
         )
     return TuneResult(
         model=name, seq_len=N, target_speedup=settings.target_speedup, objective=OBJECTIVE,

@@ -1,0 +1,142 @@
+"""`pbs bench`'s settings and results: plain data, torch-free (the command imports it for --help).
+
+The JSON document, results.csv and results.md are written from these by the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
+WORKLOADS = ("synthetic", "captured")
+E2E_WARMUP, E2E_REPS = 1, 3
+
+OK, FAILED, UNAVAILABLE, SKIPPED = "ok", "FAILED", "unavailable", "skipped"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and results (plain data).
+
+
+@dataclass
+class BenchSettings:
+    """What to bench. Mirrors `pbs bench`'s options; see the command's help."""
+
+    seq_lens: list[int]
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    batch: int = 1
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cuda | cpu
+    workload: str = "synthetic"  # synthetic | captured
+    model: Optional[str] = None
+    layer: Optional[int] = None
+    profile: Optional[str] = None  # path of a profile YAML
+    baselines: tuple[str, ...] = BASELINES
+    seed: int = 0
+    max_error: Optional[float] = None  # None: 0.05, or 2e-2 at threshold 1.0
+    e2e: bool = False
+    fp32_ref_max_len: int = 131072
+    e2e_warmup: int = E2E_WARMUP
+    e2e_reps: int = E2E_REPS
+
+
+@dataclass
+class EnvInfo:
+    device: str  # GPU name, or "cpu"
+    cuda: Optional[str]
+    cudnn: Optional[str]
+    torch: str
+    triton: Optional[str]
+    transformers: Optional[str]
+    dtype: str
+    timing: str
+
+
+@dataclass
+class PbsConfig:
+    """The PBS knobs benched (from the profile's layer, or the method defaults)."""
+
+    block_size: int
+    segment_size: int
+    threshold: float
+    permute: bool
+    source: str  # "defaults" or "PATH layer L"
+    min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
+
+
+@dataclass
+class MethodResult:
+    method: str
+    status: str  # ok | FAILED | unavailable | skipped
+    ms: Optional[float] = None
+    flops: Optional[float] = None
+    tflops: Optional[float] = None
+    density: Optional[float] = None
+    recall: Optional[float] = None
+    error: Optional[float] = None
+    kernel_error: Optional[float] = None
+    speedup: Optional[float] = None
+    note: Optional[str] = None
+
+
+@dataclass
+class SeqLenResult:
+    seq_len: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    reference: str  # "fp32" or the dense backend whose output served as reference
+    fastest_dense: Optional[str]
+    fastest_dense_ms: Optional[float]
+    methods: list[MethodResult] = field(default_factory=list)
+
+    def method(self, name: str) -> Optional[MethodResult]:
+        return next((m for m in self.methods if m.method == name), None)
+
+
+@dataclass
+class E2EResult:
+    seq_len: int
+    ttft_dense_ms: Optional[float]
+    ttft_pbs_ms: Optional[float]
+    speedup: Optional[float]
+    note: Optional[str] = None
+
+
+@dataclass
+class BenchReport:
+    env: EnvInfo
+    settings: dict[str, Any]
+    pbs: PbsConfig
+    workload: str
+    results: list[SeqLenResult] = field(default_factory=list)
+    e2e: list[E2EResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{r.seq_len}:{m.method}" for r in self.results for m in r.methods if m.status == FAILED]
+
+
+CSV_COLUMNS = ("seq_len", "method", "status", "ms", "tflops", "density", "recall", "error",
+               "kernel_error", "speedup", "reference", "note")
+
+
+def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
+    """One row per (seq_len, method), then the e2e rows (method ttft-dense / ttft-pbs)."""
+    rows = []
+    for r in report.results:
+        for m in r.methods:
+            rows.append({"seq_len": r.seq_len, "method": m.method, "status": m.status, "ms": m.ms,
+                         "tflops": m.tflops, "density": m.density, "recall": m.recall, "error": m.error,
+                         "kernel_error": m.kernel_error, "speedup": m.speedup, "reference": r.reference,
+                         "note": m.note})
+    for e in report.e2e:
+        for method, ms, sp in (("ttft-dense", e.ttft_dense_ms, None), ("ttft-pbs", e.ttft_pbs_ms, e.speedup)):
+            rows.append({"seq_len": e.seq_len, "method": method, "status": OK if ms is not None else SKIPPED,
+                         "ms": ms, "speedup": sp, "note": e.note})
+    return rows
