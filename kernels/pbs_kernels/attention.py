@@ -24,10 +24,6 @@ from .ops.attend import attend
 from .ops.permute import permute_keys
 from .ops.select import select_blocks
 
-# Old names, kept for code written against them.
-ALLOWED_BLOCK_SIZES = BLOCK_SIZES
-ALLOWED_HEAD_DIMS = HEAD_DIMS
-
 
 @dataclass
 class PbsStats:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import AttentionNotCaptured, LayerMissing, ModelUnsupported
 
-__all__ = ["CapturedLayer", "capture_prefill", "logits_kwargs", "model_layers"]
+__all__ = ["CapturedLayer", "capture_during", "capture_prefill", "logits_kwargs", "model_layers"]
 
 
 @dataclass
@@ -74,11 +74,26 @@ def capture_prefill(
 ) -> dict[int, CapturedLayer]:
     """Run one prefill of `input_ids` [1, N] and capture the attention inputs of `layers` (None:
     all). With `on_layer`, each layer goes to the callback and nothing is kept (returns {});
-    without, returns {layer: CapturedLayer}.
+    without, returns {layer: CapturedLayer}. The pass stops after the last wanted layer.
 
     Raises ModelUnsupported (no attention layer PBS can drive), LayerMissing (a wanted index
     past the model) and AttentionNotCaptured (the model bypasses transformers'
     AttentionInterface, so nothing reached the capture).
+    """
+    kept: dict[int, CapturedLayer] = {}
+    sink = on_layer if on_layer is not None else (lambda layer: kept.__setitem__(layer.layer, layer))
+    capture_during(model, lambda: model(input_ids=input_ids, use_cache=False, **logits_kwargs(model)), sink,
+                   layers=layers, name=name, stop_after_last=True)
+    return kept
+
+
+def capture_during(model, forward: Callable[[], Any], on_layer: Callable[[CapturedLayer], None], *,
+                   layers: Iterable[int] | None = None, name: str = "", stop_after_last: bool = False):
+    """Call `forward()` (one prefill of `model`, dense) with every wanted layer's attention inputs
+    going to `on_layer` as they are computed; returns what `forward` returned (None when the pass
+    stopped after the last wanted layer, `stop_after_last=True`). `capture_prefill` is this with
+    the plain forward; tune's validation passes its own forward, which needs the full output.
+    Same errors as `capture_prefill`.
     """
     import torch
 
@@ -91,7 +106,6 @@ def capture_prefill(
     if missing:
         raise LayerMissing(missing[0], len(all_layers))
     last = wanted[-1]
-    kept: dict[int, CapturedLayer] = {}
     seen: set[int] = set()
 
     def on_call(call):
@@ -99,25 +113,22 @@ def capture_prefill(
         if q.shape[0] != 1 or q.shape[2] != k.shape[2]:
             return None  # not the prefill driven here (cannot happen with use_cache=False)
         idx = int(call.layer_idx)
-        layer = CapturedLayer(idx, q, k, call.value, float(call.scaling), call.softcap, call.sliding_window,
-                              call.fallback_reason())
         seen.add(idx)
-        if on_layer is None:
-            kept[idx] = layer
-        else:
-            on_layer(layer)
-        if idx == last:
+        on_layer(CapturedLayer(idx, q, k, call.value, float(call.scaling), call.softcap, call.sliding_window,
+                               call.fallback_reason()))
+        if stop_after_last and idx == last:
             raise StopForward
         return None
 
+    result = None
     try:
         with torch.inference_mode(), capture_attention(model, on_call, layers=wanted):
             try:
-                model(input_ids=input_ids, use_cache=False, **logits_kwargs(model))
+                result = forward()
             except StopForward:
                 pass
     except PbsIntegrationError as e:
         raise ModelUnsupported(name, type(model).__name__, str(e)) from None
     if not seen:
         raise AttentionNotCaptured(name, type(model).__name__)
-    return kept
+    return result

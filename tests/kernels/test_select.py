@@ -30,7 +30,7 @@ def test_pool_blocks_partial_last_block():
 
 
 def _brute_select(q, kp, pos, b, S, tau, scale):
-    """Per-row loop: the selection rules of DESIGN.md §1 step 2, written plainly."""
+    """Per-row loop: the selection rules of docs/design.md ("The method", step 2), written plainly."""
     B, HQ, N, D = q.shape
     G = HQ // kp.shape[1]
     nb, seg, last_q = block_geometry(N, b, S, q.device)

@@ -424,8 +424,9 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
     import torch
 
     from pbs_kernels.attention import pbs_attention
-    from pbs_kernels.integrations.hf import capture_attention, pbs_profile
+    from pbs_kernels.integrations.hf import pbs_profile
 
+    from ..capture import capture_during
     from .cost import dense_time_ms, kernel_time_ms
     from .layer import LayerCapture, LayerEvaluator
 
@@ -434,18 +435,17 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
     per_layer: dict[int, Any] = {}
     dense_ms: dict[tuple, float] = {}
 
-    def on_layer(call):
-        idx = int(call.layer_idx)
+    def on_layer(layer):
+        idx = layer.layer
         cfg = profile.layer(idx)
         lr = by_layer.get(idx)
-        if lr is None or call.query.shape[2] != call.key.shape[2]:
-            return None
+        if lr is None:
+            return
         if cfg.dense or lr.unsupported is not None:
             lr.heldout = {"error": 0.0, "recall": 1.0, "density": 1.0, "cost": 1.0, "predicted_cost": 1.0}
             per_layer[idx] = lr.heldout
-            return None
-        cap = LayerCapture(idx, call.query.contiguous(), call.key.contiguous(), call.value.contiguous(),
-                           float(call.scaling))
+            return
+        cap = LayerCapture(idx, layer.q.contiguous(), layer.k.contiguous(), layer.v.contiguous(), layer.scale)
         key = (tuple(cap.q.shape), tuple(cap.k.shape), str(cap.q.dtype))
         ev = LayerEvaluator(cap, cost_model="predicted")
         m = ev.evaluate(cfg)
@@ -463,14 +463,12 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
                       "dense_ms": dense_ms.get(key)}
         per_layer[idx] = lr.heldout
         del ev
-        return None
 
     progress("validation", 0, 2)
     targets = input_ids[0, 1:]
+    dense = capture_during(model, lambda: _final_hidden_and_head(model, input_ids), on_layer)
+    progress("validation", 1, 2)
     with torch.inference_mode():
-        with capture_attention(model, on_layer):
-            dense = _final_hidden_and_head(model, input_ids)
-        progress("validation", 1, 2)
         with pbs_profile(model, profile):
             pbs = _final_hidden_and_head(model, input_ids)
         stats = _logit_stats(dense, pbs, targets)
