@@ -85,7 +85,9 @@ def _user_message(e: BaseException) -> str | None:
     # torch into `pbs --help`. If the error was raised, the module is loaded.
     profiles = sys.modules.get("pbs_kernels.profile")
     if profiles is not None and isinstance(e, profiles.ProfileError):
-        return str(e)
+        from .workflows.errors import ProfileFileError
+
+        return message(ProfileFileError(str(e)))
     return None
 
 

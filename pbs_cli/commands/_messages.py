@@ -21,7 +21,15 @@ def _input(e: E.PromptTooShort) -> str:
     return "the synthetic text" if e.source is None else f"--input {e.source}"
 
 
+def _profile(e: E.ProfileFileError) -> str:
+    text = Exception.__str__(e)
+    if text.endswith("file not found"):
+        return f"{text}; pass the path of an existing profile YAML, e.g. profiles/default.yaml"
+    return f"{text}; fix the file (keys and allowed values: profiles/README.md) or pass another profile"
+
+
 MESSAGES: dict[type, Message] = {
+    E.ProfileFileError: lambda e, c: _profile(e),
     E.CudaUnavailable: lambda e, c: "--device cuda was requested but no CUDA GPU is available; use --device cpu or auto",
     E.Bf16Unsupported: lambda e, c: "this GPU does not support bf16; use --dtype fp16",
     E.GpuRequired: lambda e, c: (
@@ -29,9 +37,10 @@ MESSAGES: dict[type, Message] = {
         f"for a correctness-only pass on small sizes (<= {e.cpu_max_len} tokens)"),
     E.OutOfMemoryAt: lambda e, c: f"out of GPU memory at --seq-len {e.seq_len}; use a shorter --seq-len or fewer --heads",
     E.LayerMissing: lambda e, c: (
-        f"--layer {e.layer} does not exist; the model has {e.num_layers} layers (0-{e.num_layers - 1})"
+        f"--layer {e.layer} does not exist; the model has {e.num_layers} layers: use --layer 0 to {e.num_layers - 1}"
         if c == "bench" else
-        f"--layers: layer {e.layer} does not exist; the model has {e.num_layers} layers (0-{e.num_layers - 1})"),
+        f"--layers: layer {e.layer} does not exist; the model has {e.num_layers} layers: use layers in "
+        f"0-{e.num_layers - 1}"),
     E.LayerSpecInvalid: lambda e, c: f"--layers {e.detail}",
     E.SeqLenTooLong: lambda e, c: (
         f"--seq-len {e.seq_len} exceeds {e.model}'s max_position_embeddings {e.limit}; "
@@ -45,7 +54,8 @@ MESSAGES: dict[type, Message] = {
         "a smaller --seq-len, or drop --no-extend to repeat it"),
     E.WorkloadUnknown: lambda e, c: f"--workload {e.workload!r} is unknown; use synthetic or captured",
     E.HeadsNotMultiple: lambda e, c: (
-        f"--heads {e.heads} is not a multiple of --kv-heads {e.kv_heads}; grouped-query attention needs it"),
+        f"--heads {e.heads} is not a multiple of --kv-heads {e.kv_heads}, which grouped-query attention needs; "
+        f"use e.g. --heads {-(-e.heads // e.kv_heads) * e.kv_heads} --kv-heads {e.kv_heads}"),
     E.SeqLenNotAboveSegment: lambda e, c: (
         f"--seq-len {e.seq_len} is not longer than segment_size {e.segment_size}: PBS would run dense "
         f"attention; use --seq-len {e.suggested} or more"),
@@ -61,10 +71,11 @@ MESSAGES: dict[type, Message] = {
         f"--storage {e.spec!r} is not a storage; use sqlite:///FILE.db, postgresql://USER@HOST/DB, "
         "mysql://..., journal:FILE or FILE.log"),
     E.StorageUnwritable: lambda e, c: (
-        f"cannot open the journal file {e.path} ({e.reason}); pass a writable --storage"),
+        f"cannot write the storage file {e.path} ({e.reason}); pass a writable --storage"),
     E.StorageDriverMissing: lambda e, c: (
         f"--storage {e.label}: the database driver is missing ({e.reason}); install it, e.g. "
         "pip install psycopg2-binary for postgresql"),
+    E.OutputUnwritable: lambda e, c: f"--out {e.path}: {e.reason}; pass an --out {e.kind} you can write to",
     E.StudyMismatchError: lambda e, c: (
         f"study {e.study} in the storage is not a pbs tune study (other objectives); pass another --study name"
         if e.key is None else

@@ -15,6 +15,18 @@ from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SeqLenOpt, parse
 DEFAULT_OUT = Path("pbs-out/analyze")
 
 
+def _layer_list(value: Optional[str]) -> Optional[str]:
+    """--layers must parse (exit 2 otherwise); whether the layers exist is known after the load."""
+    from ..workflows.analyze import parse_layers
+    from ..workflows.errors import LayerSpecInvalid
+
+    try:
+        parse_layers(value, 1 << 30)
+    except LayerSpecInvalid as e:
+        raise typer.BadParameter(e.detail) from None
+    return value
+
+
 def command(
     model: ModelArg = None,
     seq_len: SeqLenOpt = 8192,
@@ -23,7 +35,7 @@ def command(
     segment_size: Annotated[int, typer.Option("--segment-size", help="Permutation window, a multiple of the block size.")] = 256,
     coverage: Annotated[float, typer.Option("--coverage", parser=parse_fraction, help="Attention mass the oracle must cover, in (0, 1].")] = 0.9,
     threshold: Annotated[float, typer.Option("--threshold", parser=parse_fraction, help="PBS selection threshold to evaluate, in (0, 1].")] = 0.9,
-    layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", help="Layers to analyse, e.g. 0,2,5-7.", show_default="all")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", callback=_layer_list, help="Layers to analyse, e.g. 0,2,5-7.", show_default="all")] = None,
     no_extend: Annotated[bool, typer.Option("--no-extend", help="Fail if the input is shorter than --seq-len instead of repeating it.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for report.json and the PNGs.", show_default=str(DEFAULT_OUT))] = None,
     format: FormatOpt = "table",
@@ -41,18 +53,19 @@ def command(
     if segment_size <= 0 or segment_size % block_size:
         raise typer.BadParameter(f"{segment_size} is not a positive multiple of --block-size {block_size}",
                                  param_hint="'--segment-size'")
-    out_dir = out if out is not None else DEFAULT_OUT
+    from ..workflows.outputs import check_out_dir, save_files
+
+    out_dir = check_out_dir(out if out is not None else DEFAULT_OUT)  # before minutes of work
 
     # Heavy imports here, not at module level: `pbs --help` must stay instant.
     import torch
 
     from ..workflows.model import build_prompt, check_seq_len, load_model
     from ._messages import prompt_remarks
-    from ._output import Output, to_jsonable, write_atomic
-    from ..workflows.analyze import parse_layers, run_analysis, write_pictures
+    from ._output import Output, to_jsonable
+    from ..workflows.analyze import parse_layers, render_pictures, run_analysis
 
     output = Output(format)
-    parse_layers(layers, 1 << 30)  # syntax errors before the (slow) model load
     try:
         loaded = load_model(model, device=device, dtype=dtype)
         check_seq_len(loaded, seq_len)
@@ -88,15 +101,19 @@ def command(
     report.input = prompt.source
     if warning:
         report.notes.append(warning)
-    pictures = write_pictures(report, out_dir)
-    report_path = out_dir / "report.json"
-    report.files = {"report": str(report_path), "pictures": [str(p) for p in pictures]}
-    write_atomic(report_path, json.dumps(to_jsonable(report.to_dict()), indent=2, allow_nan=False) + "\n")
+    pictures = render_pictures(report)
+    report.files = {"report": str(out_dir / "report.json"), "pictures": [str(out_dir / p) for p in pictures]}
+    report_json = json.dumps(to_jsonable(report.to_dict()), indent=2, allow_nan=False) + "\n"
+    saved = save_files(out_dir, {**pictures, "report.json": report_json}, label="pbs-analyze")
+    if saved.failure is not None:  # the files are elsewhere: say so in the printed results too
+        report.files = {"report": str(saved.paths[-1]) if saved.paths else None,
+                        "pictures": [str(p) for p in saved.paths[:-1]]}
 
     if output.json:
         output.emit_json(report.to_dict())
-        return
-    _print_tables(output, report)
+    else:
+        _print_tables(output, report)
+    saved.raise_failure()
 
 
 def _print_tables(output, report) -> None:
@@ -137,5 +154,6 @@ def _print_tables(output, report) -> None:
                         f"{ref['oracle_density']:.3f} -> {ref['oracle_density_perm']:.3f} permuted")
     if report.peak_gpu_memory_gib is not None:
         output.info(f"peak GPU memory: {report.peak_gpu_memory_gib:.1f} GiB")
-    output.info(f"wrote {report.files['report']} and {len(report.files['pictures'])} pictures in "
-                f"{Path(report.files['report']).parent} ({report.elapsed_s:.1f} s)")
+    if report.files.get("report"):
+        output.info(f"wrote {report.files['report']} and {len(report.files['pictures'])} pictures in "
+                    f"{Path(report.files['report']).parent} ({report.elapsed_s:.1f} s)")

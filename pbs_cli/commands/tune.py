@@ -80,28 +80,34 @@ def command(
     """
     from ..workflows.lengths import format_length
     from ..workflows.model import check_seq_len, load_model
+    from ..workflows.outputs import check_out_file, save_file
     from ..workflows.tune import TuneSettings, run_tune
-    from ..workflows.tune.workflow import slug
+    from ..workflows.tune.workflow import check_tune, slug
 
     if out is not None and out.suffix not in (".yaml", ".yml"):
         raise typer.BadParameter(f"{out} is not a .yaml path", param_hint="--out")
+    if out is not None:
+        check_out_file(out)  # before the model load; the default path needs the model's name
     o = Output(format)
     loaded = load_model(model, device=device, dtype=dtype)
     n = seq_len or (DEFAULT_LEN_CUDA if loaded.device.type == "cuda" else DEFAULT_LEN_CPU)
     check_seq_len(loaded, n)
-    calib, heldout, notes = split_prompt(loaded, n, input)
-    for note in notes:
-        o.warn(note)
     out_path = out if out is not None else Path("pbs-out") / f"{slug(loaded.name)}-{format_length(n)}.yaml"
     settings = TuneSettings(target_speedup=target_speedup, out=out_path, trials=trials, storage=storage,
                             study=study, seed=seed, model_name=loaded.name)
+    check_tune(settings, n)
+    calib, heldout, notes = split_prompt(loaded, n, input)
+    for note in notes:
+        o.warn(note)
     o.info(f"tuning {loaded.name} for {target_speedup:g}x at {n} tokens on {loaded.device.type} "
            f"({trials} trials per layer)")
     with o.progress() as report:
         result = run_tune(loaded.model, calib, heldout, settings, progress=report)
     result.notes[:0] = notes
-    result.profile.save(out_path)
-    _print(o, result, out_path)
+    result.profile.validate()
+    saved = save_file(out_path, result.profile.dumps(), label="pbs-tune")
+    _print(o, result, saved.paths[0] if saved.paths else None)
+    saved.raise_failure()
 
 
 def split_prompt(loaded, n: int, input_file) -> tuple[Any, Any, list[str]]:
@@ -134,10 +140,11 @@ def _setting(cfg: dict) -> str:
     return f"b{cfg['block_size']} S{cfg['segment_size']} t{cfg['threshold']:g} {'perm' if cfg['permute'] else 'noperm'}"
 
 
-def _print(o: Output, result, out_path: Path) -> None:
+def _print(o: Output, result, out_path: Optional[Path]) -> None:
+    """out_path: where the profile went (None: nowhere, the write failed)."""
     if o.json:
         doc = result.to_dict()
-        doc["profile_path"] = str(out_path)
+        doc["profile_path"] = None if out_path is None else str(out_path)
         o.emit_json(doc)
         return
     unit = result.cost_model
@@ -166,4 +173,5 @@ def _print(o: Output, result, out_path: Path) -> None:
     for note in result.notes:
         o.warn(note)
     o.info(f"studies {result.study}-layer* in {result.storage}")
-    o.info(f"wrote {out_path}")
+    if out_path is not None:
+        o.info(f"wrote {out_path}")

@@ -1,7 +1,7 @@
 """The workflow behind `pbs analyze`: one prefill, per-layer sparsity figures, pictures.
 
     report = run_analysis(model, input_ids, block_size=128, coverage=0.9, progress=report_fn)
-    files = write_pictures(report, "pbs-out/analyze")
+    pictures = render_pictures(report)     # {"density_grid.png": b"...", ...}; the caller saves them
 
 `run_analysis` registers a capture attention function (pbs_kernels.integrations.hf), runs one
 forward pass, and at each selected layer measures the post-RoPE Q and K with
@@ -31,6 +31,7 @@ __all__ = [
     "LayerReport",
     "parse_layers",
     "run_analysis",
+    "render_pictures",
     "write_pictures",
 ]
 
@@ -353,24 +354,30 @@ def _display(m):
     return torch.log10(m.clamp_min(1e-6)).numpy()
 
 
-def _save(fig, path: Path) -> Path:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return write_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def write_pictures(report: AnalysisReport, out_dir: str | Path) -> list[Path]:
-    """PNG pictures into `out_dir`: heatmap_most_sparse.png / heatmap_least_sparse.png (block
+    """`render_pictures` written into `out_dir` (each file atomically); returns the paths."""
+    out_dir = Path(out_dir)
+    return [write_atomic(out_dir / name, data) for name, data in render_pictures(report).items()]
+
+
+def render_pictures(report: AnalysisReport) -> dict[str, bytes]:
+    """PNG pictures by file name: heatmap_most_sparse.png / heatmap_least_sparse.png (block
     attention before and after permutation, side by side) and density_grid.png (layer x head
-    oracle density without and with permutation). Returns the paths written."""
+    oracle density without and with permutation). Rendered in memory, so the caller writes all
+    the results in one place (and keeps them if the disk fails)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
     import numpy as np
 
-    out_dir = Path(out_dir)
-    written: list[Path] = []
+    pictures: dict[str, bytes] = {}
     for hm in report.heatmaps:
         fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
         for ax, m, label, dens in (
@@ -384,7 +391,7 @@ def write_pictures(report: AnalysisReport, out_dir: str | Path) -> list[Path]:
         fig.colorbar(im, ax=axes, shrink=0.8, label="log10 attention mass")
         fig.suptitle(f"{report.model}: layer {hm.layer} head {hm.head} ({hm.kind}), {report.seq_len} tokens", y=1.02)
         name = "heatmap_most_sparse.png" if hm.kind == "most sparse" else "heatmap_least_sparse.png"
-        written.append(_save(fig, out_dir / name))
+        pictures[name] = _png(fig)
         plt.close(fig)
 
     if report.layers:
@@ -410,6 +417,6 @@ def write_pictures(report: AnalysisReport, out_dir: str | Path) -> list[Path]:
         fig.colorbar(im, ax=axes, shrink=0.8, label=f"tiles for {report.coverage:g} of the mass / causal tiles")
         fig.suptitle(f"{report.model}: {report.seq_len} tokens, block {report.block_size}, segment {report.segment_size}",
                      y=1.04)
-        written.append(_save(fig, out_dir / "density_grid.png"))
+        pictures["density_grid.png"] = _png(fig)
         plt.close(fig)
-    return written
+    return pictures

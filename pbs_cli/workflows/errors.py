@@ -87,6 +87,30 @@ class AttentionNotCaptured(ModelError):
                          "so PBS cannot capture, analyse, tune or run it")
 
 
+class ModelConfigUnreadable(ModelError):
+    """The folder's config.json exists but cannot be read (`reason`: what is wrong with it)."""
+
+    def __init__(self, model: str, path, reason: str) -> None:
+        self.model, self.path, self.reason = model, path, reason
+        super().__init__(f"{model}: cannot read {path} ({reason}); save the model again with save_pretrained "
+                         "or fix the file")
+
+
+class ModelTypeUnknown(ModelError):
+    def __init__(self, model: str, model_type: str, transformers_version: str) -> None:
+        self.model, self.model_type, self.transformers_version = model, model_type, transformers_version
+        super().__init__(f"{model}: model type {model_type!r} is unknown to transformers {transformers_version}; "
+                         "upgrade transformers (pip install -U transformers) or use a model it supports")
+
+
+class WeightsUnreadable(ModelError):
+    """A weights file that is cut short or damaged (`reason`), e.g. a download that stopped."""
+
+    def __init__(self, model: str, path, reason: str) -> None:
+        self.model, self.path, self.reason = model, path, reason
+        super().__init__(f"{model}: the weights file {path} is damaged: {reason}; download or save the model again")
+
+
 class LayerMissing(UsageError):
     def __init__(self, layer: int, num_layers: int) -> None:
         self.layer, self.num_layers = layer, num_layers
@@ -198,7 +222,7 @@ class StorageInvalid(UsageError):
 class StorageUnwritable(PbsError):
     def __init__(self, path, reason: str) -> None:
         self.path, self.reason = path, reason
-        super().__init__(f"cannot open the journal file {path} ({reason}); use a writable storage")
+        super().__init__(f"cannot write the storage file {path} ({reason}); use a writable storage")
 
 
 class StorageDriverMissing(PbsError):
@@ -219,3 +243,26 @@ class StudyMismatchError(PbsError):
         else:
             text = f"study {study} was tuned with {key}={recorded!r}, this run has {key}={current!r}"
         super().__init__(text + "; use another study name to avoid mixing results")
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+class OutputUnwritable(UsageError):
+    """An output path that cannot be written, found before the work starts. kind: "folder" or
+    "file" (what the path must be); reason: what is in the way."""
+
+    def __init__(self, path, kind: str, reason: str) -> None:
+        self.path, self.kind, self.reason = path, kind, reason
+        super().__init__(f"cannot write the output {kind} {path}: {reason}; use a path you can write to")
+
+
+class OutputWriteFailed(PbsError):
+    """Writing the results failed after the work was done; they were saved to `saved_to`
+    instead (None: nowhere, the printed output is all that is left)."""
+
+    def __init__(self, path, reason: str, saved_to=None) -> None:
+        self.path, self.reason, self.saved_to = path, reason, saved_to
+        where = (f"the results were saved to {saved_to} instead; copy them from there" if saved_to is not None
+                 else "the results could not be saved anywhere; rerun with a writable output path")
+        super().__init__(f"cannot write {path} ({reason}); {where}")

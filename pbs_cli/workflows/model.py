@@ -12,14 +12,16 @@ that importing this module stays cheap.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import (Bf16Unsupported, CudaUnavailable, DeviceError, InputFileError, ModelError, NoTokenizer,
-                     PromptTooShort, SeqLenTooLong)
+from .errors import (Bf16Unsupported, CudaUnavailable, DeviceError, InputFileError, ModelConfigUnreadable,
+                     ModelError, ModelTypeUnknown, NoTokenizer, PromptTooShort, SeqLenTooLong, WeightsUnreadable)
 
 __all__ = [
     "DEMO_NAME",
@@ -155,24 +157,41 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
 
         hf_logging.disable_progress_bar()
 
+    local = Path(source).is_dir()
+    if local:
+        model_type = check_model_files(name, Path(source))
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=offline)
-    except OSError:
+    except OSError as e:
+        if local:
+            raise ModelConfigUnreadable(name, Path(source) / "config.json", _summary(e)) from None
         raise _not_cached(name) from None
     except (ValueError, KeyError) as e:
-        raise ModelError(f"{name}: transformers cannot read this model's config ({_first_line(e)})") from None
+        if local and model_type is not None and "does not recognize this architecture" in str(e):
+            import transformers
+
+            raise ModelTypeUnknown(name, model_type, transformers.__version__) from None
+        raise ModelError(f"{name}: transformers cannot read this model's config ({_summary(e)})") from None
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt, local_files_only=offline)
     except OSError as e:
         if "does not appear to have a file named" in str(e) or "not the path to a directory" in str(e):
-            raise ModelError(f"{name}: no weights found ({_first_line(e)}); save the model with save_pretrained") from None
+            raise ModelError(f"{name}: no weights found ({_summary(e)}); save the model with save_pretrained") from None
+        if local:
+            raise ModelError(f"{name}: cannot load the weights ({_summary(e)}); download or save the model again") from None
         raise _not_cached(name) from None
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             arch = type(config).__name__.replace("Config", "")
             raise ModelError(f"{name}: {arch} is not a causal language model (AutoModelForCausalLM cannot load it); "
                              "PBS analyses decoder-only LMs") from None
-        raise ModelError(f"{name}: cannot load the model ({_first_line(e)})") from None
+        raise ModelError(f"{name}: cannot load the model ({_summary(e)})") from None
+    except Exception as e:
+        # The safetensors reader raises its own SafetensorError (no OSError) for a file cut short
+        # or damaged; check_model_files catches what it can see before the load.
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise WeightsUnreadable(name, source, _summary(e)) from None
     hf_model = hf_model.to(dev).eval()
 
     tokenizer = None
@@ -242,9 +261,9 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            raise InputFileError(path, f"{path}: file not found") from None
+            raise InputFileError(path, f"{path}: file not found; pass an existing text file") from None
         except OSError as e:
-            raise InputFileError(path, f"{path}: cannot read it ({e.strerror or e})") from None
+            raise InputFileError(path, f"{path}: cannot read it ({e.strerror or e}); pass a readable text file") from None
         if not text.strip():
             raise InputFileError(path, f"{path} is empty; pass a text file with the prompt")
         if loaded.tokenizer is None:
@@ -276,7 +295,65 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
     return prompt
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def check_model_files(name: str, folder: Path) -> str | None:
+    """Check a model folder's config.json and safetensors files before transformers reads them,
+    so that a broken file is named with what is wrong. Returns the config's model_type."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelConfigUnreadable(name, path, e.strerror or type(e).__name__) from None
+    except UnicodeDecodeError:
+        raise ModelConfigUnreadable(name, path, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ModelConfigUnreadable(name, path, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(config, dict):
+        raise ModelConfigUnreadable(name, path, f"a JSON {type(config).__name__}, not an object")
+    for weights in sorted(folder.glob("*.safetensors")):
+        reason = safetensors_problem(weights)
+        if reason is not None:
+            raise WeightsUnreadable(name, weights, reason)
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, or None. Reads only its header: 8 bytes of
+    header length, the JSON header, then tensors whose byte ranges must lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"truncated ({size} bytes, not even a header)"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"truncated ({size} bytes on disk, less than its {8 + n}-byte header)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "the header is not valid JSON (not a safetensors file, or damaged)"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"truncated ({size} bytes on disk, its tensors need {need})"
+    return None
+
+
+def _summary(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut only at a sentence end, never mid-sentence
+    (transformers' first lines run to 400 characters)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not text:
+        return type(e).__name__
+    if len(text) <= limit:
+        return text.rstrip(".")
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut] if cut > 0 else text.split(". ")[0].rstrip(".")
 

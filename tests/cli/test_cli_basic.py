@@ -101,7 +101,7 @@ def test_main_missing_profile(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["profile", "show", str(tmp_path / "nope.yaml")])
     assert e.value.code == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope.yaml'}: file not found\n")
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope.yaml'}: file not found; pass ")
 
 
 def test_main_debug_reraises(broken, monkeypatch):

@@ -106,7 +106,8 @@ def test_killed_tune_resumes_to_the_uninterrupted_profile(model_dir, tmp_path, c
     resumed = run_pbs(tune_args(model_dir, out, log), capsys)  # the same command again
 
     studies = trials_of(log)
-    assert not [t for ts in studies.values() for t in _state(ts, "RUNNING")], "a trial is still RUNNING"
+    still = [(t.number, t.user_attrs, t.datetime_start) for ts in studies.values() for t in _state(ts, "RUNNING")]
+    assert not still, f"trials still RUNNING: {still}"
     for name, number in left:
         trial = next(t for t in studies[name] if t.number == number)
         assert trial.state.name == "FAIL"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -40,6 +41,7 @@ __all__ = [
     "completed",
     "default_storage_url",
     "fingerprint",
+    "check_storage",
     "open_storage",
     "open_study",
     "parse_storage",
@@ -195,22 +197,48 @@ def parse_storage(spec: str) -> tuple[str, str]:
     raise StorageInvalid(spec)
 
 
+def storage_file(spec: str | None, out: Path) -> Path | None:
+    """The local file a storage writes (a journal or SQLite file), None for a database server."""
+    kind, url = parse_storage(spec if spec is not None else default_storage_url(out))
+    if kind == "journal":
+        return Path(url)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def check_storage(spec: str | None, out: Path) -> None:
+    """StorageUnwritable, before any work, when the storage's local file cannot be written."""
+    from ..errors import OutputUnwritable
+    from ..outputs import check_out_file
+
+    path = storage_file(spec, out)
+    if path is not None:
+        try:
+            check_out_file(path)
+        except OutputUnwritable as e:
+            raise StorageUnwritable(path, e.reason) from None
+
+
 def open_storage(spec: str | None, out: Path):
     """(storage object, label) for `--storage` (None: a SQLite file beside `out`)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    check_storage(spec, out)
     kind, url = parse_storage(spec if spec is not None else default_storage_url(out))
-    path = Path(url) if kind == "journal" else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    local = storage_file(spec, out)
+    if local is not None:
         try:
-            return JournalStorage(JournalFileBackend(str(path))), f"journal:{path}"
+            local.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageUnwritable(path, str(e.strerror or e)) from None
+            raise StorageUnwritable(local, str(e.strerror or e)) from None
+    if kind == "journal":
+        try:
+            return JournalStorage(JournalFileBackend(str(local))), f"journal:{local}"
+        except OSError as e:
+            raise StorageUnwritable(local, str(e.strerror or e)) from None
 
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several local processes may write one file: wait for the lock instead of failing.
@@ -245,16 +273,16 @@ def fingerprint(*parts: Any) -> str:
 
 def open_study(storage, name: str, identity: dict[str, Any], *, seed: int, n_startup: int = 8) -> optuna.Study:
     """Create or load study `name`; refuse one that was made under another `identity`.
-    n_startup: trials (seeds included) before TPE models the results instead of sampling at random."""
+    n_startup: trials (seeds included) before TPE models the results instead of sampling at random.
+
+    Loading a study also fails the trials a killed run left RUNNING (`fail_orphans`), so a
+    resumed run re-runs them and nothing stays RUNNING forever (a journal storage has no
+    heartbeat that would ever fail them)."""
     import optuna
 
-    probe = optuna.load_study(study_name=name, storage=storage) if _exists(storage, name) else None
-    done = 0 if probe is None else len(probe.get_trials(deepcopy=False))
-    # A fresh seed per resume: the same seed would replay the same random startup points.
-    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + done) % (2**32), n_startup_trials=n_startup)
     study = optuna.create_study(
-        storage=storage, study_name=name, directions=["minimize", "minimize"], sampler=sampler,
-        load_if_exists=True,
+        storage=storage, study_name=name, directions=["minimize", "minimize"],
+        sampler=replayable_sampler(seed, n_startup), load_if_exists=True,
     )
     if study.directions != [optuna.study.StudyDirection.MINIMIZE] * 2:
         raise StudyMismatchError(name)
@@ -264,7 +292,176 @@ def open_study(storage, name: str, identity: dict[str, Any], *, seed: int, n_sta
     elif recorded != identity:
         key = next((k for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)), "?")
         raise StudyMismatchError(name, key, recorded.get(key), identity.get(key))
+    fail_orphans(study)
     return study
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the same profile as an uninterrupted run, and no trial left RUNNING by a kill.
+
+WORKER_ATTR = "pbs_worker"  # on a trial: the worker running it, set as its objective starts
+WORKERS_PREFIX = "pbs_worker:"  # on the study, one key per worker process: where and whether it runs
+NOTE_ATTR = "pbs_note"  # why pbs failed a trial itself
+RETRY_ATTR = "pbs_retry_of"  # on a re-enqueued trial: the number of the orphan it replaces
+# A RUNNING trial no worker claimed, in a study that records no workers (made before they were
+# recorded), is an orphan once this old.
+UNTAGGED_GRACE_S = 60
+
+
+def _proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _worker() -> dict[str, Any]:
+    import os
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
+
+
+def _worker_key(worker: dict[str, Any]) -> str:
+    return f"{WORKERS_PREFIX}{worker['host']}:{worker['pid']}:{worker.get('start')}"
+
+
+def _alive(worker: dict[str, Any], me: dict[str, Any]) -> bool | None:
+    """Whether `worker` still runs: None when it cannot be known (another machine)."""
+    import os
+
+    if worker.get("host") != me["host"] or not isinstance(worker.get("pid"), int):
+        return None
+    if worker["pid"] == me["pid"]:
+        return True
+    try:
+        os.kill(worker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    start = worker.get("start")
+    return start is None or _proc_start(worker["pid"]) in (None, start)
+
+
+def _orphan_reason(trial: optuna.trial.FrozenTrial, me: dict[str, Any], workers: list[dict[str, Any]]) -> str | None:
+    """Why `trial` (RUNNING) can never finish, or None when a live worker may still run it.
+    workers: the study's workers not recorded as done. Workers on other machines cannot be
+    checked: their trials are left alone (on a database storage, Optuna's heartbeat fails them
+    ~1 minute after their worker died)."""
+    from datetime import datetime
+
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if isinstance(worker, dict):
+        if _alive(worker, me) is False:
+            return f"its process (pid {worker['pid']} on {worker['host']}) is gone"
+        return None
+    # Not claimed yet: the worker died between starting the trial and its objective's first line.
+    if workers:
+        if all(_alive(w, me) is False for w in workers):
+            return "it was started by a process that is gone (" + ", ".join(
+                f"pid {w['pid']} on {w['host']}" for w in workers) + ")"
+        return None
+    if trial.datetime_start is not None:
+        age = (datetime.now() - trial.datetime_start).total_seconds()
+        if age > UNTAGGED_GRACE_S:
+            return f"it started {age:.0f} s ago and no process ever claimed it"
+    return None
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Mark FAIL, with a note, the RUNNING trials whose process is dead; enqueue again the fixed
+    settings (seed configs) of those that had them, so the study evaluates every seed exactly once.
+    Sampled ones need no copy: the replayable sampler draws the same settings again. Returns the
+    numbers of the trials failed."""
+    from datetime import datetime
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    me = _worker()
+    storage = study._storage  # the storage API (set_trial_*) is public; Study exposes no setter
+    workers = [w for k, w in study.user_attrs.items()
+               if k.startswith(WORKERS_PREFIX) and isinstance(w, dict) and w.get("state") != "done"]
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = _orphan_reason(trial, me, workers)
+        if reason is None:
+            continue
+        note = (f"failed by pbs tune on resume at {datetime.now().isoformat(timespec='seconds')}: {reason} "
+                "(killed or crashed); its settings are evaluated again")
+        try:
+            storage.set_trial_user_attr(trial._trial_id, NOTE_ATTR, note)
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # finished meanwhile after all
+            continue
+        failed.append(trial.number)
+        fixed = trial.system_attrs.get("fixed_params")
+        if fixed:
+            study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: trial.number})
+    return failed
+
+
+def _counted(study: optuna.Study) -> int:
+    """Finished trials that a run not interrupted would also have: orphans of a killed run (failed
+    by `fail_orphans` or by Optuna's heartbeat, which re-enqueues them as 'failed_trial') are not."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    retried = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    return sum(1 for t in trials if t.state != TrialState.FAIL
+               or (NOTE_ATTR not in t.user_attrs and t.number not in retried))
+
+
+@functools.cache
+def _sampler_class():
+    import optuna
+
+    class _Replayable(optuna.samplers.BaseSampler):
+        """TPE whose random state before each trial is a function of (seed, finished trials).
+
+        One TPESampler seeded once draws from a stream that a kill cuts: a resumed run used to
+        start a new stream, so it sampled other settings than an uninterrupted run and ended on
+        another profile. Here the k-th trial's draw depends only on the seed and the k trials
+        before it (which TPE reads from the study), however many runs it took to get there. With
+        the CPU cost model (deterministic figures) a resumed run writes the same profile; with
+        measured GPU times the figures themselves vary from run to run. Several workers sharing
+        a study interleave their trials, so their result depends on timing either way.
+        """
+
+        def __init__(self, seed: int, n_startup: int) -> None:
+            self._seed, self._n_startup = seed, n_startup
+            self._inner = self._tpe(0)
+
+        def _tpe(self, k: int):
+            return optuna.samplers.TPESampler(seed=(self._seed * 1_000_003 + k) % (2**32),
+                                              n_startup_trials=self._n_startup)
+
+        def before_trial(self, study, trial) -> None:
+            self._inner = self._tpe(_counted(study))
+            self._inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self._inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._inner.after_trial(study, trial, state, values)
+
+    return _Replayable
+
+
+def replayable_sampler(seed: int, n_startup: int):
+    """The sampler of every pbs tune study (see `_sampler_class`); optuna is imported on first use."""
+    return _sampler_class()(seed, n_startup)
 
 
 def _exists(storage, name: str) -> bool:
@@ -303,6 +500,16 @@ def run_study(
         study.enqueue_trial(params, skip_if_exists=True)
 
     ran = 0
+    worker = _worker()
+    # Registered before any trial starts, so a trial this process leaves unclaimed (killed between
+    # Optuna starting it and `tagged`) is known to be its own.
+    study.set_user_attr(_worker_key(worker), {**worker, "state": "running"})
+
+    def tagged(trial: optuna.Trial):
+        # First thing: a worker that dies from now on leaves a trial that `fail_orphans` can tell
+        # from one still running.
+        trial.set_user_attr(WORKER_ATTR, worker)
+        return objective(trial)
 
     def report(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal ran
@@ -310,12 +517,15 @@ def run_study(
         if on_trial is not None:
             on_trial(len(completed(st)))
 
-    study.optimize(
-        objective,
-        n_trials=trials - before,
-        catch=catch,
-        callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
-    )
+    try:
+        study.optimize(
+            tagged,
+            n_trials=trials - before,
+            catch=catch,
+            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
+        )
+    finally:  # an exception fails its trial itself (Optuna); only a kill leaves one RUNNING
+        study.set_user_attr(_worker_key(worker), {**worker, "state": "done"})
     return before, ran
 
 

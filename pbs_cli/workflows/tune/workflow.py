@@ -249,6 +249,20 @@ def _build_profile(layers: list[LayerResult], settings: TuneSettings, seq_len: i
 # The workflow.
 
 
+def check_tune(settings: TuneSettings, n_tokens: int) -> None:
+    """Everything about a tune that can be known before its work: trials, the length, the profile
+    path and the storage's file. `run_tune` calls it; a caller that prints a banner first calls
+    it before that."""
+    from ..outputs import check_out_file
+    from . import study as ts
+
+    if settings.trials < 1:
+        raise TrialsTooFew(settings.trials)
+    ts.SearchSpace.for_length(n_tokens)
+    check_out_file(settings.out)
+    ts.check_storage(settings.storage, settings.out)
+
+
 def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress: ProgressFn = no_progress) -> TuneResult:
     """Tune a PBS profile for `model` (see the module docstring).
 
@@ -269,9 +283,8 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
     t0 = time.perf_counter()
     if calib_ids.dim() != 2 or calib_ids.shape[0] != 1 or heldout_ids.shape != calib_ids.shape:
         raise ValueError("run_tune: calib_ids and heldout_ids must both be [1, N]")
-    if settings.trials < 1:
-        raise TrialsTooFew(settings.trials)
     N = int(calib_ids.shape[1])
+    check_tune(settings, N)
     device = calib_ids.device
     cost_model = settings.cost_model or ("measured" if device.type == "cuda" else "predicted")
     if cost_model not in ("measured", "predicted"):
