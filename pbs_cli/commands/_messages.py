@@ -59,6 +59,9 @@ MESSAGES: dict[type, Message] = {
     E.SeqLenNotAboveSegment: lambda e, c: (
         f"--seq-len {e.seq_len} is not longer than segment_size {e.segment_size}: PBS would run dense "
         f"attention; use --seq-len {e.suggested} or more"),
+    E.ProfileNotForModel: lambda e, c: (
+        f"--profile {e.profile} sets layer {e.layer} but {e.model} has {e.num_layers} layers (0-{e.num_layers - 1}); "
+        f"pass a profile tuned for this model (pbs tune {e.model} ... --out FILE) or drop --profile"),
     E.E2EUnavailable: lambda e, c: (
         f"--e2e needs pbs_kernels.integrations.hf, which cannot be imported here ({e.reason})"),
     E.TrialsTooFew: lambda e, c: "--trials must be at least 1",

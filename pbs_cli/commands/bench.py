@@ -21,7 +21,8 @@ from ..workflows.errors import PbsError, ProfileFileError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
 from ..workflows.bench.results import BASELINES as _BASELINES
 from ..workflows.lengths import format_length
-from ._output import Output, to_jsonable, write_atomic
+from ..workflows.outputs import save_files
+from ._output import Output, to_jsonable
 
 if TYPE_CHECKING:
     from ..workflows.bench import BenchReport
@@ -84,7 +85,9 @@ def command(
     Example: pbs bench --seq-len 8k,32k,128k --profile profiles/default.yaml
     """
     from ..workflows.bench import BenchSettings, run_bench
+    from ..workflows.outputs import check_out_dir
 
+    out_dir = check_out_dir(Path(out) if out is not None else DEFAULT_OUT)  # before the bench runs
     o = Output(format)
     settings = BenchSettings(
         seq_lens=list(seq_len),
@@ -113,14 +116,15 @@ def command(
             raise ProfileFileError(str(e)) from e
         raise
 
-    out_dir = Path(out) if out is not None else DEFAULT_OUT
-    files = write_outputs(report, out_dir)
+    saved = save_files(out_dir, output_files(report), label="pbs-bench")
     document = report_document(report)
     if o.json:
         o.emit_json(document)
     else:
         print_report(o, report)
-    o.info("wrote " + ", ".join(str(f) for f in files))
+    if saved.paths:
+        o.info("wrote " + ", ".join(str(f) for f in saved.paths))
+    saved.raise_failure()
     if report.failed:
         raise PbsError(f"{len(report.failed)} result(s) FAILED the correctness check ({', '.join(report.failed)}); "
                        f"see the notes in {out_dir / 'results.json'}")
@@ -148,18 +152,24 @@ def csv_text(report: BenchReport) -> str:
     return buf.getvalue()
 
 
-def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
-    """results.json, results.csv, results.md and (with timings) time_vs_seq_len.png, each written
-    atomically."""
-    files = [
-        write_atomic(out_dir / "results.json", json.dumps(report_document(report), indent=2, allow_nan=False) + "\n"),
-        write_atomic(out_dir / "results.csv", csv_text(report)),
-        write_atomic(out_dir / "results.md", markdown(report)),
-    ]
+def output_files(report: BenchReport) -> dict[str, str | bytes]:
+    """results.json, results.csv, results.md and (with timings) time_vs_seq_len.png by name."""
+    files: dict[str, str | bytes] = {
+        "results.json": json.dumps(report_document(report), indent=2, allow_nan=False) + "\n",
+        "results.csv": csv_text(report),
+        "results.md": markdown(report),
+    }
     png = plot_png(report)
     if png is not None:
-        files.append(write_atomic(out_dir / "time_vs_seq_len.png", png))
+        files["time_vs_seq_len.png"] = png
     return files
+
+
+def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
+    """`output_files` written into `out_dir`, each atomically; returns the paths."""
+    saved = save_files(out_dir, output_files(report), label="pbs-bench")
+    saved.raise_failure()
+    return saved.paths
 
 
 def plot_png(report: BenchReport) -> Optional[bytes]:

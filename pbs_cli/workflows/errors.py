@@ -180,6 +180,15 @@ class SeqLenNotAboveSegment(UsageError):
                          f"attention; use {self.suggested} tokens or more")
 
 
+class ProfileNotForModel(UsageError):
+    """The profile sets layers the model does not have: it was tuned for another model."""
+
+    def __init__(self, profile: str, layer: int, model: str, num_layers: int) -> None:
+        self.profile, self.layer, self.model, self.num_layers = profile, layer, model, num_layers
+        super().__init__(f"profile {profile} sets layer {layer} but {model} has {num_layers} layers "
+                         f"(0-{num_layers - 1}); use a profile tuned for this model")
+
+
 class E2EUnavailable(UsageError):
     def __init__(self, reason: str) -> None:
         self.reason = reason

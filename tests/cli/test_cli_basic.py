@@ -91,7 +91,8 @@ def test_main_prints_one_line_error(broken, capsys, monkeypatch):
     assert e.value.code == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"error: {broken}: layers.3.threshold = 1.5 is out of range; allowed (0, 1]",
+        f"error: {broken}: layers.3.threshold = 1.5 is out of range; allowed (0, 1]; fix the file (keys and "
+        "allowed values: profiles/README.md) or pass another profile",
         "(set PBS_DEBUG=1 for the traceback)",
     ]
 
