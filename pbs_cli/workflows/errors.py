@@ -9,6 +9,19 @@ command line in one table (`pbs_cli.commands._messages`), naming the flag and th
 from __future__ import annotations
 
 
+def summary(e: BaseException | str, limit: int = 300) -> str:
+    """The first line of another library's error, for quoting in a one-line message: cut only at a
+    sentence end, never mid-sentence (transformers' first lines run to 400 characters)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if not text:
+        return type(e).__name__ if isinstance(e, BaseException) else ""
+    if len(text) <= limit:
+        return text.rstrip(".")
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut] if cut > 0 else text.split(". ")[0].rstrip(".")
+
+
 class PbsError(Exception):
     """Base of every expected failure; the message is one line, shown without a traceback.
 

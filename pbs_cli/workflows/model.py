@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import (Bf16Unsupported, CudaUnavailable, DeviceError, InputFileError, ModelConfigUnreadable,
-                     ModelError, ModelTypeUnknown, NoTokenizer, PromptTooShort, SeqLenTooLong, WeightsUnreadable)
+                     ModelError, ModelTypeUnknown, NoTokenizer, PromptTooShort, SeqLenTooLong, WeightsUnreadable,
+                     summary)
 
 __all__ = [
     "DEMO_NAME",
@@ -164,34 +165,35 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
         config = AutoConfig.from_pretrained(source, local_files_only=offline)
     except OSError as e:
         if local:
-            raise ModelConfigUnreadable(name, Path(source) / "config.json", _summary(e)) from None
+            raise ModelConfigUnreadable(name, Path(source) / "config.json", summary(e)) from None
         raise _not_cached(name) from None
     except (ValueError, KeyError) as e:
         if local and model_type is not None and "does not recognize this architecture" in str(e):
             import transformers
 
             raise ModelTypeUnknown(name, model_type, transformers.__version__) from None
-        raise ModelError(f"{name}: transformers cannot read this model's config ({_summary(e)})") from None
+        raise ModelError(f"{name}: transformers cannot read this model's config ({summary(e)})") from None
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt, local_files_only=offline)
     except OSError as e:
         if "does not appear to have a file named" in str(e) or "not the path to a directory" in str(e):
-            raise ModelError(f"{name}: no weights found ({_summary(e)}); save the model with save_pretrained") from None
+            raise ModelError(f"{name}: no weights found ({summary(e)}); save the model with save_pretrained") from None
         if local:
-            raise ModelError(f"{name}: cannot load the weights ({_summary(e)}); download or save the model again") from None
+            raise ModelError(f"{name}: cannot load the weights ({summary(e)}); "
+                             "download or save the model again") from None
         raise _not_cached(name) from None
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             arch = type(config).__name__.replace("Config", "")
             raise ModelError(f"{name}: {arch} is not a causal language model (AutoModelForCausalLM cannot load it); "
                              "PBS analyses decoder-only LMs") from None
-        raise ModelError(f"{name}: cannot load the model ({_summary(e)})") from None
+        raise ModelError(f"{name}: cannot load the model ({summary(e)})") from None
     except Exception as e:
         # The safetensors reader raises its own SafetensorError (no OSError) for a file cut short
         # or damaged; check_model_files catches what it can see before the load.
         if type(e).__name__ != "SafetensorError":
             raise
-        raise WeightsUnreadable(name, source, _summary(e)) from None
+        raise WeightsUnreadable(name, source, summary(e)) from None
     hf_model = hf_model.to(dev).eval()
 
     tokenizer = None
@@ -306,7 +308,8 @@ def check_model_files(name: str, folder: Path) -> str | None:
     except UnicodeDecodeError:
         raise ModelConfigUnreadable(name, path, "not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise ModelConfigUnreadable(name, path, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ModelConfigUnreadable(name, path,
+                                    f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(config, dict):
         raise ModelConfigUnreadable(name, path, f"a JSON {type(config).__name__}, not an object")
     for weights in sorted(folder.glob("*.safetensors")):
@@ -343,17 +346,3 @@ def safetensors_problem(path: Path) -> str | None:
     if need > size:
         return f"truncated ({size} bytes on disk, its tensors need {need})"
     return None
-
-
-def _summary(e: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, cut only at a sentence end, never mid-sentence
-    (transformers' first lines run to 400 characters)."""
-    lines = str(e).strip().splitlines()
-    text = lines[0].strip() if lines else ""
-    if not text:
-        return type(e).__name__
-    if len(text) <= limit:
-        return text.rstrip(".")
-    cut = text.rfind(". ", 0, limit)
-    return text[:cut] if cut > 0 else text.split(". ")[0].rstrip(".")
-

@@ -143,9 +143,10 @@ def _try(fn: Callable[[], Any]) -> Optional[str]:
                 return "out of GPU memory"
             # The warnings carry the backend's reasons ("Flash attention requires ..."); the
             # exception itself only says "No available kernel".
-            reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
-            text = reasons[0] if reasons else (str(e).strip().splitlines() or [type(e).__name__])[0]
-            return text[:200]
+            from .errors import summary
+
+            reasons = [summary(str(w.message)) for w in caught if str(w.message).strip()]
+            return reasons[0] if reasons else summary(e)
 
 
 def fastest_dense_ms(q, k, v, *, scale: float | None = None, names=FAST_DENSE,

@@ -21,5 +21,6 @@ def _free(device) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
+    from ..errors import summary
+
+    return summary(e)

@@ -258,7 +258,9 @@ def open_storage(spec: str | None, out: Path):
     except ImportError as e:
         raise StorageDriverMissing(storage_label(url), str(e)) from None
     except Exception as e:  # SQLAlchemy's errors: bad URL, unreachable server, locked file...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from ..errors import summary
+
+        first = summary(e)
         raise PbsError(f"cannot open Optuna storage {storage_label(url)} ({first})") from None
     return storage, storage_label(url)
 
