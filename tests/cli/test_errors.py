@@ -12,8 +12,8 @@ PBS_DEBUG unset, and checks:
 * nothing written: the working folder holds the same files before and after (no report, no
   partial or temporary file, no empty --out folder).
 
-Only `pbs_cli.app.main` is imported from pbs_cli, so the tests do not depend on how the
-package is laid out inside.
+Only `pbs_cli.app` (main, and app to see whether eval is registered) is imported from pbs_cli,
+so the tests do not depend on how the package is laid out inside.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pbs_cli.app import main
+from pbs_cli.app import app, main
 
 CUDA = torch.cuda.is_available()
 
@@ -221,9 +221,22 @@ CASES = [
     ("profile-show-folder", ["profile", "show", "{folder}"], 1, ["a_folder"], []),
     ("profile-show-format", ["profile", "show", "{broken}", "--format", "xml"], 2, ["--format"], []),
 ]
-if CUDA:
-    CASES = [c for c in CASES if "--device" not in c[1] or "cpu" not in c[1]] or CASES
-else:
+# `pbs eval` (when registered): the same contract.
+FAST_E = ["--seq-len", "1024", "--samples", "1", "--tasks", "niah_single", "--device", "cpu"]
+if "eval" in {c.name for c in app.registered_commands}:
+    CASES += [
+        ("eval-tasks", ["eval", "{tiny}", *FAST_E, "--tasks", "nosuchtask"], 2, ["--tasks"], []),
+        ("eval-depths", ["eval", "{tiny}", *FAST_E, "--depths", "2"], 2, ["--depths"], []),
+        ("eval-seq-len-word", ["eval", "{tiny}", *FAST_E, "--seq-len", "long"], 2, ["--seq-len"], []),
+        ("eval-profile-missing", ["eval", "{tiny}", *FAST_E, "--profile", "{cwd}/missing.yaml"], 1, ["missing.yaml"], []),
+        ("eval-profile-broken", ["eval", "{tiny}", *FAST_E, "--profile", "{broken}"], 1, ["broken.yaml"], []),
+        ("eval-input-missing", ["eval", "{tiny}", *FAST_E, "--input", "{cwd}/missing.txt"], 1, ["missing.txt"], []),
+        ("eval-model-truncated", ["eval", "{truncated}", *FAST_E], 1, ["model.safetensors", "truncated"], []),
+        ("eval-model-garbage-config", ["eval", "{garbage_config}", *FAST_E], 1, ["config.json"], []),
+        ("eval-out-under-file", ["eval", "{tiny}", *FAST_E, "--out", "{blocker}/eval"], 1, ["--out", "blocker"], []),
+        ("eval-profile-does-not-fit", ["eval", "{tiny}", *FAST_E, "--profile", "{nofit}"], 1, ["layer 5", "2 layers"], []),
+    ]
+if not CUDA:
     CASES += [
         ("analyze-no-gpu", ["analyze", "{tiny}", *FAST_A, "--device", "cuda"], 1, ["--device"], []),
         ("tune-no-gpu", ["tune", "{tiny}", *FAST_T, "--device", "cuda"], 1, ["--device"], []),
