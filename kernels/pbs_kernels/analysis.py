@@ -9,6 +9,9 @@
   own permuted order (`permute_stage`). Lower is sparser; the gap says what permuting buys.
 * PBS's estimated selection at `threshold` (`select_stage`), with and without permutation: its
   density (docs/design.md, "Metrics") and recall (true softmax mass on the kept tiles, mean over queries).
+* selection efficiency: the fewest tiles an oracle that knows every tile's true mass (keys in
+  PBS's permuted order) needs to reach PBS's recall, over the tiles PBS computes
+  (`metrics.oracle_tiles_at_recall`, `metrics.selection_efficiency`); per head and for the layer.
 * sink mass: mass on the first key block (token 0 and its neighbours), mean over the queries past
   the first block; local mass: mass on the query's own and the previous key block, mean over
   queries.
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from .attention import permute_stage, select_stage
 from .limits import HEAD_DIMS
+from .metrics import oracle_tiles_at_recall, selection_efficiency
 from .ops._common import cdiv, default_scale, resolve_backend
 
 __all__ = ["LayerAnalysis", "analyze_layer", "cover_count"]
@@ -54,6 +58,11 @@ class LayerAnalysis:
     pbs_recall_noperm: torch.Tensor
     sink_mass: torch.Tensor
     local_mass: torch.Tensor
+    oracle_density_at_recall: torch.Tensor | None = None  # [HQ] oracle tiles at PBS's recall / causal tiles
+    pbs_work: torch.Tensor | None = None  # [HQ] tiles PBS computes (extra own-segment ones included) / causal tiles
+    selection_efficiency: float = float("nan")  # oracle tiles at PBS's recall / PBS's computed tiles, all heads
+    estimator: str = "mean"
+    threshold_mass: str = "earlier"
     block_mass: torch.Tensor | None = None
     block_mass_perm: torch.Tensor | None = None
 
@@ -91,6 +100,8 @@ def analyze_layer(
     backend: str = "auto",
     return_maps: bool = False,
     chunk_bytes: int | None = None,
+    estimator: str = "mean",
+    threshold_mass: str = "earlier",
 ) -> LayerAnalysis:
     """Sparsity figures of one layer (see the module docstring).
 
@@ -122,10 +133,10 @@ def analyze_layer(
     keys = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, scale=scale, backend=be)
     pos = keys.pos
     sel = select_stage(q, keys, block_size=bs, segment_size=segment_size, threshold=threshold, scale=scale,
-                       backend=be)
+                       backend=be, estimator=estimator, threshold_mass=threshold_mass)
     plain = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, permute=False, backend=be)
     sel_np = select_stage(q, plain, block_size=bs, segment_size=segment_size, threshold=threshold,
-                          scale=scale, backend=be)
+                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass)
     kept_perm = sel.dense_mask()  # [B, HQ, nb, nb]
     kept_orig = sel_np.dense_mask()
     del keys, plain
@@ -137,6 +148,9 @@ def analyze_layer(
     sink = torch.zeros_like(count_orig)
     local = torch.zeros_like(count_orig)
     maps = maps_perm = None
+    # Tile masses in PBS's key order, for the oracle at PBS's recall ([B, HQ, nb, nb] fp32:
+    # 128 MiB at 128K tokens and 32 heads).
+    tile_mass = torch.zeros(B, HQ, nb, nb, dtype=torch.float32, device=dev)
     if return_maps:
         maps = torch.zeros(HQ, nb, nb, dtype=torch.float32)
         maps_perm = torch.zeros(HQ, nb, nb, dtype=torch.float32)
@@ -229,6 +243,7 @@ def analyze_layer(
                     a_perm /= n_rows[None, :, None]
                     count_orig[b, heads] += cover_count(a_orig, coverage).sum(-1).double()
                     count_perm[b, heads] += cover_count(a_perm, coverage).sum(-1).double()
+                    tile_mass[b, heads, i0:i1, :nbp] = a_perm
                     if return_maps:
                         maps[heads, i0:i1, :nbl] += a_orig.cpu() / B
                         maps_perm[heads, i0:i1, :nbp] += a_perm.cpu() / B
@@ -238,6 +253,15 @@ def analyze_layer(
 
     def per_head(x: torch.Tensor, denom: float) -> torch.Tensor:
         return (x / denom).mean(0).float().cpu()
+
+    rows = torch.full((nb,), float(bs), device=dev)
+    rows[-1] = N - (nb - 1) * bs
+    oracle = torch.zeros(B, HQ, dtype=torch.float64)
+    for b in range(B):
+        for h in range(HQ):
+            oracle[b, h] = oracle_tiles_at_recall(tile_mass[b, h], rows, float(recall_perm[b, h]) / N)
+    work = sel.tiles_per_head().double().cpu()  # [B, HQ]
+    del tile_mass
 
     return LayerAnalysis(
         n_tokens=N,
@@ -253,6 +277,11 @@ def analyze_layer(
         pbs_recall_noperm=per_head(recall_orig, N),
         sink_mass=per_head(sink, n_sink_rows),
         local_mass=per_head(local, N),
+        oracle_density_at_recall=per_head(oracle, causal_tiles),
+        pbs_work=per_head(work, causal_tiles),
+        selection_efficiency=selection_efficiency(float(oracle.sum()), float(work.sum())),
+        estimator=estimator,
+        threshold_mass=threshold_mass,
         block_mass=maps,
         block_mass_perm=maps_perm,
     )

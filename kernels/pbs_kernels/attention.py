@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import BlockList, identity_positions
-from .limits import BACKENDS, BLOCK_SIZES, HEAD_DIMS
+from .limits import BACKENDS, BLOCK_SIZES, ESTIMATORS, HEAD_DIMS, THRESHOLD_MASS
 from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
 from .ops.permute import permute_keys
@@ -114,7 +114,8 @@ def dense_causal_attention(q, k, v, *, scale: float | None = None) -> torch.Tens
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len):
+def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator="mean",
+              threshold_mass="earlier"):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pbs_attention: {name} must be a 4-D tensor [B, heads, N, D]")
@@ -155,6 +156,10 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         raise ValueError(f"pbs_attention: backend {backend!r} is not one of {BACKENDS}")
     if min_seq_len < 0:
         raise ValueError(f"pbs_attention: min_seq_len {min_seq_len} must be >= 0")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"pbs_attention: estimator {estimator!r} is not one of {ESTIMATORS}")
+    if threshold_mass not in THRESHOLD_MASS:
+        raise ValueError(f"pbs_attention: threshold_mass {threshold_mass!r} is not one of {THRESHOLD_MASS}")
 
 
 def _upcast_for_interpreter(backend: str, *ts: torch.Tensor):
@@ -215,15 +220,19 @@ def permute_stage(q, k, v, *, block_size: int = 128, segment_size: int = 256, pe
 
 
 def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: int = 256,
-                 threshold: float = 0.9, scale: float | None = None, backend: str = "auto") -> BlockList:
-    """Step 2: per query block, the fewest earlier-segment key blocks whose pooled attention mass
-    reaches `threshold`, plus its own segment and the block holding token 0."""
+                 threshold: float = 0.9, scale: float | None = None, backend: str = "auto",
+                 estimator: str = "mean", threshold_mass: str = "earlier") -> BlockList:
+    """Step 2: per query block, the fewest earlier-segment key blocks whose estimated attention
+    mass reaches `threshold` (of the earlier segments' mass, or with threshold_mass="total" of the
+    whole row's), plus its own segment and the block holding token 0. `estimator`: how a tile's
+    mass is estimated (`pbs_kernels.limits.ESTIMATORS`)."""
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     (q,) = _upcast_for_interpreter(be, q)
     k = keys.k.float() if q.dtype != keys.k.dtype else keys.k
     return select_blocks(q, k, keys.pos, block_size=block_size, segment_size=segment_size,
-                         threshold=float(threshold), scale=scale, backend=be, key_stats=keys.key_stats)
+                         threshold=float(threshold), scale=scale, backend=be, key_stats=keys.key_stats,
+                         estimator=estimator, threshold_mass=threshold_mass)
 
 
 @dataclass
@@ -241,6 +250,8 @@ class PbsPlan:
     segment_size: int
     threshold: float
     permuted: bool
+    estimator: str = "mean"
+    threshold_mass: str = "earlier"
 
     def attend(self, q: torch.Tensor, *, return_lse: bool = False):
         """Output [B, HQ, N, D] in q's dtype (and the natural-log LSE [B, HQ, N] fp32 over the
@@ -258,18 +269,19 @@ class PbsPlan:
 
 
 def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, threshold: float = 0.9,
-             permute: bool = True, scale: float | None = None, backend: str = "auto") -> PbsPlan:
+             permute: bool = True, scale: float | None = None, backend: str = "auto",
+             estimator: str = "mean", threshold_mass: str = "earlier") -> PbsPlan:
     """Steps 1 and 2 for q [B, HQ, N, D], k/v [B, H, N, D]: a PbsPlan (never dense; see
     `pbs_attention` for the short-prompt fallback). Same checks and knobs as pbs_attention."""
-    _validate(q, k, v, block_size, segment_size, threshold, backend, 0)
+    _validate(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass)
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     keys = permute_stage(q, k, v, block_size=block_size, segment_size=segment_size, permute=permute,
                          scale=scale, backend=be)
     blocks = select_stage(q, keys, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                          scale=scale, backend=be)
+                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass)
     return PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, block_size, segment_size, float(threshold),
-                   keys.permuted)
+                   keys.permuted, estimator, threshold_mass)
 
 
 def pbs_attention(
@@ -285,6 +297,8 @@ def pbs_attention(
     scale: float | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    estimator: str = "mean",
+    threshold_mass: str = "earlier",
 ):
     """Causal Permuted Block-Sparse attention for prefill.
 
@@ -297,6 +311,9 @@ def pbs_attention(
        mass reaches `threshold`, plus its own segment and the block holding token 0.
     3. attend: flash-attention forward over the kept tiles only.
 
+    `estimator` ("mean" | "top") is how selection estimates a tile's mass; `threshold_mass`
+    ("earlier" | "total") what the threshold is a share of (`pbs_kernels.limits`).
+
     Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
     equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
     inputs are computed in fp32 because the interpreter's bf16 matmul is wrong), "torch" (plain
@@ -307,7 +324,7 @@ def pbs_attention(
 
     Returns the output [B, HQ, N, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
-    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len)
+    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass)
     B, HQ, N, D = q.shape
     scale = default_scale(D) if scale is None else float(scale)
     if N <= segment_size or N < min_seq_len:
@@ -317,7 +334,8 @@ def pbs_attention(
         return out, PbsStats(1.0, torch.ones(HQ), dense=True)
 
     plan = pbs_plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                    permute=permute, scale=scale, backend=backend)
+                    permute=permute, scale=scale, backend=backend, estimator=estimator,
+                    threshold_mass=threshold_mass)
     out = plan.attend(q)
     if plan.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _ForwardOnly.apply(out, q, k, v)

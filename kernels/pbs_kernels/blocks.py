@@ -116,3 +116,56 @@ def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int):
     nb = cdiv(N, block_size)
     pos_blk = torch.nn.functional.pad(pos, (0, nb * block_size - N), value=N).reshape(B, H, nb, block_size)
     return pool_blocks(k_perm, block_size), pos_blk.amin(-1).to(torch.int32).contiguous()
+
+
+# Representatives per key block for the "top" estimator: its first slots, which after permutation
+# hold the block's highest-scored keys (the keys the last query block attends to most).
+TOP_KEYS = 2
+
+
+def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size: int, estimator: str):
+    """Keys that stand for each key block in selection's mass estimate, and their log weights.
+
+    Block j's estimated logit for pooled query qbar is logsumexp_r(qbar . rep[r, j] * scale +
+    logw[r, j]). "mean": one representative, the block mean, weight 1 (log 0). "top": the block's
+    first `TOP_KEYS` slots (its top keys once permuted) with weight 1 each, and the mean of its
+    other keys weighted by how many there are; a padded slot of the last block weighs 0.
+
+    k_perm [B, H, N, D], k_pool [B, H, NB, D] fp32 block means ->
+    reps [B, H, R, NB, D] fp32, logw [B, H, R, NB] fp32 (None for "mean").
+    """
+    if estimator == "mean":
+        return k_pool[:, :, None], None
+    if estimator != "top":
+        raise ValueError(f"block_representatives: unknown estimator {estimator!r}")
+    B, H, N, D = k_perm.shape
+    nb = k_pool.shape[2]
+    t = min(TOP_KEYS, block_size)
+    kp = torch.nn.functional.pad(k_perm, (0, 0, 0, nb * block_size - N))
+    top = kp.view(B, H, nb, block_size, D)[:, :, :, :t].float()  # [B, H, NB, t, D]
+    count = torch.full((nb,), float(block_size), device=k_perm.device)
+    count[-1] = N - (nb - 1) * block_size
+    r = torch.arange(t, device=k_perm.device)
+    valid = r[None, :] < count[:, None]  # [NB, t]
+    n_top = valid.sum(-1).float()
+    rest_n = count - n_top
+    top = top * valid[None, None, :, :, None]
+    rest = (k_pool * count[:, None] - top.sum(3)) / rest_n.clamp_min(1.0)[:, None]
+    reps = torch.cat([top.permute(0, 1, 3, 2, 4), rest[:, :, None]], dim=2).contiguous()
+    zero = torch.zeros((), device=k_perm.device)
+    ninf = torch.full((), float("-inf"), device=k_perm.device)
+    logw = torch.cat([torch.where(valid.T, zero, ninf), torch.where(rest_n > 0, rest_n.log(), ninf)[None]], 0)
+    return reps, logw.expand(B, H, t + 1, nb).contiguous()
+
+
+def estimated_block_logits(q_pool: torch.Tensor, reps: torch.Tensor, logw, scale: float) -> torch.Tensor:
+    """[B, HQ, NQB, NKB] estimated log-mass of each (query block, key block) tile (fp32 reference
+    of what the Triton selection combines in registers). q_pool [B, HQ, NQB, D]."""
+    B, HQ, nq, D = q_pool.shape
+    H = reps.shape[1]
+    G = HQ // H
+    s = torch.einsum("bhgid,bhrjd->bhgirj", q_pool.reshape(B, H, G, nq, D), reps) * scale
+    if logw is None:
+        return s[:, :, :, :, 0].reshape(B, HQ, nq, -1)
+    s = s + logw[:, :, None, None]
+    return torch.logsumexp(s, dim=4).reshape(B, HQ, nq, -1)

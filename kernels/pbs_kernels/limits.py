@@ -8,3 +8,12 @@ from __future__ import annotations
 BLOCK_SIZES = (16, 32, 64, 128)  # 16/32 only make sense for tiny CPU models
 HEAD_DIMS = (64, 128)
 BACKENDS = ("auto", "triton", "torch")
+# How selection estimates a tile's attention mass (ops/select/naive.py defines each):
+#   "mean": pooled query . pooled key (a lone strong key among b is diluted b-fold);
+#   "top":  pooled query against each block's top keys by the permutation's score, plus the mean
+#           of the block's other keys, combined as a log-sum-exp (sees one strong key per block).
+ESTIMATORS = ("mean", "top")
+# What the threshold is a share of: "earlier" = the estimated mass of earlier segments only;
+# "total" = the estimated mass of the whole causal row, own segment included (a local head whose
+# own segment holds most of the mass then keeps few earlier tiles).
+THRESHOLD_MASS = ("earlier", "total")

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["HEAD_KINDS", "HeadSpec", "KVHeadSpec", "WorkloadInfo", "make_workload", "workload_info"]
+__all__ = ["HEAD_KINDS", "HeadSpec", "KVHeadSpec", "WORKLOADS", "WorkloadInfo", "make_vertical_slash",
+           "make_workload", "workload_info"]
 
 HEAD_KINDS = ("sink", "local", "needle", "slash", "mixed")
 # Share of query heads of each kind (rounded per layer; every kind appears from 6 query heads up).
@@ -282,3 +283,89 @@ def make_workload(
         return q, k, v
     info.needle_mask = needle_mask
     return q, k, v, info
+
+
+_VERTICAL_EVERY = 2048  # one vertical key per this many tokens and KV head (64 at 128K)
+
+
+def make_vertical_slash(
+    seq_len: int,
+    heads: int = 32,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    *,
+    vertical_every: int = _VERTICAL_EVERY,
+):
+    """The vertical-slash pattern of long-context LLMs: a few scattered keys that every later
+    query needs, on top of a sink, a recency window and two slash lines.
+
+    Per KV head, one key per `vertical_every` tokens (at least 4) sits at a uniformly random
+    position and carries a shared "vertical" direction that every query matches, with a logit of
+    7-9 nats (per key). They are spread over all blocks, one or none per block, so a block's
+    mean key hides them (diluted 1/b): the blind spot of mean-pooled selection. The query heads
+    of a group weigh the patterns differently (vertical 7-9, local 10-13, slash 0-8 nats).
+
+    Same shapes, dtype and determinism as `make_workload`; returns q, k, v.
+    """
+    N, HQ, H, D = int(seq_len), int(heads), int(kv_heads), int(head_dim)
+    if N < 1 or HQ < 1 or H < 1 or D < 8 or batch < 1 or HQ % H:
+        raise ValueError(f"make_vertical_slash: bad sizes seq_len={N} heads={HQ} kv_heads={H} head_dim={D}")
+    G = HQ // H
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 31337)
+    noise = torch.Generator(device=device).manual_seed(int(seed) + 271828)
+    scale = 1.0 / math.sqrt(D)
+    k_size = 3.0 * D ** 0.25
+
+    def q_size(logit: float) -> float:
+        return logit / (k_size * scale)
+
+    q = torch.empty(batch, HQ, N, D, dtype=dtype, device=device)
+    k = torch.empty(batch, H, N, D, dtype=dtype, device=device)
+    v = torch.empty(batch, H, N, D, dtype=dtype, device=device)
+    pos = torch.arange(N, device=device)
+    n_vert = max(4, N // vertical_every)
+    for h in range(H):
+        dirs_cpu = _unit_directions(2, D, gen)  # sink, vertical
+        dirs = dirs_cpu.to(device)
+        mix_loc = _code_mix(dirs_cpu, D, gen).to(device)
+        mix_sl = _code_mix(dirs_cpu, D, gen).to(device)
+        om_loc = _frequencies(math.exp(_u(gen, math.log(256.0), math.log(1024.0))), gen).to(device)
+        om_sl = _frequencies(_u(gen, 2.0, 6.0), gen).to(device)
+        offsets = (int(math.exp(_u(gen, math.log(8.0), math.log(192.0)))),
+                   int(math.exp(_u(gen, math.log(256.0), math.log(max(512.0, N / 4))))))
+        vert_pos = (1 + torch.randperm(max(1, N - 1), generator=gen)[: min(n_vert, max(1, N - 1))]).to(device)
+        # per-key strength in nats at the head's unit vertical logit: 7-9 spread
+        vert_w = (torch.rand(vert_pos.numel(), generator=gen) * 2.0 + 7.0).to(device) / 8.0
+        v_mean = (torch.randn(D, generator=gen) * _V_MEAN).to(device)
+        specs = [(_u(gen, 7.0, 9.0), _u(gen, 10.0, 13.0), _u(gen, 0.0, 8.0), _u(gen, 9.0, 12.0)) for _ in range(G)]
+
+        loc = _code(pos, om_loc, mix_loc)
+        sl_q = _code(pos, om_sl, mix_sl)
+        sl_k = sum(_code(pos + d, om_sl, mix_sl) for d in offsets) / math.sqrt(len(offsets))
+        for b in range(batch):
+            kb = _NOISE * torch.randn(N, D, generator=noise, device=device)
+            kb += k_size * loc
+            kb += k_size * sl_k
+            kb[0] += k_size * 2.0 * dirs[0]
+            kb[vert_pos] += (k_size * vert_w)[:, None] * dirs[1]
+            k[b, h] = kb.to(dtype)
+            vb = torch.randn(N, D, generator=noise, device=device) + v_mean
+            vb[0] *= _SINK_V
+            v[b, h] = vb.to(dtype)
+            for g, (vert, local, slash, sink) in enumerate(specs):
+                qb = _NOISE * torch.randn(N, D, generator=noise, device=device)
+                qb += q_size(sink / 2.0) * dirs[0]
+                qb += q_size(local) * loc
+                qb += q_size(slash) * sl_q
+                qb += q_size(vert) * dirs[1]
+                q[b, h * G + g] = qb.to(dtype)
+    return q, k, v
+
+
+# Synthetic workloads by name (what `pbs bench --workload` offers besides captured layers).
+WORKLOADS = {"synthetic": make_workload, "vertical": make_vertical_slash}

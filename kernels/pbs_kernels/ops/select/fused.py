@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import cdiv, interpreting
-from ...blocks import BlockList, key_block_stats, pool_blocks
+from ...blocks import BlockList, block_representatives, key_block_stats, pool_blocks
 
 MAX_ROW = 8192  # key blocks held in registers per program (1M tokens at b=128)
 
@@ -27,12 +27,32 @@ def _configs():
     return [triton.Config({}, num_warps=w) for w in warps]
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_K"])
+@triton.jit
+def _block_logits(S, LOGW, row, i_h, o_k, m_k, NB, scale, NREP: tl.constexpr):
+    # [len(o_k)] estimated log-mass of key blocks o_k: the log-sum-exp over the NREP
+    # representatives' scaled pooled products plus their log weights (NREP = 1: the product).
+    if NREP == 1:
+        b_s = tl.load(S + row * NB + o_k, mask=m_k, other=float("-inf")) * scale
+    else:
+        b_s = tl.full(o_k.shape, float("-inf"), dtype=tl.float32)
+        for r in tl.static_range(NREP):
+            b_x = tl.load(S + (row * NREP + r) * NB + o_k, mask=m_k, other=0.0) * scale
+            b_x += tl.load(LOGW + (i_h.to(tl.int64) * NREP + r) * NB + o_k, mask=m_k, other=float("-inf"))
+            b_m = tl.maximum(b_s, b_x)
+            # the larger term is exp(0) = 1 wherever b_m is finite, so the clamp only avoids log(0)
+            b_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+            b_s = tl.where(b_m == float("-inf"), float("-inf"),
+                           b_safe + tl.log(tl.maximum(tl.exp(b_s - b_safe) + tl.exp(b_x - b_safe), 1.0)))
+    return b_s
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_K", "NREP", "TOTAL"])
 @triton.jit
 def _select_kernel(
-    S, SINK, MINPOS, IDX, NOFF, NTOT,
+    S, LOGW, SINK, MINPOS, IDX, NOFF, NTOT,
     NB, HQ, G, SPB, N, BS, threshold, scale, Q0,
     BLOCK_K: tl.constexpr, SEG_P2: tl.constexpr, KEEP_ALL: tl.constexpr, ITERS: tl.constexpr,
+    NREP: tl.constexpr, TOTAL: tl.constexpr,
 ):
     i_q = Q0 + tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -42,30 +62,52 @@ def _select_kernel(
     seg_start = (i_q // SPB) * SPB  # first block of the query's own segment
     o_k = tl.arange(0, BLOCK_K)
     m_earlier = o_k < seg_start
+    # Own segment: blocks holding a key at or before the query block's last position.
+    o_j = seg_start + tl.arange(0, SEG_P2)
+    last_q = tl.minimum((i_q + 1) * BS - 1, N - 1)
+    m_seg = (o_j < seg_start + SPB) & (o_j < NB)
+    b_min = tl.load(MINPOS + i_h.to(tl.int64) * NB + o_j, mask=m_seg, other=2147483647)
+    m_diag = m_seg & (b_min <= last_q)
+
     # [BLOCK_K]
     # Only the first BLOCK_K >= seg_start entries of the row can be kept; the softmax scale is
     # applied here rather than in a separate pass over the [NQB, NKB] logits.
-    b_s = tl.load(S + row * NB + o_k, mask=m_earlier, other=float("-inf")) * scale
+    b_s = _block_logits(S, LOGW, row, i_h, o_k, m_earlier, NB, scale, NREP)
     b_max = tl.max(b_s, 0)
     b_p = tl.where(m_earlier, tl.exp(b_s - tl.where(b_max == float("-inf"), 0.0, b_max)), 0.0)
-    b_p = b_p / tl.maximum(tl.sum(b_p, 0), 1e-30)
+    b_sum = tl.sum(b_p, 0)
+    b_p = b_p / tl.maximum(b_sum, 1e-30)
+
+    thr = threshold
+    if TOTAL:
+        # [SEG_P2] the own segment's estimated mass, on the earlier blocks' scale
+        b_own = _block_logits(S, LOGW, row, i_h, o_j, m_diag, NB, scale, NREP)
+        b_top = tl.maximum(b_max, tl.max(b_own, 0))
+        b_top = tl.where(b_top == float("-inf"), 0.0, b_top)
+        e_own = tl.sum(tl.where(m_diag, tl.exp(b_own - b_top), 0.0), 0)
+        e_all = e_own + tl.sum(tl.where(m_earlier, tl.exp(b_s - b_top), 0.0), 0)
+        p_own = e_own / tl.maximum(e_all, 1e-30)
+        # <= 0: the own segment alone reaches the threshold, so no earlier block is needed
+        thr = (threshold - p_own) / tl.maximum(1.0 - p_own, 1e-30)
 
     if KEEP_ALL:
         m_keep = m_earlier
     else:
         # Bisection on the bit patterns: a non-negative float's bits order like its value, so
         # the cut is found exactly (an integer) in 31 steps, whatever the spread of the p's.
-        # Invariant: the entries with bits >= lo carry mass >= threshold, those >= hi less.
+        # Invariant: the entries with bits >= lo carry mass >= thr, those >= hi less.
         b_bits = b_p.to(tl.int32, bitcast=True)
         lo = tl.zeros([], dtype=tl.int32)
         hi = tl.max(b_bits, 0) + 1
         for _ in range(ITERS):
             mid = lo + (hi - lo) // 2
             mass = tl.sum(tl.where(b_bits >= mid, b_p, 0.0), 0)
-            ok = mass >= threshold
+            ok = mass >= thr
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
         m_keep = (b_bits >= lo) & (b_p > 0.0) & m_earlier
+        if TOTAL:
+            m_keep = m_keep & ((b_p * 0.0 + thr) > 0.0)  # thr broadcast to the row
     sink = tl.load(SINK + i_h)
     m_keep = m_keep | ((o_k == sink) & m_earlier)
 
@@ -75,12 +117,6 @@ def _select_kernel(
     tl.store(p_idx + slot, o_k, mask=m_keep)
     n_off = tl.sum(keep_i, 0)
 
-    # Own segment: blocks holding a key at or before the query block's last position.
-    o_j = seg_start + tl.arange(0, SEG_P2)
-    last_q = tl.minimum((i_q + 1) * BS - 1, N - 1)
-    m_seg = (o_j < seg_start + SPB) & (o_j < NB)
-    b_min = tl.load(MINPOS + i_h.to(tl.int64) * NB + o_j, mask=m_seg, other=2147483647)
-    m_diag = m_seg & (b_min <= last_q)
     diag_i = m_diag.to(tl.int32)
     tl.store(p_idx + n_off + tl.cumsum(diag_i, 0) - 1, o_j, mask=m_diag)
     tl.store(NOFF + row, n_off)
@@ -115,9 +151,12 @@ def pooled_scores(q_pool: torch.Tensor, k_pool: torch.Tensor) -> torch.Tensor:
 
 
 def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
-                         scale: float, key_stats=None) -> BlockList | None:
+                         scale: float, key_stats=None, estimator: str = "mean",
+                         threshold_mass: str = "earlier") -> BlockList | None:
     """Same contract as `select_blocks_naive`; None when a row would not fit in registers.
     key_stats: `key_block_stats(k_perm, pos, block_size)` if the caller already has it."""
+    if threshold_mass not in ("earlier", "total"):
+        raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
     B, HQ, N, D = q.shape
     H = k_perm.shape[1]
     G = HQ // H
@@ -130,8 +169,12 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
     # torch's reduction reads Q at ~2.9 TB/s on an H100 (0.37 ms at 128K); a one-load-per-block
     # Triton kernel measured 0.46 ms, and pooling inside the score kernel slowed it by 0.5 ms.
     q_pool = pool_blocks(q, block_size).reshape(B, H, G * nb, D)
-    # [B, HQ, NQB, NKB] pooled products; the kernel scales them
-    s = pooled_scores(q_pool, k_pool).reshape(B, HQ, nb, nb)
+    reps, logw = block_representatives(k_perm, k_pool, block_size, estimator)
+    nrep = reps.shape[2]
+    # [B, HQ, NQB, NREP, NKB] pooled products with each representative; the kernel scales and
+    # combines them
+    s = pooled_scores(q_pool, reps.reshape(B, H, nrep * nb, D)).reshape(B, HQ, nb, nrep, nb)
+    logw = s if logw is None else logw  # unused when NREP == 1
     sink = torch.argmin(min_pos, dim=-1).to(torch.int32).contiguous()  # the block holding token 0
     idx = torch.empty(B, HQ, nb, nb, device=q.device, dtype=torch.int32)
     n_off = torch.empty(B, HQ, nb, device=q.device, dtype=torch.int32)
@@ -145,9 +188,10 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
         if q1 <= q0:
             break
         _select_kernel[(q1 - q0, B * HQ)](
-            s, sink, min_pos, idx, n_off, n_tot,
+            s, logw, sink, min_pos, idx, n_off, n_tot,
             nb, HQ, G, spb, N, block_size, float(threshold), float(scale), q0,
             BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
+            NREP=nrep, TOTAL=threshold_mass == "total",
         )
         q0 = q1
     return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=block_size)
