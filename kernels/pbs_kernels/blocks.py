@@ -141,19 +141,22 @@ def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size
     B, H, N, D = k_perm.shape
     nb = k_pool.shape[2]
     t = min(TOP_KEYS, block_size)
-    kp = torch.nn.functional.pad(k_perm, (0, 0, 0, nb * block_size - N))
-    top = kp.view(B, H, nb, block_size, D)[:, :, :, :t].float()  # [B, H, NB, t, D]
-    count = torch.full((nb,), float(block_size), device=k_perm.device)
-    count[-1] = N - (nb - 1) * block_size
-    r = torch.arange(t, device=k_perm.device)
+    dev = k_perm.device
+    # Only the nb * t representative rows are read (a padded copy of K cost 0.125 ms at 128K),
+    # and every size is computed on the device, so the call can be captured in a CUDA graph.
+    first = torch.arange(nb, device=dev) * block_size
+    count = torch.clamp(N - first, max=block_size).float()  # [NB] keys per block
+    r = torch.arange(t, device=dev)
     valid = r[None, :] < count[:, None]  # [NB, t]
+    rows = torch.clamp(first[:, None] + r[None, :], max=N - 1).flatten()
+    top = k_perm.index_select(2, rows).view(B, H, nb, t, D).float()  # [B, H, NB, t, D]
     n_top = valid.sum(-1).float()
     rest_n = count - n_top
     top = top * valid[None, None, :, :, None]
     rest = (k_pool * count[:, None] - top.sum(3)) / rest_n.clamp_min(1.0)[:, None]
     reps = torch.cat([top.permute(0, 1, 3, 2, 4), rest[:, :, None]], dim=2).contiguous()
-    zero = torch.zeros((), device=k_perm.device)
-    ninf = torch.full((), float("-inf"), device=k_perm.device)
+    zero = torch.zeros((), device=dev)
+    ninf = torch.full((), float("-inf"), device=dev)
     logw = torch.cat([torch.where(valid.T, zero, ninf), torch.where(rest_n > 0, rest_n.log(), ninf)[None]], 0)
     return reps, logw.expand(B, H, t + 1, nb).contiguous()
 

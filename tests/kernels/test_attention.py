@@ -31,6 +31,16 @@ def test_threshold_one_equals_dense(B, HQ, H, N, D, dtype, tol, backend):
     assert stats.dense == (N <= 128)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("estimator,mass", [("top", "earlier"), ("mean", "total"), ("top", "total")])
+def test_threshold_one_equals_dense_for_every_estimator(estimator, mass, backend):
+    q, k, v = rand_qkv(1, 4, 2, 451, 64)
+    out = pbs_attention(q, k, v, block_size=32, segment_size=64, threshold=1.0, estimator=estimator,
+                        threshold_mass=mass, backend=backend)
+    ref = dense_ref(q, k, v)
+    assert rel_err(out, ref) < 1e-3, f"rel rms err {rel_err(out, ref):.2e}, max err {max_err(out, ref):.2e}"
+
+
 @pytest.mark.parametrize("permute", [True, False])
 def test_default_block_sizes_threshold_one(permute):
     q, k, v = rand_qkv(1, 4, 2, 600, 64, torch.float16)
@@ -90,6 +100,8 @@ def _qkv():
         (dict(threshold=1.5), "threshold"),
         (dict(backend="cuda"), "backend"),
         (dict(min_seq_len=-1), "min_seq_len"),
+        (dict(estimator="max"), "estimator"),
+        (dict(threshold_mass="own"), "threshold_mass"),
     ],
 )
 def test_bad_knobs(change, match):

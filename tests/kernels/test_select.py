@@ -127,3 +127,96 @@ def test_select_bisection_separates_near_ties(step):
         got = select_blocks(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0, backend="triton")
         want = select_blocks_naive(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0)
         assert torch.equal(got.dense_mask(), want.dense_mask())
+
+
+@pytest.mark.parametrize("N,b,S,tau,HQ,H,est,mass", [
+    pytest.param(333, 32, 64, 0.5, 4, 2, "top", "earlier", id="T333-b32-S64-tau0.5-top"),
+    pytest.param(333, 32, 64, 0.7, 4, 2, "top", "total", id="T333-b32-S64-tau0.7-top-total"),
+    pytest.param(1000, 64, 256, 0.9, 4, 1, "mean", "total", id="T1000-b64-S256-tau0.9-mean-total"),
+    pytest.param(1000, 64, 128, 0.9, 2, 2, "top", "total", id="T1000-b64-S128-tau0.9-top-total"),
+    pytest.param(700, 64, 128, 1.0, 2, 2, "top", "total", id="T700-b64-S128-tau1-top-total"),
+])
+def test_select_estimators_triton_matches_naive(N, b, S, tau, HQ, H, est, mass):
+    from pbs_kernels.ops.select import select_blocks_naive
+    from pbs_kernels.ops.select.fused import select_blocks_triton
+
+    q, k, v = rand_qkv(2, HQ, H, N, 64)
+    # A trend over positions gives the rows uneven masses, so the total-mass rule has work to do.
+    q[..., :4] += 2.0
+    k[..., :4] += torch.linspace(-1.0, 2.0, N)[:, None]
+    kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)
+    kw = dict(block_size=b, segment_size=S, threshold=tau, scale=0.125, estimator=est, threshold_mass=mass)
+    want = select_blocks_naive(q, kp, pos, **kw)
+    got = select_blocks_triton(q, kp, pos, **kw)
+    assert (got.dense_mask() != want.dense_mask()).float().mean() < 0.005
+    assert (got.n_total - want.n_total).abs().float().mean() < 0.05
+
+
+def test_top_estimate_is_exact_when_the_other_keys_of_a_block_are_equal():
+    from pbs_kernels.blocks import TOP_KEYS, block_representatives, estimated_block_logits, key_block_stats
+
+    g = torch.Generator().manual_seed(3)
+    N, b, D = 200, 32, 16  # partial last block of 8 keys
+    base = torch.randn(1, 1, N // b + 1, 1, D, generator=g).expand(1, 1, N // b + 1, b, D).reshape(1, 1, -1, D)
+    k = base[:, :, :N].clone()
+    for j in range(-(-N // b)):
+        n = min(b, N - j * b)
+        k[0, 0, j * b: j * b + min(TOP_KEYS, n)] = torch.randn(min(TOP_KEYS, n), D, generator=g) * 3.0
+    pos = torch.arange(N, dtype=torch.int32).view(1, 1, N)
+    q_pool = torch.randn(1, 2, 5, D, generator=g)
+    k_pool, _ = key_block_stats(k, pos, b)
+    reps, logw = block_representatives(k, k_pool, b, "top")
+    got = estimated_block_logits(q_pool, reps, logw, 0.25)
+    kpad = torch.nn.functional.pad(k, (0, 0, 0, -N % b), value=float("nan"))
+    s = torch.einsum("bhid,bhnd->bhin", q_pool, kpad.expand(1, 2, -1, D)) * 0.25
+    want = torch.logsumexp(s.view(1, 2, 5, -1, b).nan_to_num(float("-inf")), dim=-1)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_top_estimator_keeps_the_block_of_one_strong_key():
+    # One key in block 5 matches every query strongly (logit 16); every other key matches a little
+    # (0.8). The block mean dilutes the strong key 32-fold (0.5 < 0.8), so "mean" ranks block 5
+    # last and misses it at threshold 0.5, while "top" sees it and keeps it.
+    from pbs_kernels.ops.select import select_blocks_naive
+
+    g = torch.Generator().manual_seed(0)
+    N, b, D = 512, 32, 32
+    q = torch.randn(1, 1, N, D, generator=g) * 0.3
+    k = torch.randn(1, 1, N, D, generator=g) * 0.3
+    q[..., 0] += 4.0
+    k[..., 0] += 0.2
+    k[0, 0, 5 * b: 6 * b, 0] -= 0.2
+    k[0, 0, 5 * b, 0] = 4.0  # the block's first slot, where permutation puts its top key
+    pos = torch.arange(N, dtype=torch.int32).view(1, 1, N)
+    kw = dict(block_size=b, segment_size=64, threshold=0.5, scale=1.0)
+    last = N // b - 1
+    mean = select_blocks_naive(q, k, pos, estimator="mean", **kw).dense_mask()[0, 0, last]
+    top = select_blocks_naive(q, k, pos, estimator="top", **kw).dense_mask()[0, 0, last]
+    assert bool(top[5]) and not bool(mean[5])
+    assert int(top[: last - 1].sum()) < 6  # the strong key's block, the sink and few others
+
+
+def test_total_mass_keeps_no_earlier_block_for_a_local_row():
+    # A local head: each query matches its own and nearby keys strongly, so the own segment holds
+    # most of the estimated mass and the total-mass rule keeps only the sink from earlier segments;
+    # the earlier-mass rule still spends tiles on the diffuse earlier mass.
+    from pbs_kernels.ops.select import select_blocks_naive
+    from pbs_kernels.ops.select.naive import earlier_threshold, own_segment_share
+
+    N, b, D = 512, 32, 64
+    t = torch.arange(N, dtype=torch.float32)
+    freqs = torch.linspace(0.001, 0.02, D // 2)
+    code = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
+    g = torch.Generator().manual_seed(1)
+    q = (code * 3.0 + 0.1 * torch.randn(N, D, generator=g)).view(1, 1, N, D)
+    k = (code * 3.0 + 0.1 * torch.randn(N, D, generator=g)).view(1, 1, N, D)
+    pos = torch.arange(N, dtype=torch.int32).view(1, 1, N)
+    kw = dict(block_size=b, segment_size=64, threshold=0.8, scale=1.0)
+    earlier = select_blocks_naive(q, k, pos, threshold_mass="earlier", **kw)
+    total = select_blocks_naive(q, k, pos, threshold_mass="total", **kw)
+    assert int(total.n_off.sum()) < int(earlier.n_off.sum())
+    # The rule itself: a row whose own share reaches the threshold keeps only the sink.
+    assert float(earlier_threshold(0.8, torch.tensor(0.9))) < 0 < float(earlier_threshold(0.8, torch.tensor(0.5)))
+    s = torch.tensor([[0.0, 0.0, 5.0]])
+    share = own_segment_share(s, torch.tensor([[True, True, False]]), torch.tensor([[False, False, True]]))
+    assert float(share) == pytest.approx(torch.exp(torch.tensor(5.0)) / (2 + torch.exp(torch.tensor(5.0))))
