@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from ._io import write_atomic
-from .limits import BLOCK_SIZES
+from .limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS
 
 __all__ = ["LayerConfig", "PbsProfile", "ProfileError", "builtin_profile"]
 
@@ -64,6 +64,8 @@ _LAYER_FIELDS: dict[str, tuple[str, Any, str]] = {
     "permute": ("bool", None, "true or false"),
     "min_seq_len": ("int", lambda v: v >= 0, "an integer >= 0"),
     "dense": ("bool", None, "true or false"),
+    "estimator": ("str", lambda v: v in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}"),
+    "threshold_mass": ("str", lambda v: v in THRESHOLD_MASS, f"one of {', '.join(THRESHOLD_MASS)}"),
 }
 
 
@@ -77,6 +79,8 @@ def _check_field(name: str, value: Any, where: str) -> Any:
         if not _is_number(value):
             raise ProfileError(f"{where} = {_show(value)} has type {_type_name(value)}; expected a number in {allowed}")
         value = float(value)
+    if kind == "str" and not isinstance(value, str):
+        raise ProfileError(f"{where} = {_show(value)} has type {_type_name(value)}; expected {allowed}")
     if kind == "bool" and not isinstance(value, bool):
         raise ProfileError(f"{where} = {_show(value)} has type {_type_name(value)}; expected true or false")
     if in_range is not None and not in_range(value):
@@ -128,6 +132,10 @@ class LayerConfig:
     permute: bool = True
     min_seq_len: int = 16384  # the kernel loses to dense attention below ~16K tokens
     dense: bool = False  # this layer always runs dense attention
+    # How selection estimates a tile's mass and what the threshold is a share of
+    # (pbs_kernels.limits); neither wins everywhere (BENCHMARKS.md, section 8), so tune searches them.
+    estimator: str = "mean"
+    threshold_mass: str = "earlier"
 
     def __post_init__(self) -> None:
         self.validate()

@@ -52,7 +52,7 @@ MESSAGES: dict[type, Message] = {
     E.PromptTooShort: lambda e, c: (
         f"{_input(e)} has {e.tokens} tokens, fewer than --seq-len {e.seq_len}; pass a longer text, "
         "a smaller --seq-len, or drop --no-extend to repeat it"),
-    E.WorkloadUnknown: lambda e, c: f"--workload {e.workload!r} is unknown; use synthetic or captured",
+    E.WorkloadUnknown: lambda e, c: f"--workload {e.workload!r} is unknown; use synthetic, vertical or captured",
     E.HeadsNotMultiple: lambda e, c: (
         f"--heads {e.heads} is not a multiple of --kv-heads {e.kv_heads}, which grouped-query attention needs; "
         f"use e.g. --heads {-(-e.heads // e.kv_heads) * e.kv_heads} --kv-heads {e.kv_heads}"),

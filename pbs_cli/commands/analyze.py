@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pbs_kernels.limits import BLOCK_SIZES
+from pbs_kernels.limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS
 
 from ..workflows.errors import DeviceError
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, SeqLenOpt, parse_fraction
@@ -35,6 +35,8 @@ def command(
     segment_size: Annotated[int, typer.Option("--segment-size", help="Permutation window, a multiple of the block size.")] = 256,
     coverage: Annotated[float, typer.Option("--coverage", parser=parse_fraction, help="Attention mass the oracle must cover, in (0, 1].")] = 0.9,
     threshold: Annotated[float, typer.Option("--threshold", parser=parse_fraction, help="PBS selection threshold to evaluate, in (0, 1].")] = 0.9,
+    estimator: Annotated[str, typer.Option("--estimator", help="How PBS's selection estimates a tile's mass: mean or top (a block's top keys too).")] = "mean",
+    threshold_mass: Annotated[str, typer.Option("--threshold-mass", help="What --threshold is a share of: earlier (earlier segments' mass) or total (the whole row's).")] = "earlier",
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", callback=_layer_list, help="Layers to analyse, e.g. 0,2,5-7.", show_default="all")] = None,
     no_extend: Annotated[bool, typer.Option("--no-extend", help="Fail if the input is shorter than --seq-len instead of repeating it.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for report.json and the PNGs.", show_default=str(DEFAULT_OUT))] = None,
@@ -44,7 +46,7 @@ def command(
 ) -> None:
     """Measure how sparse a model's attention is, with and without permutation.
 
-    One prefill of --seq-len tokens; per layer and head: oracle density (key blocks covering --coverage of the attention, original and PBS-permuted key order), PBS's own selection at --threshold (density, recall), sink and local mass, and whether permuting helps. Writes report.json and PNG heatmaps to --out. No MODEL: the embedded demo model. An input shorter than --seq-len is repeated to fill it.
+    One prefill of --seq-len tokens; per layer and head: oracle density (key blocks covering --coverage of the attention, original and PBS-permuted key order), PBS's own selection at --threshold (density, recall, and its selection efficiency: the tiles an oracle needs for the same recall over the tiles PBS computes), sink and local mass, and whether permuting helps. Writes report.json and PNG heatmaps to --out. No MODEL: the embedded demo model. An input shorter than --seq-len is repeated to fill it.
 
     Example: pbs analyze meta-llama/Llama-3.1-8B --seq-len 32k --layers 0-3
     """
@@ -53,6 +55,11 @@ def command(
     if segment_size <= 0 or segment_size % block_size:
         raise typer.BadParameter(f"{segment_size} is not a positive multiple of --block-size {block_size}",
                                  param_hint="'--segment-size'")
+    if estimator not in ESTIMATORS:
+        raise typer.BadParameter(f"{estimator!r} is not one of {', '.join(ESTIMATORS)}", param_hint="'--estimator'")
+    if threshold_mass not in THRESHOLD_MASS:
+        raise typer.BadParameter(f"{threshold_mass!r} is not one of {', '.join(THRESHOLD_MASS)}",
+                                 param_hint="'--threshold-mass'")
     from ..workflows.outputs import check_out_dir, save_files
 
     out_dir = check_out_dir(out if out is not None else DEFAULT_OUT)  # before minutes of work
@@ -83,7 +90,8 @@ def command(
             report = run_analysis(
                 loaded.model, prompt.input_ids, layers=chosen, block_size=block_size,
                 segment_size=segment_size, coverage=coverage, threshold=threshold,
-                model_name=loaded.name, progress=report_progress,
+                model_name=loaded.name, estimator=estimator, threshold_mass=threshold_mass,
+                progress=report_progress,
             )
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(
@@ -118,11 +126,11 @@ def command(
 
 def _print_tables(output, report) -> None:
     # Short headers: the table must fit an 80-column terminal; the legend line explains them.
-    columns = ["layer", "oracle", "oracle perm", "PBS dens", "recall", "sink", "local", "perm +/=/-", "PBS"]
+    columns = ["layer", "oracle", "oracle perm", "PBS dens", "recall", "sel eff", "sink", "local", "perm +/=/-", "PBS"]
 
     def row(lr):
         return [lr.layer, lr.oracle_density, lr.oracle_density_perm, lr.pbs_density, lr.pbs_recall,
-                lr.sink_mass, lr.local_mass, f"{lr.helps}/{lr.neutral}/{lr.hurts}",
+                lr.selection_efficiency, lr.sink_mass, lr.local_mass, f"{lr.helps}/{lr.neutral}/{lr.hurts}",
                 f"dense: {lr.pbs_fallback}" if lr.pbs_fallback else "yes"]
 
     ranked = report.ranked_layers()
@@ -135,7 +143,7 @@ def _print_tables(output, report) -> None:
         output.table("5 densest layers", columns, [row(lr) for lr in ranked[-5:][::-1]])
     output.info(
         f"oracle / oracle perm: fewest key blocks holding {report.coverage:g} of each query block's attention "
-        "per causal tile, keys in original / PBS-permuted order; PBS dens, recall: PBS's own selection; sink: "
+        "per causal tile, keys in original / PBS-permuted order; PBS dens, recall: PBS's own selection; sel eff: tiles an oracle needs for PBS's recall / tiles PBS computes; sink: "
         "mass on the first block; local: on the own and previous block; perm +/=/-: heads where permuting "
         "helps / is neutral / hurts; PBS: whether PBS can run on the layer"
     )
@@ -143,7 +151,8 @@ def _print_tables(output, report) -> None:
     output.info(
         f"mean over {s['heads_analyzed']} heads: oracle density {s['oracle_density']:.3f} -> "
         f"{s['oracle_density_perm']:.3f} with permutation; PBS at threshold {report.threshold:g}: density "
-        f"{s['pbs_density']:.3f}, recall {s['pbs_recall']:.3f}"
+        f"{s['pbs_density']:.3f}, recall {s['pbs_recall']:.3f}, selection efficiency {s['selection_efficiency']:.3f} "
+        f"(estimator {s['estimator']}, threshold over {s['threshold_mass']} mass)"
     )
     output.info(f"permutation helps {s['heads_helps']} heads, is neutral for {s['heads_neutral']}, "
                 f"hurts {s['heads_hurts']} (margin {report.verdict_margin:.0%} of the oracle density)")

@@ -32,6 +32,7 @@ DEFAULT_OUT = Path("pbs-out") / "bench"
 
 class WorkloadKind(str, Enum):
     synthetic = "synthetic"
+    vertical = "vertical"
     captured = "captured"
 
 
@@ -62,7 +63,7 @@ def command(
     head_dim: Annotated[int, typer.Option("--head-dim", callback=_check_head_dim, help="Head dimension: 64 or 128.")] = 128,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size.")] = 1,
     dtype: DtypeOpt = "auto",
-    workload: Annotated[WorkloadKind, typer.Option("--workload", case_sensitive=False, help="synthetic: seeded Q/K/V with sink, local, needle and slash heads; captured: one layer of --model.")] = "synthetic",
+    workload: Annotated[WorkloadKind, typer.Option("--workload", case_sensitive=False, help="synthetic: seeded Q/K/V with sink, local, needle and slash heads; vertical: the vertical-slash pattern (scattered keys every query needs, a recency window, slash lines); captured: one layer of --model.")] = "synthetic",
     model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="Model id or folder for --workload captured and --e2e.", show_default="the embedded demo model")] = None,
     layer: Annotated[Optional[int], typer.Option("--layer", min=0, help="Layer to capture, and the profile layer whose settings are benched.", show_default="0")] = None,
     e2e: Annotated[bool, typer.Option("--e2e", help="Also time the model's first token with and without the profile.")] = False,
@@ -222,6 +223,7 @@ _COLUMNS = (
     ("error", "error", ".2e"),
     ("kernel err", "kernel_error", ".1e"),
     ("speedup", "speedup", ".2f"),
+    ("sel. eff.", "selection_efficiency", ".3f"),
 )
 
 
@@ -247,7 +249,8 @@ def _header_line(report: BenchReport) -> str:
 def _config_line(report: BenchReport) -> str:
     cfg = report.pbs
     return (f"PBS block {cfg.block_size}, segment {cfg.segment_size}, threshold {cfg.threshold:g}, "
-            f"permute {'on' if cfg.permute else 'off'} ({cfg.source}); workload {report.workload}")
+            f"permute {'on' if cfg.permute else 'off'}, estimator {cfg.estimator}, threshold over "
+            f"{cfg.threshold_mass} mass ({cfg.source}); workload {report.workload}")
 
 
 def _title(r) -> str:

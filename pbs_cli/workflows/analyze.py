@@ -46,7 +46,9 @@ class HeadReport:
     attention mass, keys in original [PBS-permuted] order. pbs_density/pbs_recall: PBS's own
     estimated selection at `threshold` with permutation (…_noperm: without). sink_mass: mass on
     the first key block (queries past the first block); local_mass: mass on the query's own and
-    previous key block. verdict: "helps" when permuting lowers the oracle density by more than the
+    previous key block. oracle_density_at_recall: the fewest tiles (permuted order) an oracle
+    that knows every tile's mass needs for PBS's recall; pbs_work: tiles PBS computes (own-segment
+    tiles above the diagonal included); their ratio is the selection efficiency. verdict: "helps" when permuting lowers the oracle density by more than the
     margin (relative), "hurts" when it raises it by more, else "neutral".
     """
 
@@ -61,6 +63,8 @@ class HeadReport:
     sink_mass: float
     local_mass: float
     verdict: str
+    oracle_density_at_recall: float = float("nan")
+    pbs_work: float = float("nan")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class LayerReport:
     hurts: int
     pbs_fallback: str | None
     heads: list[HeadReport]
+    selection_efficiency: float = float("nan")  # oracle tiles at PBS's recall / PBS's tiles
 
 
 @dataclass
@@ -192,6 +197,8 @@ def run_analysis(
     model_name: str = "",
     backend: str = "auto",
     chunk_bytes: int | None = None,
+    estimator: str = "mean",
+    threshold_mass: str = "earlier",
     progress: ProgressFn = no_progress,
 ) -> AnalysisReport:
     """Analyse `model`'s attention on one prompt (`input_ids` [1, N]).
@@ -230,7 +237,8 @@ def run_analysis(
             q, k, block_size=block_size, segment_size=segment_size, coverage=coverage, threshold=threshold,
             scale=layer.scale, softcap=layer.softcap,
             sliding_window=window if window is not None and window < N else None,
-            backend=backend, return_maps=True, chunk_bytes=chunk_bytes,
+            backend=backend, return_maps=True, chunk_bytes=chunk_bytes, estimator=estimator,
+            threshold_mass=threshold_mass,
         )
         shapes.update(num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[3])
         fallbacks[layer.layer] = layer.fallback
@@ -254,6 +262,7 @@ def run_analysis(
                 pbs_density_noperm=float(la.pbs_density_noperm[h]), pbs_recall_noperm=float(la.pbs_recall_noperm[h]),
                 sink_mass=float(la.sink_mass[h]), local_mass=float(la.local_mass[h]),
                 verdict=_verdict(d0, d1, verdict_margin),
+                oracle_density_at_recall=float(la.oracle_density_at_recall[h]), pbs_work=float(la.pbs_work[h]),
             ))
         layer_reports.append(LayerReport(
             layer=idx,
@@ -268,6 +277,7 @@ def run_analysis(
             hurts=sum(h.verdict == "hurts" for h in heads),
             pbs_fallback=fallbacks.get(idx),
             heads=heads,
+            selection_efficiency=la.selection_efficiency,
         ))
 
     all_heads = [(lr.layer, h) for lr in layer_reports for h in lr.heads]
@@ -279,6 +289,12 @@ def run_analysis(
         "oracle_density_perm": _mean(h.oracle_density_perm for _, h in all_heads),
         "pbs_density": _mean(h.pbs_density for _, h in all_heads),
         "pbs_recall": _mean(h.pbs_recall for _, h in all_heads),
+        # Every head has the same causal tile count, so the ratio of mean densities is the ratio
+        # of tile counts summed over heads and layers (pbs_kernels.metrics.selection_efficiency).
+        "selection_efficiency": _mean(h.oracle_density_at_recall for _, h in all_heads)
+        / max(_mean(h.pbs_work for _, h in all_heads), 1e-12),
+        "estimator": estimator,
+        "threshold_mass": threshold_mass,
         "sink_mass": _mean(h.sink_mass for _, h in all_heads),
         "local_mass": _mean(h.local_mass for _, h in all_heads),
         "heads_helps": sum(h.verdict == "helps" for _, h in all_heads),

@@ -308,13 +308,15 @@ def test_json_schema(json_run):
     assert env["device"] == "cpu" and env["dtype"] == "float32" and isinstance(env["torch"], str)
     assert "correctness only" in env["timing"]
     assert doc["pbs"] == {"block_size": 128, "segment_size": 256, "threshold": 0.9, "permute": True,
-                          "source": "defaults", "min_seq_len": 16384}
+                          "source": "defaults", "min_seq_len": 16384, "estimator": "mean",
+                          "threshold_mass": "earlier"}
     assert doc["workload"] == "synthetic" and doc["settings"]["seq_lens"] == [512]
     (res,) = doc["results"]
     assert (res["seq_len"], res["heads"], res["kv_heads"], res["head_dim"], res["batch"]) == (512, 4, 2, 64, 1)
     assert res["reference"] == "fp32" and res["fastest_dense"] is None
     assert [m["method"] for m in res["methods"]] == METHODS
-    fields = {"method", "status", "ms", "flops", "tflops", "density", "recall", "error", "kernel_error", "speedup", "note"}
+    fields = {"method", "status", "ms", "flops", "tflops", "density", "recall", "error", "kernel_error", "speedup",
+              "selection_efficiency", "note"}
     for m in res["methods"]:
         assert set(m) == fields
         assert m["ms"] is None and m["speedup"] is None  # no timing on the cpu
@@ -328,6 +330,9 @@ def test_json_schema(json_run):
         assert row["status"] == "ok", row
         assert row["error"] < 0.05 and row["kernel_error"] < 1e-4 and 0.9 < row["recall"] <= 1.0
     assert rows["pbs"]["flops"] == rows["flex.attend"]["flops"] > 0
+    # Oracle tiles at PBS's recall / PBS's tiles: in (0, 1]; only the pbs row has one.
+    assert 0.0 < rows["pbs"]["selection_efficiency"] <= 1.0
+    assert rows["flex"]["selection_efficiency"] is None
 
 
 def test_csv_and_markdown_files(json_run):

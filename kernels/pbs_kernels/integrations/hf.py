@@ -248,7 +248,7 @@ def pbs_attention_forward(module, query, key, value, attention_mask, dropout: fl
         query, key, value,
         block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
         permute=cfg.permute, min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
-        return_stats=state.collect_stats,
+        return_stats=state.collect_stats, estimator=cfg.estimator, threshold_mass=cfg.threshold_mass,
     )
     if state.collect_stats:
         out, st = result

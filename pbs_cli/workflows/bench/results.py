@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
-WORKLOADS = ("synthetic", "captured")
+WORKLOADS = ("synthetic", "vertical", "captured")  # the first two: pbs_kernels.workloads.WORKLOADS
 E2E_WARMUP, E2E_REPS = 1, 3
 
 OK, FAILED, UNAVAILABLE, SKIPPED = "ok", "FAILED", "unavailable", "skipped"
@@ -30,7 +30,7 @@ class BenchSettings:
     batch: int = 1
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cuda | cpu
-    workload: str = "synthetic"  # synthetic | captured
+    workload: str = "synthetic"  # synthetic | vertical | captured
     model: Optional[str] = None
     layer: Optional[int] = None
     profile: Optional[str] = None  # path of a profile YAML
@@ -65,6 +65,8 @@ class PbsConfig:
     permute: bool
     source: str  # "defaults" or "PATH layer L"
     min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
+    estimator: str = "mean"
+    threshold_mass: str = "earlier"
 
 
 @dataclass
@@ -79,6 +81,8 @@ class MethodResult:
     error: Optional[float] = None
     kernel_error: Optional[float] = None
     speedup: Optional[float] = None
+    # oracle tiles at this row's recall / tiles computed (pbs_kernels.metrics.selection_efficiency)
+    selection_efficiency: Optional[float] = None
     note: Optional[str] = None
 
 
@@ -123,7 +127,7 @@ class BenchReport:
 
 
 CSV_COLUMNS = ("seq_len", "method", "status", "ms", "tflops", "density", "recall", "error",
-               "kernel_error", "speedup", "reference", "note")
+               "kernel_error", "speedup", "selection_efficiency", "reference", "note")
 
 
 def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
@@ -133,7 +137,8 @@ def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
         for m in r.methods:
             rows.append({"seq_len": r.seq_len, "method": m.method, "status": m.status, "ms": m.ms,
                          "tflops": m.tflops, "density": m.density, "recall": m.recall, "error": m.error,
-                         "kernel_error": m.kernel_error, "speedup": m.speedup, "reference": r.reference,
+                         "kernel_error": m.kernel_error, "speedup": m.speedup,
+                         "selection_efficiency": m.selection_efficiency, "reference": r.reference,
                          "note": m.note})
     for e in report.e2e:
         for method, ms, sp in (("ttft-dense", e.ttft_dense_ms, None), ("ttft-pbs", e.ttft_pbs_ms, e.speedup)):

@@ -167,7 +167,7 @@ def pbs_config(profile_path: Optional[str], layer: Optional[int]) -> tuple[PbsCo
                      f"{cfg.min_seq_len} tokens 'pbs-auto' times what a model runs there (pbs_attention's dense "
                      "fallback)")
     return PbsConfig(cfg.block_size, cfg.segment_size, float(cfg.threshold), bool(cfg.permute), source,
-                     int(cfg.min_seq_len)), notes
+                     int(cfg.min_seq_len), cfg.estimator, cfg.threshold_mass), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +184,10 @@ class Workload:
 
 
 def synthetic_workload(s: BenchSettings, n: int, device, dtype) -> Workload:
-    from pbs_kernels.workloads import make_workload
+    from pbs_kernels.workloads import WORKLOADS as MAKERS
 
-    q, k, v = make_workload(n, s.heads, s.kv_heads, s.head_dim, batch=s.batch, dtype=dtype, device=device, seed=s.seed)
+    make = MAKERS[s.workload if s.workload in MAKERS else "synthetic"]
+    q, k, v = make(n, s.heads, s.kv_heads, s.head_dim, batch=s.batch, dtype=dtype, device=device, seed=s.seed)
     return Workload(q, k, v, 1.0 / math.sqrt(s.head_dim))
 
 
@@ -344,12 +345,13 @@ class _Bench:
         b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
         D = q.shape[3]
         knobs = {"block_size": b, "segment_size": S, "scale": scale, "backend": be}
+        rule = {"estimator": cfg.estimator, "threshold_mass": cfg.threshold_mass}
 
         # The stages one by one (each is timed alone below), as pbs_plan chains them; a second
         # selection at threshold 1.0 on the same keys gives the full-softmax lse recall needs.
         keys = permute_stage(q, k, v, permute=cfg.permute, **knobs)
-        blocks = select_stage(q, keys, threshold=tau, **knobs)
-        plan = PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, b, S, tau, keys.permuted)
+        blocks = select_stage(q, keys, threshold=tau, **knobs, **rule)
+        plan = PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, b, S, tau, keys.permuted, **rule)
         out, lse = plan.attend(q, return_lse=True)
         full = dataclasses.replace(plan, blocks=select_stage(q, keys, threshold=1.0, **knobs), threshold=1.0)
         _, lse_full = full.attend(q, return_lse=True)
@@ -364,15 +366,17 @@ class _Bench:
         pbs = MethodResult("pbs", OK, flops=flops, density=density, recall=recall_of(lse, lse_full),
                            error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows))
         del out, lse
+        pbs.selection_efficiency = self._efficiency(q, k, scale)
         pbs.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau,
-                                                 permute=cfg.permute, min_seq_len=0, scale=scale, backend=be), N)
+                                                 permute=cfg.permute, min_seq_len=0, scale=scale, backend=be,
+                                                 **rule), N)
         if cfg.permute:
             t_perm = self.time(lambda: permute_stage(q, k, v, permute=True, **knobs), N)
             perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
         else:
             t_perm = 0.0 if self.timed else None
             perm_row = MethodResult("pbs.permute", SKIPPED, note="permute off")
-        t_sel = self.time(lambda: select_stage(q, keys, threshold=tau, **knobs), N)
+        t_sel = self.time(lambda: select_stage(q, keys, threshold=tau, **knobs, **rule), N)
         t_att = self.time(lambda: plan.attend(q), N)
         sel_row = MethodResult("pbs.select", OK, ms=t_sel)
         att_row = MethodResult("pbs.attend", OK, ms=t_att, flops=flops, density=density)
@@ -390,6 +394,20 @@ class _Bench:
             step()
         return rows_out, lse_full  # K/V copies, tiles and references are freed on return
 
+    def _efficiency(self, q, k, scale) -> Optional[float]:
+        """Selection efficiency of the benched knobs (`pbs_kernels.analysis.analyze_layer`: the
+        exact block masses, chunked, never N x N); None when permutation is off (the analysis
+        measures the permuted selection)."""
+        from pbs_kernels.analysis import analyze_layer
+
+        cfg = self.cfg
+        if not cfg.permute:
+            return None
+        a = analyze_layer(q, k, block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
+                          scale=scale, backend=self.backend, estimator=cfg.estimator,
+                          threshold_mass=cfg.threshold_mass)
+        return a.selection_efficiency
+
     def _auto(self, q, k, v, scale, ref) -> MethodResult:
         """pbs_attention as a model calls it, min_seq_len included (here: the dense fallback)."""
         from pbs_kernels import pbs_attention
@@ -399,7 +417,8 @@ class _Bench:
         def call():
             return pbs_attention(q, k, v, block_size=cfg.block_size, segment_size=cfg.segment_size,
                                  threshold=cfg.threshold, permute=cfg.permute, min_seq_len=cfg.min_seq_len,
-                                 scale=scale, backend=self.backend)
+                                 scale=scale, backend=self.backend, estimator=cfg.estimator,
+                                 threshold_mass=cfg.threshold_mass)
 
         out = call()
         row = MethodResult("pbs-auto", OK, flops=causal_flops(*q.shape[:2], q.shape[3], N), density=1.0,
@@ -475,7 +494,9 @@ class _Bench:
         cfg, be = self.cfg, self.backend
         D, N = q.shape[3], q.shape[2]
         b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
-        plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False, scale=scale, backend=be)
+        rule = {"estimator": cfg.estimator, "threshold_mass": cfg.threshold_mass}
+        plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False, scale=scale, backend=be,
+                        **rule)
         blocks = plan.blocks
         out, lse = plan.attend(q, return_lse=True)
         ref_rows, rows = tile_reference(q, plan.k, plan.v, plan.pos, blocks, check_blocks(blocks.num_blocks, b, S), scale)
@@ -487,7 +508,7 @@ class _Bench:
         )
         del out, lse, blocks, plan, ref_rows
         row.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False,
-                                                 min_seq_len=0, scale=scale, backend=be), N)
+                                                 min_seq_len=0, scale=scale, backend=be, **rule), N)
         return self.gate(row)
 
 
@@ -510,7 +531,7 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
     unknown = [b for b in s.baselines if b not in BASELINES]
     if unknown:
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
-    if s.workload == "synthetic" and s.heads % s.kv_heads:
+    if s.workload != "captured" and s.heads % s.kv_heads:
         raise HeadsNotMultiple(s.heads, s.kv_heads)
     device = resolve_bench_device(s.device)
     dtype = resolve_dtype(s.dtype, device)

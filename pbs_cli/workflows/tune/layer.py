@@ -102,8 +102,9 @@ class LayerEvaluator:
         q, k, v, scale = cap.q, cap.k, cap.v, cap.scale
         be = self.backend
         b, S = config.block_size, config.segment_size
+        knobs = dict(estimator=config.estimator, threshold_mass=config.threshold_mass)
         plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=config.threshold, permute=config.permute,
-                        scale=scale, backend=be)
+                        scale=scale, backend=be, **knobs)
         out, lse = plan.attend(q, return_lse=True)
         error = output_error(out, self.ref_out)
         recall = recall_from_lse(lse, self.ref_lse)
@@ -116,7 +117,7 @@ class LayerEvaluator:
         if self.cost_model == "measured":
             time = kernel_time_ms(
                 lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=config.threshold,
-                                      permute=config.permute, scale=scale, backend=be),
+                                      permute=config.permute, scale=scale, backend=be, **knobs),
                 quick=True,
             )
             cost = time / self.dense_ms

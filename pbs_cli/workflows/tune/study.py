@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from pbs_kernels.limits import BLOCK_SIZES
+from pbs_kernels.limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS
 
 from ..errors import (PbsError, SeqLenTooShort, StorageDriverMissing, StorageInvalid, StorageUnwritable,
                       StudyMismatchError)
@@ -51,7 +51,7 @@ __all__ = [
     "trial_point",
 ]
 
-SPACE_VERSION = 1
+SPACE_VERSION = 2  # 2: estimator and threshold_mass searched (studies of version 1 are not resumed)
 # A layer setting whose output is off by more than this fraction of the output's norm is not a
 # candidate at any speed: the model would be broken there (typical chosen settings: 0.01-0.1).
 MAX_LAYER_ERROR = 0.35
@@ -105,7 +105,8 @@ class SearchSpace:
             "max_layer_error": MAX_LAYER_ERROR,
         }
 
-    def config(self, block_size: int, segment_blocks: int, threshold: float, permute: bool) -> LayerConfig:
+    def config(self, block_size: int, segment_blocks: int, threshold: float, permute: bool,
+               estimator: str = "mean", threshold_mass: str = "earlier") -> LayerConfig:
         from pbs_kernels.profile import LayerConfig
 
         most = max(1, (self.n_tokens // 2) // block_size)
@@ -115,6 +116,8 @@ class SearchSpace:
             threshold=threshold,
             permute=permute,
             min_seq_len=self.min_seq_len,
+            estimator=estimator,
+            threshold_mass=threshold_mass,
         )
 
     def suggest(self, trial: optuna.Trial) -> LayerConfig:
@@ -122,16 +125,20 @@ class SearchSpace:
         m = trial.suggest_categorical("segment_blocks", list(self.segment_blocks))
         tail = trial.suggest_float("tail", MIN_TAIL, MAX_TAIL, log=True)
         permute = trial.suggest_categorical("permute", [True, False])
+        # Neither estimator nor threshold rule wins on every layer (BENCHMARKS.md, section 8).
+        estimator = trial.suggest_categorical("estimator", list(ESTIMATORS))
+        mass = trial.suggest_categorical("threshold_mass", list(THRESHOLD_MASS))
         # Four decimals: what a profile shows, and finer than selection can tell apart.
         threshold = min(round(1.0 - tail, 4), 1.0 - MIN_TAIL)
-        return self.config(b, m, threshold, permute)
+        return self.config(b, m, threshold, permute, estimator, mass)
 
     def params(self, config: LayerConfig) -> dict[str, Any]:
         """Trial parameters that reproduce `config` (for enqueue_trial)."""
         tail = min(max(1.0 - config.threshold, MIN_TAIL), MAX_TAIL)
         blocks = config.segment_size // config.block_size
         m = min(self.segment_blocks, key=lambda s: (abs(s - blocks), s))
-        return {"block_size": config.block_size, "segment_blocks": m, "tail": tail, "permute": config.permute}
+        return {"block_size": config.block_size, "segment_blocks": m, "tail": tail, "permute": config.permute,
+                "estimator": config.estimator, "threshold_mass": config.threshold_mass}
 
 
 def seed_configs(space: SearchSpace, analysis: LayerAnalysis | None) -> list[LayerConfig]:
@@ -160,6 +167,8 @@ def seed_configs(space: SearchSpace, analysis: LayerAnalysis | None) -> list[Lay
     seeds = [space.config(b, m, t, permute) for t in thresholds]
     if abs(gain - 1.0) < 0.05:  # undecided: try the other way too
         seeds.append(space.config(b, m, 0.9, not permute))
+    # The estimator that sees lone strong keys, at the first threshold (section 8 of BENCHMARKS.md).
+    seeds.append(space.config(b, m, thresholds[0], permute, "top"))
     return seeds
 
 
