@@ -185,16 +185,26 @@ def main():
     ap.add_argument("--len", type=int, default=131072)
     ap.add_argument("--small", type=int, default=32768)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--parts", default="check,sweep,overhead", help="comma list of check, sweep, overhead")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
-    rows = {"check": check_correctness(), "runs": [], "overhead": []}
-    q, k, v, _ = run_workload("vertical", make_vertical_slash, args.len, args.small, CONFIGS, BIG_ANALYZE, rows["runs"])
-    overhead(q, k, v, [("top", "total", 0.9), ("top", "earlier", 0.9), ("top", "total", 0.99)], rows["overhead"])
+    rows = {"check": check_correctness() if "check" in parts else [], "runs": [], "overhead": []}
+    if "sweep" in parts:
+        q, k, v, _ = run_workload("vertical", make_vertical_slash, args.len, args.small, CONFIGS, BIG_ANALYZE,
+                                  rows["runs"])
+    else:
+        q, k, v = make_vertical_slash(args.len, device="cuda", dtype=torch.bfloat16, seed=0)
+    if "overhead" in parts:
+        overhead(q, k, v, [("top", "total", 0.9), ("mean", "total", 0.9), ("top", "earlier", 0.9),
+                           ("mean", "earlier", 0.9)], rows["overhead"])
     del q, k, v
-    q, k, v, _ = run_workload("synthetic", make_workload, args.len, args.small,
-                              [("mean", "earlier", 0.9), ("top", "earlier", 0.9), ("top", "total", 0.98),
-                               ("top", "total", 0.99)], [], rows["runs"])
-    overhead(q, k, v, [("mean", "earlier", 0.9)], rows["overhead"])
+    if "sweep" in parts:
+        q, k, v, _ = run_workload("synthetic", make_workload, args.len, args.small,
+                                  [("mean", "earlier", 0.9), ("top", "earlier", 0.9), ("top", "total", 0.98),
+                                   ("top", "total", 0.99)], [], rows["runs"])
+        if "overhead" in parts:
+            overhead(q, k, v, [("mean", "earlier", 0.9)], rows["overhead"])
     with open(os.path.join(args.out, "gpu_select_dev.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
     print("\nsummary")
