@@ -5,6 +5,12 @@ pbs_attention() built on the plan, with a dense fallback and statistics.
     blocks = select_stage(q, keys, ...)       # kept tiles per query block
     plan = pbs_plan(q, k, v, ...)             # both, as one object; plan.attend(q) runs the kernel
     out = pbs_attention(q, k, v, ...)         # what models call
+    out = pbs_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)   # packed batches
+
+Serving shapes (docs/serving.md): q may be the last M of the N key positions (a prompt chunk
+against its cached prefix, bottom-right causal alignment as in FlashAttention), with an optional
+PbsPrefixCache that keeps completed segments' order between chunks; sliding windows, learned
+sinks and logit soft-capping are kernel options.
 
 Tools that need the intermediates (analysis, tuning, benchmarks) call these instead of chaining
 the ops themselves.
@@ -21,7 +27,7 @@ from .blocks import BlockList, identity_positions
 from .limits import BACKENDS, BLOCK_SIZES, ESTIMATORS, HEAD_DIMS, THRESHOLD_MASS
 from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
-from .ops.permute import permute_keys
+from .ops.permute import gather_permuted, segment_order
 from .ops.select import select_blocks
 
 
@@ -92,10 +98,27 @@ def _cudnn_gqa_ok(q: torch.Tensor) -> bool:
     return _CUDNN_GQA[key]
 
 
-def dense_causal_attention(q, k, v, *, scale: float | None = None) -> torch.Tensor:
+def dense_causal_attention(q, k, v, *, scale: float | None = None, window: int | None = None,
+                           sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Dense causal attention through SDPA with grouped-query heads (the fallback path): cuDNN
-    with native grouped-query heads where it takes them, else SDPA on K/V copied per query head."""
+    with native grouped-query heads where it takes them, else SDPA on K/V copied per query head.
+
+    q [B, HQ, M, D] may be the last M of k's N positions (bottom-right causal alignment, SDPA
+    with a lower-right causal bias). A sliding window, sinks or soft-capping, which SDPA cannot
+    do, take the exact fp32 torch path of `reference.dense_reference` (query rows in chunks)."""
     HQ, H = q.shape[1], k.shape[1]
+    M, N = q.shape[2], k.shape[2]
+    if window is not None or sinks is not None or softcap is not None:
+        from .reference import dense_reference
+
+        return dense_reference(q, k, v, scale, window=window, sinks=sinks, softcap=softcap).to(q.dtype)
+    if M != N:
+        from torch.nn.attention.bias import causal_lower_right
+
+        if HQ != H:
+            k = k.repeat_interleave(HQ // H, dim=1)
+            v = v.repeat_interleave(HQ // H, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(M, N), scale=scale)
     ctx = _fast_sdpa_order() if q.is_cuda else None
     if HQ != H and ctx is not None and _cudnn_gqa_ok(q):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -115,21 +138,21 @@ def dense_causal_attention(q, k, v, *, scale: float | None = None) -> torch.Tens
 
 
 def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator="mean",
-              threshold_mass="earlier"):
+              threshold_mass="earlier", window=None, sinks=None, softcap=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pbs_attention: {name} must be a 4-D tensor [B, heads, N, D]")
-    B, HQ, N, D = q.shape
+    B, HQ, M, D = q.shape
+    N = k.shape[2]
     if k.shape != v.shape:
         raise ValueError(f"pbs_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"pbs_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
-    if k.shape[2] != N:
+    if M > N:
         raise ValueError(
-            f"pbs_attention: q_len {N} != kv_len {k.shape[2]}; PBS is for prefill "
-            "(queries and keys at the same positions); use dense attention for decode"
+            f"pbs_attention: q_len {M} > kv_len {N}; queries must be the last M of the N key positions (M <= N)"
         )
-    if N == 0:
+    if M == 0:
         raise ValueError("pbs_attention: the sequence is empty (N = 0); pass at least one token")
     if HQ % k.shape[1] != 0:
         raise ValueError(f"pbs_attention: query heads {HQ} must be a multiple of kv heads {k.shape[1]}")
@@ -160,6 +183,12 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         raise ValueError(f"pbs_attention: estimator {estimator!r} is not one of {ESTIMATORS}")
     if threshold_mass not in THRESHOLD_MASS:
         raise ValueError(f"pbs_attention: threshold_mass {threshold_mass!r} is not one of {THRESHOLD_MASS}")
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ValueError(f"pbs_attention: window {window} must be a positive number of tokens (or None)")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (HQ,)):
+        raise ValueError(f"pbs_attention: sinks must be a tensor of one logit per query head, shape ({HQ},)")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"pbs_attention: softcap {softcap} must be > 0 (or None)")
 
 
 def _upcast_for_interpreter(backend: str, *ts: torch.Tensor):
@@ -187,6 +216,55 @@ class _ForwardOnly(torch.autograd.Function):
 
 
 @dataclass
+class PbsPrefixCache:
+    """The permutation of a prompt's completed segments, kept between its prefill chunks.
+
+    Pass the same object to every `pbs_attention(..., cache=)` call of one prompt, chunk after
+    chunk (each call's k/v: the whole prefix so far, the chunk's keys last). A call reuses the
+    stored order for the segments completed by earlier calls, scores only the keys after them
+    (O(chunk + segment) keys instead of the whole prefix) and stores the order of every segment
+    complete after it. K/V themselves are not stored: each call gathers them in slot order from
+    the k/v it is given (one O(N) pass, docs/serving.md has the cost model). A new prompt needs
+    a new cache (or `reset()`).
+
+    pos: [B, H, P] int32 original positions of the first P slots (P a multiple of
+    segment_size), None before the first call.
+    """
+
+    pos: torch.Tensor | None = None
+    segment_size: int | None = None
+
+    @property
+    def n_done(self) -> int:
+        return 0 if self.pos is None else int(self.pos.shape[-1])
+
+    def reset(self) -> None:
+        self.pos = None
+        self.segment_size = None
+
+    def _prefix_for(self, B: int, H: int, N: int, M: int, segment_size: int, device) -> torch.Tensor | None:
+        if self.pos is None:
+            return None
+        P = self.n_done
+        if tuple(self.pos.shape[:2]) != (B, H) or self.pos.device != device:
+            raise ValueError(f"pbs_attention: the prefix cache holds {tuple(self.pos.shape[:2])} (batch, kv heads) "
+                             f"on {self.pos.device}, not ({B}, {H}) on {device}; use one cache per prompt")
+        if self.segment_size != segment_size:
+            raise ValueError(f"pbs_attention: the prefix cache was built with segment_size {self.segment_size}, "
+                             f"not {segment_size}; use one cache per layer and setting")
+        if P > N - M:
+            raise ValueError(f"pbs_attention: the prefix cache holds {P} positions but the chunk starts at {N - M}; "
+                             "pass each chunk once, in order, or reset() the cache for a new prompt")
+        return self.pos
+
+    def _store(self, pos: torch.Tensor, segment_size: int) -> None:
+        n_full = (pos.shape[-1] // segment_size) * segment_size
+        if n_full > self.n_done:
+            self.pos = pos[:, :, :n_full].clone()
+            self.segment_size = segment_size
+
+
+@dataclass
 class PermutedKeys:
     """Keys and values in slot order, from `permute_stage`.
 
@@ -204,35 +282,45 @@ class PermutedKeys:
 
 
 def permute_stage(q, k, v, *, block_size: int = 128, segment_size: int = 256, permute: bool = True,
-                  scale: float | None = None, backend: str = "auto") -> PermutedKeys:
+                  scale: float | None = None, backend: str = "auto",
+                  cache: PbsPrefixCache | None = None) -> PermutedKeys:
     """Step 1: sort the keys of every full segment by the attention the last query block gives
-    them (`permute=False`: keys stay in order, positions are the identity)."""
+    them (`permute=False`: keys stay in order, positions are the identity). q may be the last M
+    of the N positions (then the chunk's last block scores); `cache` keeps completed segments'
+    order between the chunks of one prompt (PbsPrefixCache)."""
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if not permute:
         B, H, N, _ = k.shape
         return PermutedKeys(k, v, identity_positions(B, H, N, k.device), None, False)
     q, k, v = _upcast_for_interpreter(be, q, k, v)
+    B, H, N, _ = k.shape
+    prefix = cache._prefix_for(B, H, N, q.shape[2], segment_size, k.device) if cache is not None else None
+    pos = segment_order(q, k, block_size=block_size, segment_size=segment_size, scale=scale, backend=be,
+                        prefix_pos=prefix)
+    if cache is not None:
+        cache._store(pos, segment_size)
     # The Triton gather pools the key blocks while it permutes; selection reuses that.
-    k_p, v_p, pos, key_stats = permute_keys(q, k, v, block_size=block_size, segment_size=segment_size,
-                                            scale=scale, backend=be, block_stats=True)
+    k_p, v_p, key_stats = gather_permuted(k, v, pos, block_size=block_size, backend=be, block_stats=True)
     return PermutedKeys(k_p, v_p, pos, key_stats, True)
 
 
 def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: int = 256,
                  threshold: float = 0.9, scale: float | None = None, backend: str = "auto",
-                 estimator: str = "mean", threshold_mass: str = "earlier") -> BlockList:
+                 estimator: str = "mean", threshold_mass: str = "earlier",
+                 window: int | None = None) -> BlockList:
     """Step 2: per query block, the fewest earlier-segment key blocks whose estimated attention
     mass reaches `threshold` (of the earlier segments' mass, or with threshold_mass="total" of the
     whole row's), plus its own segment and the block holding token 0. `estimator`: how a tile's
-    mass is estimated (`pbs_kernels.limits.ESTIMATORS`)."""
+    mass is estimated (`pbs_kernels.limits.ESTIMATORS`). With a sliding `window`: only blocks
+    inside some query's window, the straddling ones masked."""
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     (q,) = _upcast_for_interpreter(be, q)
     k = keys.k.float() if q.dtype != keys.k.dtype else keys.k
     return select_blocks(q, k, keys.pos, block_size=block_size, segment_size=segment_size,
                          threshold=float(threshold), scale=scale, backend=be, key_stats=keys.key_stats,
-                         estimator=estimator, threshold_mass=threshold_mass)
+                         estimator=estimator, threshold_mass=threshold_mass, window=window)
 
 
 @dataclass
@@ -252,14 +340,18 @@ class PbsPlan:
     permuted: bool
     estimator: str = "mean"
     threshold_mass: str = "earlier"
+    window: int | None = None
+    sinks: torch.Tensor | None = None
+    softcap: float | None = None
 
     def attend(self, q: torch.Tensor, *, return_lse: bool = False):
-        """Output [B, HQ, N, D] in q's dtype (and the natural-log LSE [B, HQ, N] fp32 over the
-        computed tiles with `return_lse=True`)."""
+        """Output [B, HQ, M, D] in q's dtype (and the natural-log LSE [B, HQ, M] fp32 over the
+        computed tiles, the sink included, with `return_lse=True`)."""
         dtype = q.dtype
         (qc,) = _upcast_for_interpreter(self.backend, q)
         k, v = (self.k, self.v) if self.k.dtype == qc.dtype else (self.k.to(qc.dtype), self.v.to(qc.dtype))
-        res = attend(qc, k, v, self.pos, self.blocks, scale=self.scale, backend=self.backend, return_lse=return_lse)
+        res = attend(qc, k, v, self.pos, self.blocks, scale=self.scale, backend=self.backend, return_lse=return_lse,
+                     window=self.window, sinks=self.sinks, softcap=self.softcap)
         out, lse = res if return_lse else (res, None)
         out = out.to(dtype)
         return (out, lse) if return_lse else out
@@ -270,18 +362,25 @@ class PbsPlan:
 
 def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, threshold: float = 0.9,
              permute: bool = True, scale: float | None = None, backend: str = "auto",
-             estimator: str = "mean", threshold_mass: str = "earlier") -> PbsPlan:
-    """Steps 1 and 2 for q [B, HQ, N, D], k/v [B, H, N, D]: a PbsPlan (never dense; see
-    `pbs_attention` for the short-prompt fallback). Same checks and knobs as pbs_attention."""
-    _validate(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass)
+             estimator: str = "mean", threshold_mass: str = "earlier", window: int | None = None,
+             sinks: torch.Tensor | None = None, softcap: float | None = None,
+             cache: PbsPrefixCache | None = None) -> PbsPlan:
+    """Steps 1 and 2 for q [B, HQ, M, D] (the last M of the N positions), k/v [B, H, N, D]: a
+    PbsPlan (never dense; see `pbs_attention` for the short-prompt fallback). Same checks and
+    knobs as pbs_attention."""
+    _validate(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass, window, sinks,
+              softcap)
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if window is not None and window >= k.shape[2]:
+        window = None  # no key is outside it
     keys = permute_stage(q, k, v, block_size=block_size, segment_size=segment_size, permute=permute,
-                         scale=scale, backend=be)
+                         scale=scale, backend=be, cache=cache)
     blocks = select_stage(q, keys, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass)
+                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass,
+                          window=window)
     return PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, block_size, segment_size, float(threshold),
-                   keys.permuted, estimator, threshold_mass)
+                   keys.permuted, estimator, threshold_mass, window, sinks, None if softcap is None else float(softcap))
 
 
 def pbs_attention(
@@ -299,11 +398,18 @@ def pbs_attention(
     return_stats: bool = False,
     estimator: str = "mean",
     threshold_mass: str = "earlier",
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    cache: PbsPrefixCache | None = None,
 ):
     """Causal Permuted Block-Sparse attention for prefill.
 
-    q: [B, HQ, N, D]; k, v: [B, H, N, D] with HQ a multiple of H; D in {64, 128}; float16 or
-    bfloat16 on a GPU (float32 works too, more slowly). Any N >= 1.
+    q: [B, HQ, M, D]; k, v: [B, H, N, D] with HQ a multiple of H; D in {64, 128}; float16 or
+    bfloat16 on a GPU (float32 works too, more slowly). Any 1 <= M <= N: the queries are the last
+    M of the N key positions (M = N: a whole prompt; M < N: a chunk against its cached prefix,
+    causal bottom-right aligned as in FlashAttention; blocks and segments are counted from key
+    position 0, so the chunk's rows equal the same rows of a whole-prompt call).
 
     1. permute: inside each segment of `segment_size` keys, sort keys by the attention they get
        from the last `block_size` queries (off: `permute=False`, plain block-sparse).
@@ -313,6 +419,11 @@ def pbs_attention(
 
     `estimator` ("mean" | "top") is how selection estimates a tile's mass; `threshold_mass`
     ("earlier" | "total") what the threshold is a share of (`pbs_kernels.limits`).
+    window: sliding window, keys with q_pos - window < k_pos <= q_pos (Mistral, Gemma's local
+    layers); tiles wholly outside are never computed. sinks: [HQ] learned logits, one extra term
+    per head in every softmax denominator (gpt-oss). softcap: scores become
+    softcap * tanh(scale * q.k / softcap) (Gemma 2). Selection ignores sinks and soft-capping.
+    cache: a PbsPrefixCache shared by the chunks of one prompt (reuses completed segments' order).
 
     Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
     equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
@@ -322,20 +433,22 @@ def pbs_attention(
     Inference only on the Triton backend: the output carries no gradient and a backward pass
     through it raises; the torch backend is differentiable.
 
-    Returns the output [B, HQ, N, D] in q's dtype, and with `return_stats=True` also a PbsStats.
+    Returns the output [B, HQ, M, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
-    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass)
-    B, HQ, N, D = q.shape
+    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
+              window, sinks, softcap)
+    B, HQ, M, D = q.shape
+    N = k.shape[2]
     scale = default_scale(D) if scale is None else float(scale)
     if N <= segment_size or N < min_seq_len:
-        out = dense_causal_attention(q, k, v, scale=scale)
+        out = dense_causal_attention(q, k, v, scale=scale, window=window, sinks=sinks, softcap=softcap)
         if not return_stats:
             return out
         return out, PbsStats(1.0, torch.ones(HQ), dense=True)
 
     plan = pbs_plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
                     permute=permute, scale=scale, backend=backend, estimator=estimator,
-                    threshold_mass=threshold_mass)
+                    threshold_mass=threshold_mass, window=window, sinks=sinks, softcap=softcap, cache=cache)
     out = plan.attend(q)
     if plan.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _ForwardOnly.apply(out, q, k, v)

@@ -21,22 +21,32 @@ class BlockList:
              query's own segment (masked by original positions); the rest is unused.
     n_off:   [B, HQ, NQB] int32
     n_total: [B, HQ, NQB] int32
+    q_block0: index of the first query block among the key blocks. 0 for prefill; for queries
+             that are the last M of N positions (a chunk against its cached prefix) the rows are
+             the key blocks q_block0 .. NB - 1 that hold a query (the first may be partial).
     """
 
     idx: torch.Tensor
     n_off: torch.Tensor
     n_total: torch.Tensor
     block_size: int
+    q_block0: int = 0
 
     @property
     def num_blocks(self) -> int:
+        """Key blocks NB (also the index one past the last query block)."""
+        return self.q_block0 + self.idx.shape[2]
+
+    @property
+    def num_query_blocks(self) -> int:
         return self.idx.shape[2]
 
     @property
     def causal_tiles(self) -> int:
-        """Tiles of dense causal attention per head: nb (nb + 1) / 2."""
-        nb = self.num_blocks
-        return nb * (nb + 1) // 2
+        """Tiles of dense causal attention per head over the query blocks: sum of (i + 1) for
+        i = q_block0 .. NB - 1 (nb (nb + 1) / 2 for prefill)."""
+        nb, q0 = self.num_blocks, self.q_block0
+        return nb * (nb + 1) // 2 - q0 * (q0 + 1) // 2
 
     def tiles_per_head(self) -> torch.Tensor:
         """Computed tiles per (batch, head), the work the kernel does: [B, HQ] int64."""
@@ -47,7 +57,7 @@ class BlockList:
         # Permutation can move an early key behind the diagonal block, so such a tile is computed.
         W = self.idx.shape[-1]
         valid = torch.arange(W, device=self.idx.device) < self.n_total[..., None]
-        qb = torch.arange(self.num_blocks, device=self.idx.device)[:, None]
+        qb = torch.arange(self.q_block0, self.num_blocks, device=self.idx.device)[:, None]
         return valid & (self.idx > qb)
 
     def extra_tiles_per_head(self) -> torch.Tensor:
@@ -67,9 +77,10 @@ class BlockList:
 
     def dense_mask(self) -> torch.Tensor:
         """[B, HQ, NQB, NKB] bool of kept tiles (for tests and analysis on small inputs)."""
-        B, HQ, nb, W = self.idx.shape
+        B, HQ, nqb, W = self.idx.shape
+        nb = self.num_blocks
         valid = torch.arange(W, device=self.idx.device) < self.n_total[..., None]
-        mask = torch.zeros(B, HQ, nb, nb + 1, dtype=torch.bool, device=self.idx.device)
+        mask = torch.zeros(B, HQ, nqb, nb + 1, dtype=torch.bool, device=self.idx.device)
         idx = torch.where(valid, self.idx.long(), nb)
         mask.scatter_(3, idx, True)
         return mask[..., :nb]
@@ -90,6 +101,34 @@ def block_geometry(N: int, block_size: int, segment_size: int, device):
     return nb, seg, last_q
 
 
+def query_geometry(N: int, M: int, block_size: int, segment_size: int, device):
+    """For queries that are the last M of N positions: (first query block q_block0, segment of
+    each query block [NQB], first and last query position of each query block [NQB])."""
+    q_off = N - M
+    nb = cdiv(N, block_size)
+    qb0 = q_off // block_size
+    blocks = torch.arange(qb0, nb, device=device)
+    seg = blocks // (segment_size // block_size)
+    first_q = torch.clamp(blocks * block_size, min=q_off)
+    last_q = torch.clamp((blocks + 1) * block_size - 1, max=N - 1)
+    return qb0, seg, first_q, last_q
+
+
+def pool_query_blocks(q: torch.Tensor, block_size: int, q_offset: int = 0) -> torch.Tensor:
+    """Mean query of each query block when the M rows of q sit at positions q_offset ..
+    q_offset + M - 1 (blocks aligned to absolute positions, so the first block may be partial):
+    [B, HQ, NQB, D] float32. q_offset = 0 is `pool_blocks`."""
+    lead = q_offset % block_size
+    if lead == 0:
+        return pool_blocks(q, block_size)
+    B, H, M, D = q.shape
+    first = min(M, block_size - lead)
+    head = q[:, :, :first].sum(dim=2, keepdim=True, dtype=torch.float32) / first
+    if first == M:
+        return head
+    return torch.cat([head, pool_blocks(q[:, :, first:], block_size)], dim=2)
+
+
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean over each block of `block_size` rows (a partial last block averages its valid rows).
 
@@ -106,6 +145,14 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
         sums = torch.cat([sums, tail], dim=2)
         counts[-1] = N % block_size
     return sums / counts[:, None]
+
+
+def key_block_max_pos(pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The latest original position each key block holds: [B, H, NB] int32 (sliding windows)."""
+    B, H, N = pos.shape
+    nb = cdiv(N, block_size)
+    pos_blk = torch.nn.functional.pad(pos, (0, nb * block_size - N), value=-1).reshape(B, H, nb, block_size)
+    return pos_blk.amax(-1).to(torch.int32).contiguous()
 
 
 def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int):

@@ -2,12 +2,16 @@
 from .naive import attend_blocks_naive, attend_naive
 
 
-def attend(q, k_perm, v_perm, pos, blocks, *, scale: float, backend: str = "torch", return_lse: bool = False):
+def attend(q, k_perm, v_perm, pos, blocks, *, scale: float, backend: str = "torch", return_lse: bool = False,
+           window=None, sinks=None, softcap=None):
+    """q [B, HQ, M, D] (the last M of the N key positions), K/V in slot order [B, H, N, D];
+    optional sliding `window`, per-head `sinks` [HQ] and `softcap` (see naive.py)."""
+    extra = dict(window=window, sinks=sinks, softcap=softcap)
     if backend == "triton":
         from .fwd import attend_triton
 
-        return attend_triton(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse)
-    return attend_naive(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse)
+        return attend_triton(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse, **extra)
+    return attend_naive(q, k_perm, v_perm, pos, blocks, scale=scale, return_lse=return_lse, **extra)
 
 
 __all__ = ["attend", "attend_blocks_naive", "attend_naive"]

@@ -4,6 +4,13 @@ One program per (query block, batch x query head). It walks the query block's ke
 first the blocks of earlier segments with no mask at all (every key there is in the past), then
 the blocks of its own segment, masked token by token with the keys' original positions. K/V are
 read from the query head's KV head directly (grouped-query attention with no copy).
+
+Serving shapes are optional behaviour of the same kernel (constexpr flags, off for plain
+prefill): queries that are the last M of N positions (QOFF = N - M, the program's query block is
+counted among the key blocks from QOFF // BLOCK_SIZE), a sliding window (WINDOW: the masked loop
+also drops keys at or before q_pos - W; selection puts window-straddling tiles in that loop and
+never keeps tiles wholly outside), learned sinks (HAS_SINK: one logit per head added to the
+softmax denominator) and logit soft-capping (SOFTCAP: tanh on each score tile).
 """
 from __future__ import annotations
 
@@ -19,12 +26,17 @@ from ...blocks import BlockList
 
 @triton.jit
 def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_allow, IEEE: tl.constexpr,
-                 FMA: tl.constexpr):
+                 FMA: tl.constexpr, SOFTCAP: tl.constexpr = False, cap_in=1.0, cap_out=1.0):
     # [BLOCK_M, BLOCK_N] raw scores q.k; qk_scale (softmax scale times log2 e) is applied below
     if IEEE:
         b_s = tl.dot(b_q, b_k, input_precision="ieee")
     else:
         b_s = tl.dot(b_q, b_k)
+    if SOFTCAP:
+        # softcap * tanh(scale * s / softcap) in log2 units (cap_out = softcap * log2 e); the
+        # launcher turns FMA off and passes qk_scale = 1, so nothing below rescales it.
+        b_x = b_s * cap_in
+        b_s = (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0)) * cap_out
     if MASK:
         b_s = tl.where(m_allow, b_s, float("-inf"))
     if FMA:
@@ -56,7 +68,7 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 @triton.jit
 def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE,
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -64,13 +76,15 @@ def _attend_fwd_kernel(
     stride_pb, stride_ph,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
-    N, HQ, G, NQB, qk_scale,
+    N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    FMA: tl.constexpr,
+    FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
-    i_m = NQB - 1 - tl.program_id(0)
+    # i_l: row of the block list; i_m: the query block's index among the key blocks.
+    i_l = NQB - 1 - tl.program_id(0)
+    i_m = QOFF // BLOCK_SIZE + i_l
     i_bh = tl.program_id(1)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = (i_bh % HQ).to(tl.int64)
@@ -78,9 +92,10 @@ def _attend_fwd_kernel(
 
     o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     o_d = tl.arange(0, HEAD_DIM)
-    m_m = o_m < N
+    m_m = (o_m >= QOFF) & (o_m < N)
+    o_r = o_m - QOFF  # row of q / o (queries are the last M of the N positions)
 
-    p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
+    p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_r[:, None] * stride_qn + o_d[None, :]
     # [BLOCK_SIZE, HEAD_DIM]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     i_kv = (i_b * (HQ // G) + i_h).to(tl.int32)
@@ -91,9 +106,9 @@ def _attend_fwd_kernel(
         p_kbase = K + i_b * stride_kb + i_h * stride_kh
         p_vbase = V + i_b * stride_vb + i_h * stride_vh
     p_pos = POS + i_b * stride_pb + i_h * stride_ph
-    p_idx = IDX + i_b * stride_ib + i_hq * stride_ih + i_m * stride_iq
-    n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_m)
-    n_tot = tl.load(NTOT + i_b * stride_cb + i_hq * stride_ch + i_m)
+    p_idx = IDX + i_b * stride_ib + i_hq * stride_ih + i_l * stride_iq
+    n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_l)
+    n_tot = tl.load(NTOT + i_b * stride_cb + i_hq * stride_ch + i_l)
 
     m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
@@ -114,7 +129,8 @@ def _attend_fwd_kernel(
                 b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None])
                 # [BLOCK_N, HEAD_DIM]
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :])
-            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE, FMA)
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE, FMA,
+                                         SOFTCAP, cap_in, cap_out)
 
     # Tiles of the query's own segment: mask by original position (and the end of the sequence).
     for t in range(n_off, n_tot):
@@ -133,21 +149,34 @@ def _attend_fwd_kernel(
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
             # [BLOCK_SIZE, BLOCK_N]
             m_allow = b_pos[None, :] <= o_m[:, None]
-            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA)
+            if WINDOW:
+                m_allow = m_allow & (b_pos[None, :] > o_m[:, None] - W)
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA,
+                                         SOFTCAP, cap_in, cap_out)
+
+    if HAS_SINK:
+        # The sink is one more logit in the denominator with no value: rescale to the larger max.
+        b_sink = tl.load(SINKS + i_hq).to(tl.float32) * 1.4426950408889634
+        m_fin = tl.maximum(m_i, b_sink)
+        alpha = tl.exp2(m_i - m_fin)
+        l_i = l_i * alpha + tl.exp2(b_sink - m_fin)
+        acc = acc * alpha[:, None]
+        m_i = m_fin
 
     # Every real row saw at least its own key; padded rows (o_m >= N) are never stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
-    p_o = O + i_b * stride_ob + i_hq * stride_oh + o_m[:, None] * stride_on + o_d[None, :]
+    p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
     if RETURN_LSE:
         # Natural-log log-sum-exp of the scaled scores over the computed tiles.
         b_lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
-        tl.store(LSE + i_bh.to(tl.int64) * N + o_m, b_lse, mask=m_m)
+        tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_m)
 
 
 def _check(q, k_perm, v_perm, pos, blocks: BlockList):
-    B, HQ, N, D = q.shape
+    B, HQ, M, D = q.shape
+    N = k_perm.shape[2]
     if k_perm.stride(-1) != 1 or v_perm.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("attend: q, k and v need a contiguous last dimension")
     if not pos.is_contiguous() or pos.dtype != torch.int32:
@@ -158,6 +187,8 @@ def _check(q, k_perm, v_perm, pos, blocks: BlockList):
             raise ValueError(f"attend: blocks.{name} must be a contiguous int32 tensor")
     if blocks.num_blocks != cdiv(N, blocks.block_size):
         raise ValueError("attend: the block list does not match the sequence length")
+    if blocks.q_block0 != (N - M) // blocks.block_size:
+        raise ValueError("attend: the block list's first query block does not match q's length")
 
 
 # Warp specialization of the unmasked loop exists in newer Triton only (feature check, not version).
@@ -181,14 +212,16 @@ def _tma_default(q, k_perm, v_perm) -> bool:
 def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
-                  fma_softmax: bool = True):
+                  fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
+                  softcap: float | None = None):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants)."""
     _check(q, k_perm, v_perm, pos, blocks)
-    B, HQ, N, D = q.shape
+    B, HQ, M, D = q.shape
+    N = k_perm.shape[2]
     H = k_perm.shape[1]
     b = blocks.block_size
-    nqb = blocks.num_blocks
+    nqb = blocks.num_query_blocks
     # Measured on an H200 (Triton 3.6, b=128, D=128, bf16, 32K and 128K): BLOCK_N=128 with 8 warps
     # gave 420-437 TFLOP/s on computed tiles with pointer loads (3 stages), 436-463 with tensor
     # descriptors (2 stages); 4 warps gave ~290; BLOCK_N=64 ~2% less. fp32 tiles need half the
@@ -211,10 +244,19 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         v3 = v_perm.reshape(B * H, N, D)
         k_arg = TensorDescriptor.from_tensor(k3, [1, block_n, D])
         v_arg = TensorDescriptor.from_tensor(v3, [1, block_n, D])
-    lse = torch.empty(B, HQ, N, device=q.device, dtype=torch.float32) if return_lse else o
+    lse = torch.empty(B, HQ, M, device=q.device, dtype=torch.float32) if return_lse else o
+    if sinks is not None:
+        sinks = sinks.to(device=q.device, dtype=torch.float32).contiguous()
+    qk_scale = scale * LOG2E
+    if softcap is not None:
+        # Scores go through tanh before the softmax, so the scale is applied inside the cap.
+        cap_in, cap_out, qk_scale, fma_softmax = scale / softcap, softcap * LOG2E, 1.0, False
+    else:
+        cap_in = cap_out = 1.0
     grid = (nqb, B * HQ)
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
+        sinks if sinks is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -222,10 +264,11 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         pos.stride(0), pos.stride(1),
         blocks.idx.stride(0), blocks.idx.stride(1), blocks.idx.stride(2),
         blocks.n_off.stride(0), blocks.n_off.stride(1),
-        N, HQ, HQ // H, nqb, scale * LOG2E,
+        N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out),
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
+        WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o

@@ -2,6 +2,11 @@
 
 Works one query block at a time and gathers only the kept key blocks, so memory stays
 O(N * kept) rather than N x N.
+
+Serving shapes (docs/serving.md): q may hold only the last M of the N key positions (a chunk
+against its cached prefix, bottom-right causal alignment); `window` keeps keys with
+q_pos - window < k_pos <= q_pos; `sinks` [HQ] adds one learned logit per head to every softmax
+denominator; `softcap` maps scores s to softcap * tanh(s / softcap) before the softmax.
 """
 from __future__ import annotations
 
@@ -12,14 +17,19 @@ import torch
 from ...blocks import BlockList
 
 
-def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks: Iterable[int], *, scale: float):
-    """Exact fp32 attention over the kept tiles, for the query blocks `query_blocks` only.
+def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks: Iterable[int], *, scale: float,
+                        window: int | None = None, sinks: torch.Tensor | None = None,
+                        softcap: float | None = None):
+    """Exact fp32 attention over the kept tiles, for the query blocks `query_blocks` only
+    (indices among the key blocks, q_block0 .. NB - 1).
 
-    Returns (out [B, HQ, R, D] fp32, lse [B, HQ, R] fp32 natural log, rows [R] long: the query
-    positions of those R rows). K/V rows are gathered from each query head's KV head directly,
-    so grouped-query attention makes no copy of K/V.
+    Returns (out [B, HQ, R, D] fp32, lse [B, HQ, R] fp32 natural log (the sink included),
+    rows [R] long: the query positions of those R rows). K/V rows are gathered from each query
+    head's KV head directly, so grouped-query attention makes no copy of K/V.
     """
-    B, HQ, N, D = q.shape
+    B, HQ, M, D = q.shape
+    N = k_perm.shape[2]
+    q_off = N - M
     G = HQ // k_perm.shape[1]
     b = blocks.block_size
     dev = q.device
@@ -27,10 +37,11 @@ def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks:
     hi = (torch.arange(HQ, device=dev) // G)[None, :, None]
     outs, lses, rows = [], [], []
     for i in query_blocks:
-        r0, r1 = i * b, min(N, (i + 1) * b)
-        cnt = blocks.n_total[:, :, i].long()  # [B, HQ]
+        r0, r1 = max(i * b, q_off), min(N, (i + 1) * b)
+        li = i - blocks.q_block0
+        cnt = blocks.n_total[:, :, li].long()  # [B, HQ]
         w = max(1, int(cnt.max()))
-        ids = blocks.idx[:, :, i, :w].long()  # [B, HQ, w]
+        ids = blocks.idx[:, :, li, :w].long()  # [B, HQ, w]
         slot = (ids[..., None] * b + torch.arange(b, device=dev)).reshape(B, HQ, w * b)
         ok = torch.arange(w, device=dev)[None, None, :, None] < cnt[..., None, None]
         ok = ok.expand(B, HQ, w, b).reshape(B, HQ, w * b) & (slot < N)
@@ -41,9 +52,16 @@ def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks:
         qpos = torch.arange(r0, r1, device=dev)
         # Off-diagonal tiles hold only past keys, so one positional mask is right for all tiles.
         allowed = ok[:, :, None, :] & (kpos[:, :, None, :] <= qpos[None, None, :, None])
-        s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0:r1].float(), kk) * scale
+        if window is not None:
+            allowed &= kpos[:, :, None, :] > qpos[None, None, :, None] - window
+        s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0 - q_off:r1 - q_off].float(), kk) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         s = s.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)
+        if sinks is not None:
+            sink = sinks.float().to(dev)[None, :, None].expand_as(row_lse)
+            row_lse = torch.logaddexp(row_lse, sink)
         outs.append(torch.einsum("bhmn,bhnd->bhmd", torch.exp(s - row_lse[..., None]), vv))
         lses.append(row_lse)
         rows.append(qpos)
@@ -51,9 +69,12 @@ def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks:
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2), torch.cat(rows)
 
 
-def attend_naive(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False):
-    """q: [B, HQ, N, D]; k_perm, v_perm: [B, H, N, D]; pos: [B, H, N] original position of each
-    permuted slot. Returns o [B, HQ, N, D] in q's dtype (and lse [B, HQ, N] float32, natural log)."""
-    out, lse, _ = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, range(blocks.num_blocks), scale=scale)
+def attend_naive(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
+                 window: int | None = None, sinks: torch.Tensor | None = None, softcap: float | None = None):
+    """q: [B, HQ, M, D] (the last M of N positions); k_perm, v_perm: [B, H, N, D]; pos: [B, H, N]
+    original position of each permuted slot. Returns o [B, HQ, M, D] in q's dtype (and lse
+    [B, HQ, M] float32, natural log)."""
+    out, lse, _ = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, range(blocks.q_block0, blocks.num_blocks),
+                                      scale=scale, window=window, sinks=sinks, softcap=softcap)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

@@ -8,13 +8,14 @@ def score_keys_naive(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale
     """Attention each key receives from the last `block_size` queries, averaged over those queries
     and over the query heads that share the key's KV head.
 
-    q: [B, HQ, N, D], k: [B, H, N, D] -> [B, H, N] float32.
+    q: [B, HQ, Mq, D] (the last Mq of the N positions), k: [B, H, N, D] -> [B, H, N] float32.
+    With Mq < block_size all Mq queries score.
     """
-    B, HQ, N, D = q.shape
-    H = k.shape[1]
+    B, HQ, Mq, D = q.shape
+    H, N = k.shape[1], k.shape[2]
     G = HQ // H
-    M = min(block_size, N)
-    q_last = q[:, :, N - M:].float().reshape(B, H, G, M, D)
+    M = min(block_size, Mq)
+    q_last = q[:, :, Mq - M:].float().reshape(B, H, G, M, D)
     # [B, H, G, M, N]
     s = torch.einsum("bhgmd,bhnd->bhgmn", q_last, k.float()) * scale
     q_pos = torch.arange(N - M, N, device=q.device)

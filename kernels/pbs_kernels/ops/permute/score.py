@@ -31,7 +31,7 @@ def _lse_pass(
     Q, K, MPART, LPART,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    N, HQ, G, NC, TILES_PER_CHUNK, qk_scale,
+    N, HQ, G, NC, TILES_PER_CHUNK, qk_scale, QOFF,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
 ):
     i_c = tl.program_id(0)
@@ -44,7 +44,8 @@ def _lse_pass(
     o_d = tl.arange(0, HEAD_DIM)
     q_pos = N - BLOCK_M + o_m
     # [BLOCK_M, HEAD_DIM], resident for the whole chunk
-    b_q = tl.load(Q + i_b * stride_qb + i_hq * stride_qh + q_pos[:, None] * stride_qn + o_d[None, :])
+    # (Q's rows are the last N - QOFF of the N positions: a chunk against its cached prefix)
+    b_q = tl.load(Q + i_b * stride_qb + i_hq * stride_qh + (q_pos - QOFF)[:, None] * stride_qn + o_d[None, :])
     p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[:, None]
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -76,7 +77,7 @@ def _sum_pass(
     Q, K, LSE, SCORE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    N, HQ, G, TILES_PER_CHUNK, qk_scale,
+    N, HQ, G, TILES_PER_CHUNK, qk_scale, QOFF,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
 ):
     i_c = tl.program_id(0)
@@ -89,7 +90,7 @@ def _sum_pass(
     o_d = tl.arange(0, HEAD_DIM)
     q_pos = N - BLOCK_M + o_m
     # [HEAD_DIM, BLOCK_M]: Q transposed, so the product is keys x queries
-    b_qt = tl.load(Q + i_b * stride_qb + i_hq * stride_qh + q_pos[None, :] * stride_qn + o_d[:, None])
+    b_qt = tl.load(Q + i_b * stride_qb + i_hq * stride_qh + (q_pos - QOFF)[None, :] * stride_qn + o_d[:, None])
     b_lse = tl.load(LSE + i_bhq.to(tl.int64) * BLOCK_M + o_m)
     p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[None, :]
     p_out = SCORE + i_bhq.to(tl.int64) * N
@@ -123,11 +124,12 @@ def _chunking(n_tiles: int, rows: int) -> tuple[int, int]:
 def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
                         block_n: int = 64, num_warps: int = 4, num_stages: int | None = None,
                         tiles_per_chunk: int | None = None) -> torch.Tensor:
-    """Sum over the last `block_size` query rows of each query head's softmax, per key:
+    """Sum over the last `block_size` query rows of each query head's softmax, per key (q may
+    hold the last M >= block_size of k's N positions):
     [B * HQ, N] float32 (heads of one KV group adjacent). `score_keys_triton` is its group mean.
     The keyword knobs after `scale` are for kernel tuning (scripts/gpu_permute_dev.py)."""
-    B, HQ, N, D = q.shape
-    H = k.shape[1]
+    B, HQ, M, D = q.shape
+    H, N = k.shape[1], k.shape[2]
     BLOCK_M = block_size
     if num_stages is None:
         # Measured on an H200 at 128K (Triton 3.6): 3 stages 0.68 ms, 2 stages 0.77 ms.
@@ -142,7 +144,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     common = dict(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        N=N, HQ=HQ, G=HQ // H, TILES_PER_CHUNK=per, qk_scale=scale * LOG2E,
+        N=N, HQ=HQ, G=HQ // H, TILES_PER_CHUNK=per, qk_scale=scale * LOG2E, QOFF=N - M,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=D, IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -161,9 +163,9 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
 
 def score_keys_triton(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
                       **knobs) -> torch.Tensor:
-    """Same contract as `score_keys_naive`; needs N >= block_size."""
-    B, HQ, N, _ = q.shape
-    H = k.shape[1]
+    """Same contract as `score_keys_naive`; needs M >= block_size."""
+    B, HQ, _, _ = q.shape
+    H, N = k.shape[1], k.shape[2]
     G = HQ // H
     per_head = score_keys_per_head(q, k, block_size=block_size, scale=scale, **knobs)
     return per_head.view(B, H, G, N).sum(dim=2) * (1.0 / (G * block_size))

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import cdiv, interpreting
-from ...blocks import BlockList, block_representatives, key_block_stats, pool_blocks
+from ...blocks import BlockList, block_representatives, key_block_max_pos, key_block_stats, pool_query_blocks
 
 MAX_ROW = 8192  # key blocks held in registers per program (1M tokens at b=128)
 
@@ -49,25 +49,37 @@ def _block_logits(S, LOGW, row, i_h, o_k, m_k, NB, scale, NREP: tl.constexpr):
 @triton.autotune(configs=_configs(), key=["BLOCK_K", "NREP", "TOTAL"])
 @triton.jit
 def _select_kernel(
-    S, LOGW, SINK, MINPOS, IDX, NOFF, NTOT,
-    NB, HQ, G, SPB, N, BS, threshold, scale, Q0,
+    S, LOGW, SINK, MINPOS, MAXPOS, IDX, NOFF, NTOT,
+    NB, HQ, G, SPB, N, BS, threshold, scale, Q0, NQB, QOFF, W,
     BLOCK_K: tl.constexpr, SEG_P2: tl.constexpr, KEEP_ALL: tl.constexpr, ITERS: tl.constexpr,
-    NREP: tl.constexpr, TOTAL: tl.constexpr,
+    NREP: tl.constexpr, TOTAL: tl.constexpr, WINDOW: tl.constexpr,
 ):
+    # i_q: the query block's index among the key blocks; rows of S and IDX start at QOFF's block
+    # (queries that are the last M of N positions; 0 for prefill).
     i_q = Q0 + tl.program_id(0)
     i_bh = tl.program_id(1)
     i_h = (i_bh // HQ) * (HQ // G) + (i_bh % HQ) // G  # flat (batch, kv head)
-    row = i_bh.to(tl.int64) * NB + i_q
+    row = i_bh.to(tl.int64) * NQB + (i_q - QOFF // BS)
 
     seg_start = (i_q // SPB) * SPB  # first block of the query's own segment
     o_k = tl.arange(0, BLOCK_K)
     m_earlier = o_k < seg_start
+    first_q = tl.maximum(i_q * BS, QOFF)
+    last_q = tl.minimum((i_q + 1) * BS - 1, N - 1)
+    if WINDOW:
+        # Blocks wholly before every query's window are not candidates at all; those that
+        # straddle its edge are kept in the masked part of the list.
+        b_maxk = tl.load(MAXPOS + i_h.to(tl.int64) * NB + o_k, mask=m_earlier, other=-1)
+        b_mink = tl.load(MINPOS + i_h.to(tl.int64) * NB + o_k, mask=m_earlier, other=2147483647)
+        m_earlier = m_earlier & (b_maxk > first_q - W)
     # Own segment: blocks holding a key at or before the query block's last position.
     o_j = seg_start + tl.arange(0, SEG_P2)
-    last_q = tl.minimum((i_q + 1) * BS - 1, N - 1)
     m_seg = (o_j < seg_start + SPB) & (o_j < NB)
     b_min = tl.load(MINPOS + i_h.to(tl.int64) * NB + o_j, mask=m_seg, other=2147483647)
     m_diag = m_seg & (b_min <= last_q)
+    if WINDOW:
+        b_maxj = tl.load(MAXPOS + i_h.to(tl.int64) * NB + o_j, mask=m_seg, other=-1)
+        m_diag = m_diag & (b_maxj > first_q - W)
 
     # [BLOCK_K]
     # Only the first BLOCK_K >= seg_start entries of the row can be kept; the softmax scale is
@@ -112,15 +124,23 @@ def _select_kernel(
     m_keep = m_keep | ((o_k == sink) & m_earlier)
 
     p_idx = IDX + row * NB
+    if WINDOW:
+        m_mid = m_keep & (b_mink <= last_q - W)
+        m_keep = m_keep & ~m_mid
     keep_i = m_keep.to(tl.int32)
     slot = tl.cumsum(keep_i, 0) - 1
     tl.store(p_idx + slot, o_k, mask=m_keep)
     n_off = tl.sum(keep_i, 0)
+    n_mid = n_off
+    if WINDOW:
+        mid_i = m_mid.to(tl.int32)
+        tl.store(p_idx + n_off + tl.cumsum(mid_i, 0) - 1, o_k, mask=m_mid)
+        n_mid = n_off + tl.sum(mid_i, 0)
 
     diag_i = m_diag.to(tl.int32)
-    tl.store(p_idx + n_off + tl.cumsum(diag_i, 0) - 1, o_j, mask=m_diag)
+    tl.store(p_idx + n_mid + tl.cumsum(diag_i, 0) - 1, o_j, mask=m_diag)
     tl.store(NOFF + row, n_off)
-    tl.store(NTOT + row, n_off + tl.sum(diag_i, 0))
+    tl.store(NTOT + row, n_mid + tl.sum(diag_i, 0))
 
 
 def _row_widths(nb: int, spb: int) -> list[int]:
@@ -152,15 +172,18 @@ def pooled_scores(q_pool: torch.Tensor, k_pool: torch.Tensor) -> torch.Tensor:
 
 def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
                          scale: float, key_stats=None, estimator: str = "mean",
-                         threshold_mass: str = "earlier") -> BlockList | None:
+                         threshold_mass: str = "earlier", window: int | None = None) -> BlockList | None:
     """Same contract as `select_blocks_naive`; None when a row would not fit in registers.
     key_stats: `key_block_stats(k_perm, pos, block_size)` if the caller already has it."""
     if threshold_mass not in ("earlier", "total"):
         raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
-    B, HQ, N, D = q.shape
-    H = k_perm.shape[1]
+    B, HQ, M, D = q.shape
+    H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
     nb = cdiv(N, block_size)
+    q_off = N - M
+    qb0 = q_off // block_size
+    nqb = nb - qb0
     BLOCK_K = triton.next_power_of_2(nb)
     if BLOCK_K > MAX_ROW:
         return None
@@ -168,30 +191,33 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
     k_pool, min_pos = key_stats if key_stats is not None else key_block_stats(k_perm, pos, block_size)
     # torch's reduction reads Q at ~2.9 TB/s on an H100 (0.37 ms at 128K); a one-load-per-block
     # Triton kernel measured 0.46 ms, and pooling inside the score kernel slowed it by 0.5 ms.
-    q_pool = pool_blocks(q, block_size).reshape(B, H, G * nb, D)
+    q_pool = pool_query_blocks(q, block_size, q_off).reshape(B, H, G * nqb, D)
     reps, logw = block_representatives(k_perm, k_pool, block_size, estimator)
     nrep = reps.shape[2]
     # [B, HQ, NQB, NREP, NKB] pooled products with each representative; the kernel scales and
     # combines them
-    s = pooled_scores(q_pool, reps.reshape(B, H, nrep * nb, D)).reshape(B, HQ, nb, nrep, nb)
+    s = pooled_scores(q_pool, reps.reshape(B, H, nrep * nb, D)).reshape(B, HQ, nqb, nrep, nb)
     logw = s if logw is None else logw  # unused when NREP == 1
     sink = torch.argmin(min_pos, dim=-1).to(torch.int32).contiguous()  # the block holding token 0
-    idx = torch.empty(B, HQ, nb, nb, device=q.device, dtype=torch.int32)
-    n_off = torch.empty(B, HQ, nb, device=q.device, dtype=torch.int32)
+    max_pos = key_block_max_pos(pos, block_size) if window is not None else min_pos
+    idx = torch.empty(B, HQ, nqb, nb, device=q.device, dtype=torch.int32)
+    n_off = torch.empty(B, HQ, nqb, device=q.device, dtype=torch.int32)
     n_tot = torch.empty_like(n_off)
     # Query blocks in ranges by how many earlier blocks they can keep, each range with a row
     # width of the next power of two: early rows do less work than the last ones (a third less
     # work in all than one width for every row).
-    q0 = 0
+    q0 = qb0
     for width in _row_widths(nb, spb):
         q1 = min(nb, (width // spb + 1) * spb)  # the query blocks whose earlier blocks fit `width`
-        if q1 <= q0:
+        if q0 >= nb:
             break
+        if q1 <= q0:
+            continue  # a chunk's query blocks all need a wider row
         _select_kernel[(q1 - q0, B * HQ)](
-            s, logw, sink, min_pos, idx, n_off, n_tot,
-            nb, HQ, G, spb, N, block_size, float(threshold), float(scale), q0,
+            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot,
+            nb, HQ, G, spb, N, block_size, float(threshold), float(scale), q0, nqb, q_off, int(window or 0),
             BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
-            NREP=nrep, TOTAL=threshold_mass == "total",
+            NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None,
         )
         q0 = q1
-    return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=block_size)
+    return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=block_size, q_block0=qb0)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ...blocks import (BlockList, block_geometry, block_representatives, estimated_block_logits,
-                       key_block_stats, pool_blocks)
+from ...blocks import (BlockList, block_representatives, estimated_block_logits, key_block_max_pos,
+                       key_block_stats, pool_query_blocks, query_geometry)
 
 
 def topp_keep(p: torch.Tensor, threshold) -> torch.Tensor:
@@ -24,21 +24,28 @@ def topp_keep(p: torch.Tensor, threshold) -> torch.Tensor:
     return keep
 
 
-def compact(off: torch.Tensor, diag: torch.Tensor, block_size: int) -> BlockList:
-    """Turn [B, HQ, NQB, NKB] masks into a BlockList (earlier-segment blocks first)."""
-    B, HQ, nb, _ = off.shape
+def compact(off: torch.Tensor, diag: torch.Tensor, block_size: int, q_block0: int = 0,
+            masked_off: torch.Tensor | None = None) -> BlockList:
+    """Turn [B, HQ, NQB, NKB] masks into a BlockList: unmasked earlier-segment blocks first, then
+    `masked_off` (earlier-segment blocks that straddle a sliding window's edge), then `diag`."""
+    B, HQ, nqb, nb = off.shape
+    if masked_off is None:
+        masked_off = torch.zeros_like(off)
     n_off = off.sum(-1)
+    n_mid = n_off + masked_off.sum(-1)
     slot_off = torch.cumsum(off, -1) - 1
-    slot_diag = n_off[..., None] + torch.cumsum(diag, -1) - 1
-    slot = torch.where(off, slot_off, torch.where(diag, slot_diag, nb))
-    idx = torch.zeros(B, HQ, nb, nb + 1, dtype=torch.int32, device=off.device)
-    src = torch.arange(nb, dtype=torch.int32, device=off.device).expand(B, HQ, nb, nb)
+    slot_mid = n_off[..., None] + torch.cumsum(masked_off, -1) - 1
+    slot_diag = n_mid[..., None] + torch.cumsum(diag, -1) - 1
+    slot = torch.where(off, slot_off, torch.where(masked_off, slot_mid, torch.where(diag, slot_diag, nb)))
+    idx = torch.zeros(B, HQ, nqb, nb + 1, dtype=torch.int32, device=off.device)
+    src = torch.arange(nb, dtype=torch.int32, device=off.device).expand(B, HQ, nqb, nb)
     idx.scatter_(3, slot, src)
     return BlockList(
         idx=idx[..., :nb].contiguous(),
         n_off=n_off.to(torch.int32),
-        n_total=(n_off + diag.sum(-1)).to(torch.int32),
+        n_total=(n_mid + diag.sum(-1)).to(torch.int32),
         block_size=block_size,
+        q_block0=q_block0,
     )
 
 
@@ -59,39 +66,54 @@ def earlier_threshold(threshold: float, p_own: torch.Tensor) -> torch.Tensor:
 
 
 def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
-                        scale: float, estimator: str = "mean", threshold_mass: str = "earlier") -> BlockList:
-    """q: [B, HQ, N, D]; k_perm: [B, H, N, D] (permuted); pos: [B, H, N] original positions.
-    estimator / threshold_mass: see `pbs_kernels.limits.ESTIMATORS` and `THRESHOLD_MASS`."""
-    B, HQ, N, D = q.shape
-    H = k_perm.shape[1]
+                        scale: float, estimator: str = "mean", threshold_mass: str = "earlier",
+                        window: int | None = None) -> BlockList:
+    """q: [B, HQ, M, D] (the last M of the N positions); k_perm: [B, H, N, D] (permuted); pos:
+    [B, H, N] original positions. estimator / threshold_mass: see `pbs_kernels.limits.ESTIMATORS`
+    and `THRESHOLD_MASS`. With a sliding `window`, blocks wholly outside every query's window are
+    never kept (nor counted in the mass), and earlier-segment blocks that straddle the window's
+    edge go to the masked part of the list."""
+    B, HQ, M, D = q.shape
+    H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
-    nb, seg, last_q = block_geometry(N, block_size, segment_size, q.device)
+    nb = -(-N // block_size)
+    q0, seg_q, first_q, last_q = query_geometry(N, M, block_size, segment_size, q.device)
+    seg_k = torch.arange(nb, device=q.device) // (segment_size // block_size)
 
-    q_pool = pool_blocks(q, block_size)
+    q_pool = pool_query_blocks(q, block_size, N - M)
     k_pool, min_pos = key_block_stats(k_perm, pos, block_size)  # min_pos: [B, H, NKB]
     reps, logw = block_representatives(k_perm, k_pool, block_size, estimator)
     # [B, HQ, NQB, NKB] estimated log-mass of each tile
     s_all = estimated_block_logits(q_pool, reps, logw, scale)
-    earlier = seg[None, :] < seg[:, None]
-    s = s_all.masked_fill(~earlier, float("-inf"))
-    has_earlier = earlier.any(-1)
-    p = torch.softmax(torch.where(has_earlier[:, None], s, torch.zeros_like(s)), dim=-1)
-    p = torch.where(earlier, p, torch.zeros_like(p))
+    earlier = (seg_k[None, :] < seg_q[:, None])[None, None]  # [1, 1, NQB, NKB]
+    in_window = torch.ones_like(earlier)
+    straddle = torch.zeros_like(earlier)
+    if window is not None:
+        max_pos = key_block_max_pos(pos, block_size).repeat_interleave(G, dim=1)[:, :, None, :]
+        mn = min_pos.repeat_interleave(G, dim=1)[:, :, None, :]
+        in_window = max_pos > (first_q - window)[:, None]  # some (query, key) pair in the window
+        straddle = mn <= (last_q - window)[:, None]  # some pair outside it
+    cand = earlier & in_window
+    s = s_all.masked_fill(~cand, float("-inf"))
+    has_earlier = cand.any(-1, keepdim=True)
+    p = torch.softmax(torch.where(has_earlier, s, torch.zeros_like(s)), dim=-1)
+    p = torch.where(cand, p, torch.zeros_like(p))
 
     # Own segment: every block that holds a key at or before the query block's last position.
-    same = seg[None, :] == seg[:, None]
+    same = seg_k[None, :] == seg_q[:, None]
     diag = same & (min_pos[:, :, None, :] <= last_q[:, None])  # [B, H, NQB, NKB]
-    diag = diag.repeat_interleave(G, dim=1)
+    diag = diag.repeat_interleave(G, dim=1) & in_window
 
     if threshold_mass == "total" and threshold < 1.0:
-        tau = earlier_threshold(threshold, own_segment_share(s_all, earlier.expand_as(diag), diag))
-        off = topp_keep(p, tau[..., None]) & earlier
+        tau = earlier_threshold(threshold, own_segment_share(s_all, cand.expand_as(diag), diag))
+        off = topp_keep(p, tau[..., None]) & cand
     elif threshold_mass in ("earlier", "total"):
-        off = topp_keep(p, threshold) & earlier
+        off = topp_keep(p, threshold) & cand
     else:
         raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
 
-    # The sink: the block that holds original token 0, for every query block past segment 0.
-    sink = (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :] & earlier
+    # The sink: the block that holds original token 0, for every query block past segment 0
+    # (unless a sliding window has left it behind).
+    sink = (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :] & cand
     off = off | sink
-    return compact(off, diag, block_size)
+    return compact(off & ~straddle, diag, block_size, q0, masked_off=off & straddle)
