@@ -12,6 +12,8 @@ _LAZY = {
     "pbs_attention": "attention",
     "dense_causal_attention": "attention",
     "PbsStats": "attention",
+    "pbs_attention_varlen": "attention",
+    "PbsPrefixCache": "attention",
     "PbsProfile": "profile",
     "LayerConfig": "profile",
     "ProfileError": "profile",

@@ -458,3 +458,95 @@ def pbs_attention(
     extra = float(plan.blocks.extra_density_per_head().mean())
     return out, PbsStats(float(per_head.mean()), per_head, dense=False, blocks=plan.blocks, pos=plan.pos,
                          extra_density=extra)
+
+
+def _varlen_bounds(name: str, cu: torch.Tensor, total: int, max_len: int) -> list[int]:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+        raise ValueError(f"pbs_attention_varlen: {name} must be a 1-D integer tensor [batch + 1]")
+    bounds = [int(x) for x in cu.tolist()]
+    if bounds[0] != 0 or any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
+        raise ValueError(f"pbs_attention_varlen: {name} must start at 0 and never decrease (got {bounds[:6]}...)")
+    if bounds[-1] != total:
+        raise ValueError(f"pbs_attention_varlen: {name} ends at {bounds[-1]} but the packed tensor has {total} rows")
+    longest = max(b1 - b0 for b0, b1 in zip(bounds, bounds[1:]))
+    if max_len < longest:
+        raise ValueError(f"pbs_attention_varlen: max_seqlen for {name} is {max_len} but a sequence has {longest} tokens")
+    return bounds
+
+
+def pbs_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    block_size: int = 128,
+    segment_size: int = 256,
+    threshold: float = 0.9,
+    permute: bool = True,
+    min_seq_len: int = 0,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    caches: list[PbsPrefixCache] | None = None,
+):
+    """PBS attention over packed independent sequences, in flash-attn's varlen convention.
+
+    q: [total_q, HQ, D]; k, v: [total_k, H, D]; sequence i holds q rows cu_seqlens_q[i] ..
+    cu_seqlens_q[i + 1] - 1 and key rows cu_seqlens_k[i] .. cu_seqlens_k[i + 1] - 1 (int32 or
+    int64 [batch + 1], starting at 0). Its queries are the last M_i of its N_i keys (M_i <= N_i;
+    equal lengths: a whole prompt; fewer queries: a chunk against its cached prefix), causal
+    bottom-right aligned. max_seqlen_q / max_seqlen_k bound the lengths (checked). Sequences with
+    N_i <= segment_size or N_i < min_seq_len take the dense path in the same call; the other knobs
+    are pbs_attention's and apply to every sequence. `caches`: one PbsPrefixCache per sequence.
+
+    What it launches: one pbs_attention call per sequence (views of the packed tensors, no copy
+    in), i.e. per long sequence the permutation (two score passes, the segment sort and the
+    gather), the selection (pooling, one GEMM, one kernel per row-width class) and one attend
+    launch; per short one a dense SDPA call. It reads cu_seqlens on the host (one device sync).
+    Batching the sequences into one launch per op is not done yet (docs/serving.md).
+
+    Returns the output [total_q, HQ, D] in q's dtype, and with `return_stats=True` also a list
+    of PbsStats, one per sequence (None for a sequence with no query).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"pbs_attention_varlen: {name} must be a packed 3-D tensor [total, heads, D]")
+    if k.shape != v.shape:
+        raise ValueError(f"pbs_attention_varlen: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    bq = _varlen_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q))
+    bk = _varlen_bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k))
+    if len(bq) != len(bk):
+        raise ValueError(f"pbs_attention_varlen: cu_seqlens_q has {len(bq) - 1} sequences, cu_seqlens_k {len(bk) - 1}")
+    n_seq = len(bq) - 1
+    for i in range(n_seq):
+        if bq[i + 1] - bq[i] > bk[i + 1] - bk[i]:
+            raise ValueError(f"pbs_attention_varlen: sequence {i} has {bq[i + 1] - bq[i]} queries but "
+                             f"{bk[i + 1] - bk[i]} keys; queries must be the last M of the N keys (M <= N)")
+    if caches is not None and len(caches) != n_seq:
+        raise ValueError(f"pbs_attention_varlen: {len(caches)} caches for {n_seq} sequences; pass one per sequence")
+    out = torch.empty_like(q)
+    stats: list = []
+    for i in range(n_seq):
+        q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
+        if q1 == q0:
+            stats.append(None)
+            continue
+        # [1, heads, n, D] views of the packed rows (the kernels take strides)
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        res = pbs_attention(qs, ks, vs, block_size=block_size, segment_size=segment_size, threshold=threshold,
+                            permute=permute, min_seq_len=min_seq_len, scale=scale, backend=backend,
+                            return_stats=return_stats, window=window, sinks=sinks, softcap=softcap,
+                            cache=None if caches is None else caches[i])
+        o, st = res if return_stats else (res, None)
+        out[q0:q1] = o[0].transpose(0, 1)
+        stats.append(st)
+    if return_stats:
+        return out, stats
+    return out
