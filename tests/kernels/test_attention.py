@@ -117,7 +117,7 @@ def test_bad_tensors():
     with pytest.raises(ValueError, match="head dim"):
         pbs_attention(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous())
     with pytest.raises(ValueError, match="q_len"):
-        pbs_attention(q[:, :, :1], k, v)
+        pbs_attention(q, k[:, :, :1], v[:, :, :1])  # more queries than keys
     with pytest.raises(ValueError, match="dtypes differ"):
         pbs_attention(q.half(), k, v)
     with pytest.raises(ValueError, match="contiguous"):

@@ -192,17 +192,16 @@ def test_profile_from_path_and_wrong_model(llama, tmp_path):
     assert llama.config._attn_implementation == "sdpa"
 
 
-def test_padding_is_honoured(llama):
+def test_padding_runs_pbs_on_the_unpadded_rows(llama):
     ids = _ids(batch=2)
     mask = torch.ones_like(ids)
     mask[1, :40] = 0  # left padding on the second row
     ref = _logits(llama, ids, attention_mask=mask)
-    with pbs_profile(llama, _profile(0.5), collect_stats=True):
-        with pytest.warns(PbsFallbackWarning, match="padding"):
-            out = _logits(llama, ids, attention_mask=mask)
-        assert pbs_stats(llama)[0].reason == "attention mask"
-    torch.testing.assert_close(out[0], ref[0])
-    torch.testing.assert_close(out[1, 40:], ref[1, 40:])
+    with pbs_profile(llama, _profile(1.0), collect_stats=True):
+        out = _logits(llama, ids, attention_mask=mask)
+        assert all(not s.dense and s.sequences == 2 for s in pbs_stats(llama).values())
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, 40:], ref[1, 40:], rtol=1e-4, atol=1e-4)
 
 
 def test_loading_with_pbs_implementation(tmp_path):
@@ -225,28 +224,26 @@ def _one_fallback_warning(model, ids, match):
     assert match in str(ours[0].message)
 
 
-def test_gemma2_softcap_falls_back_dense_with_one_warning(tmp_path_factory):
+def test_gemma2_softcap_runs_pbs(tmp_path_factory):
     # Soft-capping 50 on every layer. Eager is the implementation that applies it (transformers
     # 5.17 defaults Gemma2 to sdpa, which ignores it), so it is the reference.
     model = _saved_model(tmp_path_factory, "gemma2", attn="eager")
     ids = _ids()
     ref = _logits(model, ids)
-    with pbs_profile(model, _profile(0.5), collect_stats=True):
-        _one_fallback_warning(model, ids, "soft-capping")
-        assert {s.reason for s in pbs_stats(model).values()} == {"softcap"}
+    with pbs_profile(model, _profile(1.0), collect_stats=True):
         out = _logits(model, ids)
+        assert all(not s.dense and s.reason is None for s in pbs_stats(model).values())
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert model.config._attn_implementation == "eager"
 
 
-def test_sliding_window_shorter_than_prompt_falls_back(tmp_path_factory):
+def test_sliding_window_shorter_than_prompt_runs_pbs(tmp_path_factory):
     model = _saved_model(tmp_path_factory, "mistral", sliding_window=128)
     ids = _ids()
     ref = _logits(model, ids)
-    with pbs_profile(model, _profile(0.5), collect_stats=True):
-        _one_fallback_warning(model, ids, "sliding window of 128")
+    with pbs_profile(model, _profile(1.0), collect_stats=True):
         out = _logits(model, ids)
-        assert {s.reason for s in pbs_stats(model).values()} == {"sliding window"}
+        assert all(not s.dense and s.reason is None for s in pbs_stats(model).values())
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

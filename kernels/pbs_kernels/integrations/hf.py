@@ -13,12 +13,16 @@ unknown implementation, so padding would be silently dropped). `apply_profile` s
 the model and binds the profile to every attention module; the function reads the settings of
 `module.layer_idx` at each call.
 
-PBS runs for causal prefill (queries and keys at the same positions) of prompts longer than the
-layer's `min_seq_len` and its segment. Everything else is exact dense attention: decode steps and
-chunked prefill with a KV cache, layers marked `dense: true`, short prompts, and, with one
-warning per model, what PBS does not implement: logit soft-capping, sliding windows shorter than
-the prompt, attention sinks, dropout, head dims other than 64/128, and explicit masks (padded
-batches: the padding is honoured by the dense path, never ignored).
+PBS runs for causal prefill of prompts longer than the layer's `min_seq_len` and its segment:
+whole prompts, prompt chunks against a KV cache (transformers' chunked prefill: the queries are
+the last M of the N cached positions), padded batches and packed sequences (`position_ids` that
+restart, or flash-style `cu_seq_lens_q/k` kwargs), which are unpadded into
+`pbs_attention_varlen`; sliding windows, learned sinks (gpt-oss) and logit soft-capping (Gemma 2)
+run inside the kernels. A mask is used only when it is exactly causal attention over contiguous
+runs of keys (padding, packing, chunks, the layer's window); any other mask runs dense. Exact
+dense attention also serves decode steps (one query), layers marked `dense: true`, short prompts,
+and, with one warning per model, what PBS does not implement: dropout, head dims other than
+64/128, other dtypes and custom masks.
 
 `capture_attention` is the hook the toolkit's analysis uses: it hands each layer's post-RoPE Q,
 K and V to a callback during a normal forward pass.
@@ -37,7 +41,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import pbs_attention
+from ..attention import pbs_attention, pbs_attention_varlen
 from ..limits import BACKENDS, HEAD_DIMS
 from ..profile import LayerConfig, PbsProfile
 
@@ -80,8 +84,9 @@ class LayerStats:
 
     density: computed tiles / causal tiles, mean over heads; 1.0 when dense.
     reason: why the layer ran dense (None when PBS ran): "dense layer", "decode", "short prompt",
-        "non-causal", "softcap", "sliding window", "attention sinks", "dropout", "head dim",
-        "attention mask", "dtype".
+        "non-causal", "dropout", "head dim", "attention mask", "dtype".
+    sequences: independent sequences PBS saw in the call (packed or padded batches unpad into
+        several); density is their mean, a dense (short) one counting 1.0.
     """
 
     layer_idx: int | None
@@ -91,6 +96,7 @@ class LayerStats:
     reason: str | None
     density: float
     density_per_head: list[float] | None = None
+    sequences: int = 1
 
 
 @dataclass
@@ -104,6 +110,9 @@ class _State:
     last_stats: dict[Any, LayerStats] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
     _configs: dict[Any, LayerConfig] = field(default_factory=dict, repr=False)
+    # The last few decoded masks (a model's layers share one or two mask tensors per forward):
+    # (mask tensor, window) -> _Layout or None. Holding the tensor keeps its identity unique.
+    _layouts: list = field(default_factory=list, repr=False)
 
     def config_for(self, layer_idx: int | None) -> LayerConfig:
         cfg = self._configs.get(layer_idx)
@@ -133,10 +142,10 @@ def _default_state() -> _State:
 # Dense paths (exact).
 
 
-def _eager_dense(module, query, key, value, attention_mask, dropout, scaling, softcap):
-    """Plain softmax attention with soft-capping, which SDPA cannot do. Takes the boolean or
-    additive masks of the "pbs" mask function; no mask means causal (upper-left aligned, which is
-    what transformers means by passing none)."""
+def _eager_dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sinks=None):
+    """Plain softmax attention with soft-capping or learned sinks, which SDPA cannot do. Takes the
+    boolean or additive masks of the "pbs" mask function; no mask means causal (upper-left
+    aligned, which is what transformers means by passing none)."""
     G = query.shape[1] // key.shape[1]
     if G > 1:
         key = key.repeat_interleave(G, dim=1)
@@ -151,16 +160,23 @@ def _eager_dense(module, query, key, value, attention_mask, dropout, scaling, so
     elif q_len > 1 and getattr(module, "is_causal", True):
         future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        # One more logit per head in the denominator, dropped after the softmax (gpt-oss).
+        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        probs = probs.to(query.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     softcap = kwargs.get("softcap")
-    if softcap is not None:
-        return _eager_dense(module, query, key, value, attention_mask, dropout, scaling, softcap)
-    rest = {k: v for k, v in kwargs.items() if k != "softcap"}
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if softcap is not None or sinks is not None:
+        return _eager_dense(module, query, key, value, attention_mask, dropout, scaling, softcap, sinks)
+    rest = {k: v for k, v in kwargs.items() if k not in ("softcap", "s_aux", "sinks")}
     return _ATTENTION["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **rest)
 
 
@@ -171,21 +187,14 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
 def _unsupported(query, key, value, kwargs) -> tuple[str, str, str] | None:
     """The first feature of this attention call that the PBS kernels do not implement, as
     (label, detail, message), or None. The one place that decides it: the attention function,
-    `AttentionCall.fallback_reason` and through it the toolkit's analysis and tuning use it."""
-    kv_len = key.shape[2]
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        return ("softcap", f"softcap {softcap:g}",
-                f"uses attention logit soft-capping ({softcap}); PBS does not implement it, so such layers "
-                "run dense attention")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < kv_len:
-        return ("sliding window", f"sliding window {window}",
-                f"uses a sliding window of {window} tokens, shorter than the {kv_len}-token prompt; PBS does "
-                "not implement sliding windows, so such layers run dense attention")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        return ("attention sinks", "attention sinks",
-                "uses learned attention sinks; PBS does not implement them, so such layers run dense attention")
+    `AttentionCall.fallback_reason` and through it the toolkit's analysis and tuning use it.
+    Soft-capping, sliding windows and learned sinks (one logit per query head) are implemented;
+    sinks of another shape are not."""
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (query.shape[1],)):
+        return ("attention sinks", "attention sinks of shape " + str(tuple(getattr(sinks, "shape", ()))),
+                f"uses attention sinks that are not one logit per query head ({query.shape[1]}); PBS implements "
+                "only those, so such layers run dense attention")
     D = query.shape[-1]
     if D not in HEAD_DIMS or value.shape[-1] != D:
         return ("head dim", f"head dim {D}",
@@ -206,9 +215,9 @@ def _dense_reason(state: _State, module, query, key, value, attention_mask, drop
         return "dense layer"
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         return "non-causal"
-    if q_len != kv_len:
-        return "decode"  # decode step or chunked prefill against a KV cache
-    if q_len < cfg.min_seq_len or q_len <= cfg.segment_size:
+    if q_len == 1 or (q_len != kv_len and attention_mask is None and not _has_cu_seqlens(kwargs)):
+        return "decode"  # one query per step (a chunk always comes with a mask from transformers)
+    if kv_len < cfg.min_seq_len or kv_len <= cfg.segment_size:
         return "short prompt"  # dense by design: no warning for what PBS would not run anyway
     if dropout and module.training:
         state.warn_once("dropout", "pbs: attention dropout is on (training mode); PBS is an inference kernel, so "
@@ -219,14 +228,120 @@ def _dense_reason(state: _State, module, query, key, value, attention_mask, drop
         label, _, message = found
         state.warn_once(label, f"pbs: {where} {message}")
         return label
-    if attention_mask is not None:
-        # Only padded batches (or custom masks) get here: with no padding the "pbs" mask function
-        # returns None for prefill. The dense path applies the mask exactly.
-        state.warn_once("mask", "pbs: the batch has padding or a custom attention mask; PBS handles unpadded "
-                        "causal prefill only, so this forward runs dense attention with the mask (run "
-                        "prompts one at a time, unpadded, for PBS)")
+    if _has_cu_seqlens(kwargs):
+        return None
+    if attention_mask is not None and _layout(state, attention_mask, q_len, kv_len, _window(kwargs, kv_len)) is None:
+        # Not causal attention over contiguous runs of keys (a custom mask): the dense path applies it.
+        state.warn_once("mask", "pbs: the attention mask is not causal over contiguous runs of keys (padding, "
+                        "packed sequences, chunks, sliding window), so this forward runs dense attention "
+                        "with the mask")
         return "attention mask"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks -> packed sequences (padded batches, packing, chunks against a cache).
+
+
+def _has_cu_seqlens(kwargs) -> bool:
+    return kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None
+
+
+def _window(kwargs, kv_len: int) -> int | None:
+    w = kwargs.get("sliding_window")
+    return int(w) if w is not None and w < kv_len else None
+
+
+@dataclass
+class _Layout:
+    """Where each packed sequence lies in the padded [B, q_len] / [B, kv_len] tensors."""
+
+    rows_b: torch.Tensor  # [T_q] batch index of each packed query row
+    rows_q: torch.Tensor  # [T_q] query row
+    keys_b: torch.Tensor  # [T_k] batch index of each packed key row
+    keys_k: torch.Tensor  # [T_k] key row
+    cu_q: torch.Tensor  # [S + 1] int32
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def _decode_mask(mask: torch.Tensor, q_len: int, kv_len: int, window: int | None) -> _Layout | None:
+    """The packed layout a boolean mask [B, 1, q_len, kv_len] describes, or None when it is not
+    causal attention over contiguous runs of keys.
+
+    Each query row must allow one contiguous range of keys ending at its own position (the last
+    allowed key); rows that allow none are padding. Consecutive rows with consecutive positions and
+    one start form a sequence whose queries are the last M of its keys start .. last position; with
+    a window, a row whose range is the full window inherits the previous row's start. The decoded
+    layout is then checked against every row (start, window, contiguity), so a mask it cannot
+    express gives None, never a wrong layout."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, kv_len):
+        return None
+    m = mask[:, 0]
+    B = m.shape[0]
+    j = torch.arange(kv_len, device=m.device)
+    count = m.sum(-1)  # [B, q]
+    first = torch.where(m, j, kv_len).amin(-1)
+    last = torch.where(m, j, -1).amax(-1)
+    valid = count > 0
+    if not bool((~valid | (count == last - first + 1)).all()):
+        return None  # a row with holes
+    first, last, valid = first.cpu(), last.cpu(), valid.cpu()  # one transfer of O(B q) ints
+    rows_b, rows_q, keys_b, keys_k, cu_q, cu_k = [], [], [], [], [0], [0]
+    for b in range(B):
+        start = prev = None
+        groups = []  # [start, first row, last row]
+        for i in torch.nonzero(valid[b]).flatten().tolist():
+            f, p = int(first[b, i]), int(last[b, i])
+            full = window is not None and f == p - window + 1
+            if groups and prev is not None and p == prev + 1 and (f == start or (full and start <= f)):
+                groups[-1][2] = i
+            else:
+                if groups and f <= prev:
+                    return None  # overlapping sequences
+                start = f
+                groups.append([f, i, i])
+            prev = p
+            lo = start if window is None else max(start, p - window + 1)
+            if f != lo:
+                return None
+        for g_start, r0, r1 in groups:
+            end = int(last[b, r1]) + 1
+            if int(last[b, r0]) != end - (r1 - r0 + 1):
+                return None
+            rows_b.append(torch.full((r1 - r0 + 1,), b))
+            rows_q.append(torch.arange(r0, r1 + 1))
+            keys_b.append(torch.full((end - g_start,), b))
+            keys_k.append(torch.arange(g_start, end))
+            cu_q.append(cu_q[-1] + r1 - r0 + 1)
+            cu_k.append(cu_k[-1] + end - g_start)
+    if len(cu_q) == 1:
+        return None
+    dev = mask.device
+    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    return _Layout(torch.cat(rows_b).to(dev), torch.cat(rows_q).to(dev), torch.cat(keys_b).to(dev),
+                   torch.cat(keys_k).to(dev), cq.to(dev), ck.to(dev), int(cq.diff().max()), int(ck.diff().max()))
+
+
+def _layout(state: _State, mask: torch.Tensor, q_len: int, kv_len: int, window: int | None) -> _Layout | None:
+    for held, w, lay in state._layouts:
+        if held is mask and w == window:
+            return lay
+    lay = _decode_mask(mask, q_len, kv_len, window)
+    state._layouts = [*state._layouts[-3:], (mask, window, lay)]
+    return lay
+
+
+def _cu_layout(kwargs, B: int, q_len: int, kv_len: int) -> _Layout | None:
+    """Flash-style packing: batch 1, sequences given by cu_seq_lens_q / cu_seq_lens_k."""
+    cq, ck = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+    if B != 1 or int(cq[-1]) != q_len or int(ck[-1]) != kv_len:
+        return None
+    dev = cq.device
+    zq, zk = torch.zeros(q_len, dtype=torch.long, device=dev), torch.zeros(kv_len, dtype=torch.long, device=dev)
+    return _Layout(zq, torch.arange(q_len, device=dev), zk, torch.arange(kv_len, device=dev),
+                   cq.to(torch.int32), ck.to(torch.int32), int(cq.diff().max()), int(ck.diff().max()))
 
 
 def pbs_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -244,21 +359,46 @@ def pbs_attention_forward(module, query, key, value, attention_mask, dropout: fl
         if state.collect_stats:
             state.last_stats[layer_idx] = LayerStats(layer_idx, query.shape[2], key.shape[2], True, reason, 1.0)
         return out
-    result = pbs_attention(
-        query, key, value,
-        block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
-        permute=cfg.permute, min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
-        return_stats=state.collect_stats, estimator=cfg.estimator, threshold_mass=cfg.threshold_mass,
-    )
-    if state.collect_stats:
-        out, st = result
-        state.last_stats[layer_idx] = LayerStats(
-            layer_idx, query.shape[2], key.shape[2], st.dense, "short prompt" if st.dense else None,
-            st.density, [float(x) for x in st.density_per_head],
-        )
+    B, HQ, q_len, D = query.shape
+    kv_len = key.shape[2]
+    softcap = kwargs.get("softcap")
+    knobs = dict(block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
+                 permute=cfg.permute, min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
+                 return_stats=state.collect_stats, estimator=cfg.estimator, threshold_mass=cfg.threshold_mass,
+                 window=_window(kwargs, kv_len),
+                 sinks=kwargs.get("s_aux", kwargs.get("sinks")), softcap=None if softcap is None else float(softcap))
+    layout = None
+    if _has_cu_seqlens(kwargs):
+        layout = _cu_layout(kwargs, B, q_len, kv_len)
+    elif attention_mask is not None:
+        layout = _layout(state, attention_mask, q_len, kv_len, knobs["window"])
+    if layout is None and (attention_mask is not None or _has_cu_seqlens(kwargs)):
+        # cu_seq_lens that do not match the tensors: the dense path decides what they mean.
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    if layout is None:
+        result = pbs_attention(query, key, value, **knobs)
+        out, stats = result if state.collect_stats else (result, None)
+        out = out.transpose(1, 2).contiguous()
+        stats = None if stats is None else [stats]
     else:
-        out = result
-    return out.transpose(1, 2).contiguous(), None
+        # Unpad: [T, heads, D] rows of each sequence, then scatter back (padding rows get zeros,
+        # which later layers never attend to).
+        qt, kt, vt = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        qp = qt[layout.rows_b, layout.rows_q]
+        kp, vp = kt[layout.keys_b, layout.keys_k], vt[layout.keys_b, layout.keys_k]
+        result = pbs_attention_varlen(qp, kp, vp, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **knobs)
+        packed, stats = result if state.collect_stats else (result, None)
+        out = query.new_zeros(B, q_len, HQ, D)
+        out[layout.rows_b, layout.rows_q] = packed
+        stats = None if stats is None else [st for st in stats if st is not None]
+    if stats:
+        ran = [st for st in stats if not st.dense]
+        per_head = torch.stack([st.density_per_head.float() for st in stats]).mean(0)
+        state.last_stats[layer_idx] = LayerStats(
+            layer_idx, q_len, kv_len, not ran, None if ran else "short prompt",
+            float(sum(st.density for st in stats) / len(stats)), [float(x) for x in per_head], len(stats),
+        )
+    return out, None
 
 
 # ---------------------------------------------------------------------------------------------
