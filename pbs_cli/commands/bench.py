@@ -18,7 +18,7 @@ import typer
 from pbs_kernels.limits import HEAD_DIMS
 
 from ..workflows.errors import PbsError, ProfileFileError
-from ._options import DeviceOpt, DtypeOpt, FormatOpt, ProfileOpt, SeqLensOpt
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, Lengths, ProfileOpt, SeqLensOpt, parse_length, parse_lengths
 from ..workflows.bench.results import BASELINES as _BASELINES
 from ..workflows.lengths import format_length
 from ..workflows.outputs import save_files
@@ -49,6 +49,14 @@ def parse_baselines(s: str) -> str:
     return ",".join(dict.fromkeys(names))
 
 
+def parse_batch_lengths(s: str) -> Lengths:
+    """'4k,4k,16k' -> [4096, 4096, 16384]: a batch, so repeated lengths stay."""
+    items = s if isinstance(s, (list, tuple)) else [p for p in str(s).split(",") if p.strip()]
+    if not items:
+        raise typer.BadParameter(f"{s!r} is not a list of lengths; use comma-separated lengths such as 4k,16k")
+    return Lengths(parse_length(p) for p in items)
+
+
 def _check_head_dim(value: int) -> int:
     if value not in HEAD_DIMS:
         raise typer.BadParameter(f"{value} is not supported; use {' or '.join(map(str, HEAD_DIMS))}")
@@ -73,6 +81,9 @@ def command(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for results.json, results.csv, results.md and time_vs_seq_len.png.", show_default=str(DEFAULT_OUT))] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload.")] = 0,
+    chunk: Annotated[Optional[Lengths], typer.Option("--chunk", parser=parse_lengths, metavar="LENS", help="Chunked-prefill rows: the last chunk of each --seq-len against its cache, e.g. 8k,16k.")] = None,
+    lengths: Annotated[Optional[Lengths], typer.Option("--lengths", parser=parse_batch_lengths, metavar="LENS", help="A packed varlen batch of these sequence lengths, e.g. 1k,4k,16k,64k.")] = None,
+    serving_only: Annotated[bool, typer.Option("--serving-only", help="Only the --chunk and --lengths rows.")] = False,
 ) -> None:
     """Time PBS attention against dense attention at one or more prompt lengths, and check it.
 
@@ -83,7 +94,11 @@ def command(
     FAILED and gets no speedup (exit 1). Writes JSON, CSV, Markdown and a plot to --out.
     Needs a CUDA GPU; --device cpu runs a correctness-only pass on small sizes.
 
+    Serving rows: --chunk times the last chunk of each prompt against its cached prefix, and
+    --lengths one packed batch of mixed lengths, each against dense SDPA / varlen attention.
+
     Example: pbs bench --seq-len 8k,32k,128k --profile profiles/default.yaml
+    Example: pbs bench --seq-len 128k --chunk 8k,16k --lengths 2k,8k,32k,64k --serving-only
     """
     from ..workflows.bench import BenchSettings, run_bench
     from ..workflows.outputs import check_out_dir
@@ -106,6 +121,9 @@ def command(
         seed=seed,
         max_error=max_error,
         e2e=e2e,
+        chunks=list(chunk or []),
+        lengths=list(lengths or []),
+        prompt_rows=not serving_only,
     )
     try:
         with o.progress() as report_progress:
@@ -255,7 +273,8 @@ def _config_line(report: BenchReport) -> str:
 
 def _title(r) -> str:
     fastest = f"{r.fastest_dense} {r.fastest_dense_ms:.3f} ms" if r.fastest_dense_ms is not None else "-"
-    return (f"{format_length(r.seq_len)} tokens (B={r.batch} HQ={r.heads} H={r.kv_heads} D={r.head_dim}), "
+    case = f"{r.case}: " if getattr(r, "case", None) else ""
+    return (f"{case}{format_length(r.seq_len)} tokens (B={r.batch} HQ={r.heads} H={r.kv_heads} D={r.head_dim}), "
             f"reference {r.reference}, fastest dense {fastest}")
 
 

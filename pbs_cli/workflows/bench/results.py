@@ -41,6 +41,9 @@ class BenchSettings:
     fp32_ref_max_len: int = 131072
     e2e_warmup: int = E2E_WARMUP
     e2e_reps: int = E2E_REPS
+    chunks: list[int] = field(default_factory=list)  # chunked-prefill rows: the last chunk of each seq_len
+    lengths: list[int] = field(default_factory=list)  # one packed varlen batch of these lengths
+    prompt_rows: bool = True  # False: only the chunk and varlen rows
 
 
 @dataclass
@@ -97,6 +100,7 @@ class SeqLenResult:
     fastest_dense: Optional[str]
     fastest_dense_ms: Optional[float]
     methods: list[MethodResult] = field(default_factory=list)
+    case: Optional[str] = None  # serving rows: "chunk 8K of 128K", "varlen 4K+16K"; None: whole prompt
 
     def method(self, name: str) -> Optional[MethodResult]:
         return next((m for m in self.methods if m.method == name), None)
@@ -127,7 +131,7 @@ class BenchReport:
 
 
 CSV_COLUMNS = ("seq_len", "method", "status", "ms", "tflops", "density", "recall", "error",
-               "kernel_error", "speedup", "selection_efficiency", "reference", "note")
+               "kernel_error", "speedup", "selection_efficiency", "reference", "note", "case")
 
 
 def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
@@ -139,7 +143,7 @@ def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
                          "tflops": m.tflops, "density": m.density, "recall": m.recall, "error": m.error,
                          "kernel_error": m.kernel_error, "speedup": m.speedup,
                          "selection_efficiency": m.selection_efficiency, "reference": r.reference,
-                         "note": m.note})
+                         "note": m.note, "case": r.case})
     for e in report.e2e:
         for method, ms, sp in (("ttft-dense", e.ttft_dense_ms, None), ("ttft-pbs", e.ttft_pbs_ms, e.speedup)):
             rows.append({"seq_len": e.seq_len, "method": method, "status": OK if ms is not None else SKIPPED,

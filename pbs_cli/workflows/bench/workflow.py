@@ -548,6 +548,22 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
             raise SeqLenNotAboveSegment(n, cfg.segment_size)
     settings = asdict(s)
     settings["seq_lens"] = seq_lens
+    chunks = sorted(set(s.chunks))
+    lengths = list(s.lengths)
+    if device.type == "cpu" and (chunks or lengths):
+        chunks = [min(c, CPU_MAX_SEQ_LEN // 2) for c in chunks]
+        lengths = [min(n, CPU_MAX_SEQ_LEN) for n in lengths]
+        if chunks != sorted(set(s.chunks)) or lengths != list(s.lengths):
+            notes.append(f"cpu: chunks capped at {CPU_MAX_SEQ_LEN // 2} and batch lengths at {CPU_MAX_SEQ_LEN} tokens")
+    for c in chunks:
+        if any(c >= n for n in seq_lens):
+            raise UsageError(f"a prefill chunk of {format_length(c)} tokens is not shorter than the "
+                             f"{format_length(min(seq_lens))}-token prompt; chunks must be shorter than every length")
+    if (chunks or lengths) and s.workload != "synthetic":
+        raise UsageError("the chunked-prefill and varlen rows use the synthetic workload only")
+    if not s.prompt_rows and not (chunks or lengths):
+        raise UsageError("nothing to bench: no whole-prompt rows and no chunk or varlen rows")
+    settings["chunks"], settings["lengths"] = chunks, lengths
     report = BenchReport(environment(device, dtype), settings, cfg, s.workload, notes=notes)
 
     if s.e2e:
@@ -582,8 +598,9 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         del loaded
         _free(device)
 
+
     bench = _Bench(s, cfg, device, dtype, progress)
-    for n in seq_lens:
+    for n in seq_lens if s.prompt_rows else []:
         wl = workloads.pop(n, None) or synthetic_workload(s, n, device, dtype)
         try:
             report.results.append(bench.run(n, wl))
@@ -596,5 +613,25 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         finally:
             del wl
             _free(device)
+
+    if chunks or lengths:
+        import torch
+
+        from .serving import chunk_case, varlen_case
+
+        try:
+            for n in seq_lens if chunks else []:
+                wl = synthetic_workload(s, n, device, dtype)
+                for c in chunks:
+                    report.results.append(chunk_case(bench, wl, n, c))
+                del wl
+                _free(device)
+            if lengths:
+                one = dataclasses.replace(s, batch=1)
+                report.results.append(varlen_case(
+                    bench, lengths, lambda n, i: synthetic_workload(dataclasses.replace(one, seed=s.seed + i), n,
+                                                                    device, dtype)))
+        except torch.cuda.OutOfMemoryError:
+            raise OutOfMemoryAt(max([*seq_lens, *lengths])) from None
 
     return report
