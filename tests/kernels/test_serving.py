@@ -235,3 +235,31 @@ def test_gpu_varlen_matches_reference():
     for i, (s, n) in enumerate(zip(seqs, lens)):
         ref = dense_reference(*s)[0].transpose(0, 1)
         assert rel_err(out[int(cu[i]):int(cu[i + 1])], ref) < 2e-2
+
+
+def test_prefix_cache_triton_scores_only_the_suffix_like_the_reference():
+    """The Triton path scores k[P:] as a strided view with the chunk's queries: the same order as
+    the torch reference, and threshold 1.0 still equals dense attention."""
+    from pbs_kernels.ops.permute import segment_order
+
+    N, M, P = 480, 150, 256
+    q, k, v = rand_qkv(1, 4, 2, N, 64)
+    qc = _chunk(q, M)
+    prefix = segment_order(q[:, :, :P], k[:, :, :P], block_size=32, segment_size=64, scale=0.125)
+    want = segment_order(qc, k, block_size=32, segment_size=64, scale=0.125, prefix_pos=prefix)
+    got = segment_order(qc, k, block_size=32, segment_size=64, scale=0.125, backend="triton", prefix_pos=prefix)
+    assert torch.equal(got[:, :, :P], prefix) and torch.equal(got, want)
+    cache = PbsPrefixCache(prefix, 64)
+    out = pbs_attention(qc, k, v, block_size=32, segment_size=64, threshold=1.0, backend="triton", cache=cache)
+    assert rel_err(out, dense_reference(qc, k, v)) < 1e-4
+    assert cache.n_done == (N // 64) * 64
+
+
+@pytest.mark.gpu
+def test_gpu_prefix_cache_chunks_equal_dense():
+    N, C = 20000, 6000
+    q, k, v = rand_qkv(1, 8, 2, N, 128, torch.bfloat16, device="cuda")
+    cache = PbsPrefixCache()
+    outs = [pbs_attention(q[:, :, s:min(N, s + C)], k[:, :, :min(N, s + C)], v[:, :, :min(N, s + C)],
+                          threshold=1.0, backend="triton", cache=cache) for s in range(0, N, C)]
+    assert rel_err(torch.cat(outs, dim=2), dense_reference(q, k, v)) < 2e-2
