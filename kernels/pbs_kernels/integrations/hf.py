@@ -272,56 +272,51 @@ def _decode_mask(mask: torch.Tensor, q_len: int, kv_len: int, window: int | None
 
     Each query row must allow one contiguous range of keys ending at its own position (the last
     allowed key); rows that allow none are padding. Consecutive rows with consecutive positions and
-    one start form a sequence whose queries are the last M of its keys start .. last position; with
-    a window, a row whose range is the full window inherits the previous row's start. The decoded
-    layout is then checked against every row (start, window, contiguity), so a mask it cannot
-    express gives None, never a wrong layout."""
+    one first key form a sequence whose queries are the last M of its keys first .. last position;
+    with a window, rows whose range is the full window continue the sequence before them. The
+    decoded layout is then checked against every row (start, window, contiguity), so a mask it
+    cannot express gives None, never a wrong layout. All on the mask's device: O(B q kv) for the
+    row reductions, O(B q) after."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, kv_len):
         return None
     m = mask[:, 0]
-    B = m.shape[0]
     j = torch.arange(kv_len, device=m.device)
     count = m.sum(-1)  # [B, q]
     first = torch.where(m, j, kv_len).amin(-1)
     last = torch.where(m, j, -1).amax(-1)
     valid = count > 0
-    if not bool((~valid | (count == last - first + 1)).all()):
-        return None  # a row with holes
-    first, last, valid = first.cpu(), last.cpu(), valid.cpu()  # one transfer of O(B q) ints
-    rows_b, rows_q, keys_b, keys_k, cu_q, cu_k = [], [], [], [], [0], [0]
-    for b in range(B):
-        start = prev = None
-        groups = []  # [start, first row, last row]
-        for i in torch.nonzero(valid[b]).flatten().tolist():
-            f, p = int(first[b, i]), int(last[b, i])
-            full = window is not None and f == p - window + 1
-            if groups and prev is not None and p == prev + 1 and (f == start or (full and start <= f)):
-                groups[-1][2] = i
-            else:
-                if groups and f <= prev:
-                    return None  # overlapping sequences
-                start = f
-                groups.append([f, i, i])
-            prev = p
-            lo = start if window is None else max(start, p - window + 1)
-            if f != lo:
-                return None
-        for g_start, r0, r1 in groups:
-            end = int(last[b, r1]) + 1
-            if int(last[b, r0]) != end - (r1 - r0 + 1):
-                return None
-            rows_b.append(torch.full((r1 - r0 + 1,), b))
-            rows_q.append(torch.arange(r0, r1 + 1))
-            keys_b.append(torch.full((end - g_start,), b))
-            keys_k.append(torch.arange(g_start, end))
-            cu_q.append(cu_q[-1] + r1 - r0 + 1)
-            cu_k.append(cu_k[-1] + end - g_start)
-    if len(cu_q) == 1:
+    rb, rq = torch.nonzero(valid, as_tuple=True)  # packed query rows, batch-major, rows ascending
+    if rb.numel() == 0:
         return None
-    dev = mask.device
-    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
-    return _Layout(torch.cat(rows_b).to(dev), torch.cat(rows_q).to(dev), torch.cat(keys_b).to(dev),
-                   torch.cat(keys_k).to(dev), cq.to(dev), ck.to(dev), int(cq.diff().max()), int(ck.diff().max()))
+    f, p = first[rb, rq], last[rb, rq]
+    if not bool((count[rb, rq] == p - f + 1).all()):
+        return None  # a row with holes
+    full = (f == p - window + 1) if window is not None else torch.zeros_like(f, dtype=torch.bool)
+    brk = torch.ones_like(f, dtype=torch.bool)
+    brk[1:] = ((rb[1:] != rb[:-1]) | (p[1:] != p[:-1] + 1)
+               | (~full[1:] & (full[:-1] | (f[1:] != f[:-1]))))
+    gid = torch.cumsum(brk.to(torch.int64), 0) - 1
+    heads = torch.nonzero(brk).flatten()  # first packed row of each sequence
+    tails = torch.cat([heads[1:] - 1, heads.new_tensor([f.numel() - 1])])
+    start = f[heads]  # [S] first key of each sequence
+    end = p[tails] + 1
+    lo = start[gid] if window is None else torch.maximum(start[gid], p - window + 1)
+    if not bool((f == lo).all()):
+        return None
+    same_b = rb[heads[1:]] == rb[tails[:-1]]
+    if not bool((~same_b | (start[1:] > p[tails[:-1]])).all()):
+        return None  # overlapping sequences in one row
+    n_q = tails - heads + 1
+    n_k = end - start
+    cu_q = torch.zeros(heads.numel() + 1, dtype=torch.int32, device=m.device)
+    cu_k = torch.zeros_like(cu_q)
+    cu_q[1:] = torch.cumsum(n_q, 0)
+    cu_k[1:] = torch.cumsum(n_k, 0)
+    total_k = int(cu_k[-1])
+    seq_of_key = torch.repeat_interleave(torch.arange(heads.numel(), device=m.device), n_k, output_size=total_k)
+    kk = start[seq_of_key] + torch.arange(total_k, device=m.device) - cu_k[:-1].long()[seq_of_key]
+    kb = rb[heads][seq_of_key]
+    return _Layout(rb, rq, kb, kk, cu_q, cu_k, int(n_q.max()), int(n_k.max()))
 
 
 def _layout(state: _State, mask: torch.Tensor, q_len: int, kv_len: int, window: int | None) -> _Layout | None:
