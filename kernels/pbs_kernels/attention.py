@@ -495,6 +495,8 @@ def pbs_attention_varlen(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     caches: list[PbsPrefixCache] | None = None,
+    estimator: str = "mean",
+    threshold_mass: str = "earlier",
 ):
     """PBS attention over packed independent sequences, in flash-attn's varlen convention.
 
@@ -543,7 +545,8 @@ def pbs_attention_varlen(
         res = pbs_attention(qs, ks, vs, block_size=block_size, segment_size=segment_size, threshold=threshold,
                             permute=permute, min_seq_len=min_seq_len, scale=scale, backend=backend,
                             return_stats=return_stats, window=window, sinks=sinks, softcap=softcap,
-                            cache=None if caches is None else caches[i])
+                            cache=None if caches is None else caches[i], estimator=estimator,
+                            threshold_mass=threshold_mass)
         o, st = res if return_stats else (res, None)
         out[q0:q1] = o[0].transpose(0, 1)
         stats.append(st)
