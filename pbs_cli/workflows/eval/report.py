@@ -1,0 +1,146 @@
+"""Eval reports: JSON, Markdown and a needle heatmap PNG, each written atomically.
+
+    paths = write_reports(result, "out/eval")   # eval.json, eval.md, eval_needle.png
+
+matplotlib is imported only when the PNG is drawn.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from pbs_kernels._io import write_atomic
+
+from .run import CellResult, EvalResult
+from .tasks import DEPTH_TASKS
+
+__all__ = ["heatmap_png", "markdown", "write_reports"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _cell_text(c: CellResult | None) -> str:
+    if c is None:
+        return "-"
+    return f"{_pct(c.accuracy)} [{_pct(c.ci_low)}, {_pct(c.ci_high)}] ({c.correct}/{c.n})"
+
+
+def _depth_text(d: float | None) -> str:
+    return "-" if d is None else f"{d:g}"
+
+
+def markdown(result: EvalResult) -> str:
+    """The result as Markdown: summary per task and length, then every cell. Accuracy in %,
+    95% Wilson interval in brackets, correct/n in parentheses."""
+    has_pbs = "pbs" in result.methods
+    lines = [
+        f"# pbs eval: {result.model}",
+        "",
+        f"- profile: {result.profile or 'none (dense only)'}",
+        f"- tasks: {', '.join(result.tasks)}; lengths: {', '.join(map(str, result.seq_lens))}; "
+        f"depths: {', '.join(f'{d:g}' for d in result.depths)}; samples per cell: {result.samples}; seed: {result.seed}",
+        f"- prompts: {result.grammar} grammar, haystack {result.haystack}; scored by exact match of greedy decoding",
+        "- accuracy in %, [95% Wilson interval], (correct/n)",
+        "",
+    ]
+    head = ["task", "length", "dense"] + (["pbs", "drop (points)"] if has_pbs else [])
+    lines += ["## Summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by = {(c.task, c.seq_len, c.method): c for c in result.summary}
+    for task in result.tasks:
+        for n in result.seq_lens:
+            d = by.get((task, n, "dense"))
+            row = [task, str(n), _cell_text(d)]
+            if has_pbs:
+                p = by.get((task, n, "pbs"))
+                drop = "-" if d is None or p is None else f"{100 * (d.accuracy - p.accuracy):+.1f}"
+                row += [_cell_text(p), drop]
+            lines.append("| " + " | ".join(row) + " |")
+    o = result.overall
+    row = ["all", "-", _cell_text(o.get("dense"))]
+    if has_pbs:
+        row += [_cell_text(o.get("pbs")), "-" if result.drop_points is None else f"{result.drop_points:+.1f}"]
+    lines.append("| " + " | ".join(row) + " |")
+
+    head = ["task", "length", "depth", "dense"] + (["pbs"] if has_pbs else [])
+    lines += ["", "## Cells", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = {(c.task, c.seq_len, c.depth, c.method): c for c in result.results}
+    keys = sorted({(c.task, c.seq_len, c.depth) for c in result.results},
+                  key=lambda k: (result.tasks.index(k[0]), k[1], -1 if k[2] is None else k[2]))
+    for t, n, dep in keys:
+        row = [t, str(n), _depth_text(dep), _cell_text(cells.get((t, n, dep, "dense")))]
+        if has_pbs:
+            row.append(_cell_text(cells.get((t, n, dep, "pbs"))))
+        lines.append("| " + " | ".join(row) + " |")
+    secs = ", ".join(f"{m} {s:.1f} s" for m, s in result.seconds.items())
+    lines += ["", f"Time: {secs}.", ""]
+    return "\n".join(lines)
+
+
+def heatmap_png(result: EvalResult, task: str | None = None) -> bytes | None:
+    """Needle accuracy as a depth x length heatmap, dense beside pbs, as PNG bytes; None when no
+    depth task (niah_single, niah_multikey) was run."""
+    tasks = [t for t in (task,) if t] or [t for t in DEPTH_TASKS if t in result.tasks]
+    if not tasks:
+        return None
+    task = tasks[0]
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    depths = sorted({c.depth for c in result.results if c.task == task and c.depth is not None})
+    lens = sorted({c.seq_len for c in result.results if c.task == task})
+    cells = {(c.seq_len, c.depth, c.method): c for c in result.results if c.task == task}
+    fig, axes = plt.subplots(1, len(result.methods), figsize=(1.2 + 1.3 * len(lens) * len(result.methods),
+                                                              1.2 + 0.45 * len(depths)),
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for ax, method in zip(axes[0], result.methods):
+        grid = np.full((len(depths), len(lens)), np.nan)
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lens):
+                c = cells.get((n, d, method))
+                if c is not None:
+                    grid[i, j] = c.accuracy
+                    ax.text(j, i, f"{c.correct}/{c.n}", ha="center", va="center", fontsize=8,
+                            color="black" if c.accuracy > 0.5 else "white")
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lens)), [_short(n) for n in lens])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        acc = [cells[k].accuracy for k in cells if k[2] == method]
+        mean = sum(acc) / len(acc) if acc else float("nan")
+        ax.set_title(f"{method}: {100 * mean:.0f}%", fontsize=10)
+    fig.suptitle(f"{task}, {result.model}" + (f" with {Path(result.profile).name}" if result.profile else ""),
+                 fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def write_reports(result: EvalResult, out_dir: str | Path, *, stem: str = "eval") -> dict[str, Path]:
+    """Write `{stem}.json`, `{stem}.md` and (with a depth task) `{stem}_needle.png` into `out_dir`,
+    each whole or not at all. Everything is rendered before the first file is written."""
+    out_dir = Path(out_dir)
+    doc: dict[str, Any] = result.to_dict()
+    payloads: dict[str, tuple[Path, str | bytes]] = {
+        "json": (out_dir / f"{stem}.json", json.dumps(doc, indent=2, allow_nan=False) + "\n"),
+        "md": (out_dir / f"{stem}.md", markdown(result)),
+    }
+    png = heatmap_png(result)
+    if png is not None:
+        payloads["png"] = (out_dir / f"{stem}_needle.png", png)
+    return {kind: write_atomic(path, data) for kind, (path, data) in payloads.items()}

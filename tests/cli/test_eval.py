@@ -1,0 +1,191 @@
+"""pbs eval: task generation, Wilson intervals, scoring, bad input, and the demo model telling a
+deliberately aggressive profile from dense attention (CPU, torch backend)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pbs_cli.workflows.eval import (
+    TASKS, DepthError, Haystack, LengthError, ProfileMismatchError, UnknownTaskError, make_sample,
+    make_samples, run_eval, score, wilson_interval,
+)
+from pbs_cli.workflows.eval.run import SampleResult, summarize
+from pbs_cli.workflows.eval.tasks import detect_grammar
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pbs_kernels.demo import demo_model_path
+
+    path = demo_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def hay(demo):
+    return Haystack.builtin(demo[1], n_tokens=6000)
+
+
+# -- task generation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("n", [333, 1000])
+def test_exact_length_and_deterministic(demo, hay, task, n):
+    tok = demo[1]
+    a = make_sample(task, tok, hay, seq_len=n, depth=0.3, seed=5, index=2)
+    b = make_sample(task, tok, hay, seq_len=n, depth=0.3, seed=5, index=2)
+    c = make_sample(task, tok, hay, seq_len=n, depth=0.3, seed=6, index=2)
+    assert len(a.input_ids) == n
+    assert a.input_ids == b.input_ids and a.answers == b.answers
+    assert a.input_ids != c.input_ids
+    assert a.input_ids[0] == tok.bos_token_id and tok.bos_token_id not in a.input_ids[1:]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_needle_at_its_depth_and_question_at_end(demo, hay, depth):
+    tok = demo[1]
+    n = 900
+    s = make_sample("niah_single", tok, hay, seq_len=n, depth=depth, seed=1)
+    assert detect_grammar(tok) == "records" and s.grammar == "records"
+    words = tok.convert_ids_to_tokens(s.input_ids)
+    at = s.needle_pos[0]
+    key = words[at + 1]
+    value_words = s.answers[0].split()  # "v017 v233 ;"
+    assert words[at] == "put" and words[at + 2 : at + 2 + len(value_words)] == value_words
+    assert words[-2:] == ["get", key] and words.count(key) == 2  # written once, asked once
+    # Needles go on sentence boundaries: within one filler sentence (< 60 tokens) of the depth.
+    assert abs(at - depth * (n - 4)) < 60
+    assert at == 1 or words[at - 1] == "."
+
+
+def test_multikey_has_distractors_and_multivalue_all_values(demo, hay):
+    tok = demo[1]
+    mk = make_sample("niah_multikey", tok, hay, seq_len=2048, depth=0.5, seed=0)
+    words = tok.convert_ids_to_tokens(mk.input_ids)
+    assert words.count("put") == 1 + 2048 // 512
+    mv = make_sample("niah_multivalue", tok, hay, seq_len=1024, seed=0)
+    assert mv.match == "all" and len(mv.answers) >= 2
+    words = tok.convert_ids_to_tokens(mv.input_ids)
+    for p, v in zip(mv.needle_pos, mv.answers):
+        assert words[p] == "put" and words[p + 2] == v
+
+
+def test_vt_chain_and_cwe_counts(demo, hay):
+    tok = demo[1]
+    vt = make_sample("vt", tok, hay, seq_len=1024, seed=3)
+    words = tok.convert_ids_to_tokens(vt.input_ids)
+    hops = [words[p : p + 4] for p in vt.needle_pos]
+    assert hops[0][2] == vt.answers[0].split()[0]
+    for prev, nxt in zip(hops, hops[1:]):
+        assert nxt[2] == prev[1]  # each variable is assigned the previous one
+    assert words[-1] == hops[-1][1]
+    cwe = make_sample("cwe", tok, hay, seq_len=1024, seed=3)
+    words = tok.convert_ids_to_tokens(cwe.input_ids)[cwe.needle_pos[0]:]
+    counts = {w: words.count(w) for w in set(words) if w.startswith("v")}
+    top = sorted(counts, key=counts.get, reverse=True)[:3]
+    assert sorted(top) == sorted(cwe.answers)
+    assert min(counts[w] for w in top) > max(c for w, c in counts.items() if w not in top)
+
+
+def test_input_text_haystack(demo, tmp_path):
+    tok = demo[1]
+    hay = Haystack.from_text(tok, "the cat sees a dog . " * 50 + "\n\nmy red boat . " * 20, source="t.txt")
+    s = make_sample("niah_single", tok, hay, seq_len=400, depth=0.5)
+    assert len(s.input_ids) == 400 and hay.source == "t.txt"
+
+
+# -- statistics and scoring ---------------------------------------------------------------------
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_score_prefix_and_all(demo, hay):
+    s = make_sample("niah_single", demo[1], hay, seq_len=500, seed=2)
+    ans = s.answers[0]
+    assert score(s, ans + " the cat") and score(s, " " + ans)
+    assert not score(s, ans.replace(" ;", " v999 ;")) and not score(s, "") and not score(s, "the " + ans)
+    mv = make_sample("niah_multivalue", demo[1], hay, seq_len=500, seed=2)
+    assert score(mv, " ".join(reversed(mv.answers)) + " ;")
+    assert not score(mv, " ".join(mv.answers[:-1]))
+
+
+def test_summarize_cells():
+    rows = [SampleResult("niah_single", 100, 0.5, i, m, ok, "a", "a", 0, 0.0)
+            for i, (m, ok) in enumerate([("dense", True), ("dense", True), ("pbs", True), ("pbs", False)])]
+    cells, summary, overall = summarize(rows)
+    by = {c.method: c for c in cells}
+    assert by["dense"].accuracy == 1.0 and by["pbs"].accuracy == 0.5 and by["pbs"].n == 2
+    assert overall["pbs"].ci_low < 0.5 < overall["pbs"].ci_high
+
+
+# -- bad input: errors before any work ----------------------------------------------------------
+
+
+def test_bad_input_errors(demo, hay):
+    from pbs_kernels.profile import PbsProfile
+
+    model, tok = demo
+    with pytest.raises(UnknownTaskError, match="unknown task 'ruler'.*niah_single"):
+        run_eval(model, tok, tasks=["ruler"], seq_lens=[500])
+    with pytest.raises(DepthError, match="outside"):
+        run_eval(model, tok, tasks=["niah_single"], depths=[1.5], seq_lens=[500])
+    with pytest.raises(LengthError, match="exceeds the model's 1000 positions"):
+        run_eval(model, tok, tasks=["niah_single"], seq_lens=[1000], max_positions=1000)
+    with pytest.raises(LengthError, match="too few"):
+        make_sample("niah_multikey", tok, hay, seq_len=40)
+    other = PbsProfile(model="llama-8b")
+    other.layers = {7: {"dense": True}}
+    with pytest.raises(ProfileMismatchError, match="layer 7 but the model has 4 layers"):
+        run_eval(model, tok, profile=other, tasks=["niah_single"], seq_lens=[500])
+    with pytest.raises(ProfileMismatchError, match="made for llama-8b"):
+        run_eval(model, tok, profile=PbsProfile(model="llama-8b"), tasks=["niah_single"], seq_lens=[500],
+                 model_name="pbs-demo")
+
+
+# -- the demo model tells an aggressive profile from dense attention ----------------------------
+
+
+def _uniform(threshold, **kw):
+    from pbs_kernels.profile import LayerConfig, PbsProfile
+
+    cfg = dict(block_size=64, segment_size=64, threshold=threshold, permute=False, min_seq_len=0)
+    cfg.update(kw)
+    return PbsProfile(model="pbs-demo", defaults=LayerConfig(**cfg))
+
+
+def test_aggressive_profile_drops_accuracy(demo):
+    """Measured (seed 0, 1K tokens, 12 prompts): dense 12/12, threshold 0.2 on every layer 4/12.
+    The test asks for separated 95% intervals, so it fails if eval cannot tell them apart."""
+    model, tok = demo
+    kw = dict(tasks=["niah_single", "niah_multikey"], seq_lens=[1024], depths=[0.1, 0.5, 0.9], samples=2, seed=0)
+    r = run_eval(model, tok, profile=_uniform(0.2), **kw)
+    dense, pbs = r.overall["dense"], r.overall["pbs"]
+    assert dense.n == pbs.n == 12
+    assert dense.accuracy >= 0.9
+    assert pbs.ci_high < dense.ci_low, (dense, pbs)
+    assert r.drop_points > 30
+
+
+def test_threshold_one_matches_dense(demo):
+    model, tok = demo
+    r = run_eval(model, tok, profile=_uniform(1.0), tasks=["niah_single"], seq_lens=[700], depths=[0.2, 0.8],
+                 samples=1, seed=1)
+    by = {}
+    for s in r.sample_results:
+        by.setdefault((s.depth, s.index), {})[s.method] = s.prediction
+    assert all(v["dense"] == v["pbs"] for v in by.values())
