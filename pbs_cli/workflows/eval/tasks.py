@@ -23,7 +23,7 @@ depth), so the same arguments give the same prompt on every platform.
 
 The haystack is the demo corpus's grammar filler (its records, lookups and quoted spans removed)
 or a user text; prompts are cut on sentence boundaries so a needle never splits a word, and are
-exactly ``seq_len`` tokens long (the last filler sentence is trimmed to fit).
+exactly ``seq_len`` tokens long (the first filler sentence is cut to fit).
 """
 
 from __future__ import annotations
@@ -346,17 +346,23 @@ def check_depths(depths: Sequence[float]) -> list[float]:
 def _assemble(prefix: list[int], filler: list[list[int]], facts: list[_Fact], tail: list[int],
               seq_len: int) -> tuple[list[int], list[int]]:
     """prefix + filler sentences with facts inserted at their depths + tail, exactly seq_len ids.
-    The last filler sentence is trimmed to fit. Returns (ids, fact start positions in order of
+    The first filler sentence is cut to fit. Returns (ids, fact start positions in order of
     `facts`)."""
     budget = seq_len - len(prefix) - len(tail) - sum(len(f.ids) for f in facts)
-    # Trim the filler to exactly `budget` tokens.
+    # Exactly `budget` filler tokens: whole sentences, the first one cut at its start (a haystack
+    # that begins mid-sentence, like any chunk of a longer text), so the boundary before the
+    # question follows a whole sentence.
     sentences, total = [], 0
     for s in filler:
         if total >= budget:
             break
-        take = s[: budget - total]
-        sentences.append(take)
-        total += len(take)
+        sentences.append(s)
+        total += len(s)
+    excess = total - budget
+    while sentences and excess >= len(sentences[0]):
+        excess -= len(sentences.pop(0))
+    if excess > 0:
+        sentences[0] = sentences[0][excess:]
     # Sentence boundaries: token offsets into the filler where a fact may go.
     bounds, acc = [0], 0
     for s in sentences:
