@@ -1,0 +1,176 @@
+"""`pbs eval`: long-context retrieval accuracy, dense and with a PBS profile, side by side.
+
+The work is in workflows/eval (tasks, running and scoring, reports); this module parses the
+options, loads the model, prints and writes the reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, ProfileOpt, SeqLensOpt
+
+DEFAULT_OUT = Path("pbs-out/eval")
+DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,vt,cwe"
+DEFAULT_DEPTHS = "0.1,0.5,0.9"
+DEFAULT_LENS = [8192]  # the demo model's training length and demo.yaml's min_seq_len
+SAMPLES_CPU, SAMPLES_CUDA = 2, 10
+
+
+def _tasks(value: str) -> list[str]:
+    items = [t.strip() for t in str(value).split(",") if t.strip()]
+    if not items:
+        raise typer.BadParameter(f"{value!r} is not a list of tasks; use comma-separated names like niah_single,vt")
+    return items
+
+
+def _depths(value: str) -> list[float]:
+    out = []
+    for part in (p for p in str(value).split(",") if p.strip()):
+        try:
+            d = float(part)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not a number; use comma-separated fractions in [0, 1] like 0,0.5,1") from None
+        if not 0.0 <= d <= 1.0:
+            raise typer.BadParameter(f"{part!r} is outside [0, 1]; depth 0 is the start of the haystack, 1 its end")
+        out.append(d)
+    if not out:
+        raise typer.BadParameter(f"{value!r} is not a list of depths; use comma-separated fractions like 0,0.5,1")
+    return out
+
+
+class TaskList(list):
+    """A list subclass so Typer reads one comma-separated option, not a repeatable one."""
+
+
+class DepthList(list):
+    pass
+
+
+def command(
+    model: ModelArg = None,
+    profile: ProfileOpt = None,
+    seq_len: SeqLensOpt = None,
+    tasks: Annotated[
+        TaskList,
+        typer.Option("--tasks", metavar="LIST", parser=lambda v: TaskList(_tasks(v)),
+                     help="Comma-separated tasks: niah_single, niah_multikey, niah_multivalue, vt, cwe."),
+    ] = DEFAULT_TASKS,
+    samples: Annotated[
+        Optional[int],
+        typer.Option("--samples", min=1, help="Prompts per cell (task, length, and depth for the needle tasks).",
+                     show_default=f"{SAMPLES_CPU} on the CPU, {SAMPLES_CUDA} on a GPU"),
+    ] = None,
+    depths: Annotated[
+        DepthList,
+        typer.Option("--depths", metavar="LIST", parser=lambda v: DepthList(_depths(v)),
+                     help="Needle depths, fractions of the haystack: 0 = its start, 1 = right before the question."),
+    ] = DEFAULT_DEPTHS,
+    input: Annotated[
+        Optional[Path],
+        typer.Option("--input", metavar="FILE", help="Text to use as the haystack (cut into sentences).",
+                     show_default="built-in filler sentences"),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", metavar="DIR", help="Folder for eval.json, eval.md and eval_needle.png.",
+                     show_default=str(DEFAULT_OUT)),
+    ] = None,
+    format: FormatOpt = "table",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the prompts (same seed, same prompts).")] = 0,
+) -> None:
+    """Score retrieval accuracy on long prompts, dense and with a PBS profile side by side.
+
+    RULER-style synthetic tasks built with the model's own tokenizer: a needle (a key-value fact
+    at a depth of a long haystack, asked at the end), the needle among distractors, a key with
+    several values, variable tracking (chained assignments) and common-word extraction. Each
+    prompt is answered by greedy decoding and scored by exact match; accuracy comes with the
+    sample count and a 95% Wilson interval. With --profile, PBS runs the prefill (prompts
+    shorter than the profile's min_seq_len stay dense). Writes eval.json, eval.md and a needle
+    heatmap (depth x length, dense beside PBS) to --out. No MODEL: the embedded demo model.
+
+    Example: pbs eval --profile profiles/demo.yaml --seq-len 8k --tasks niah_single,niah_multikey
+    """
+    from ..workflows.eval import Haystack, run_eval
+    from ..workflows.eval.report import write_reports
+    from ..workflows.eval.tasks import check_depths, check_tasks
+    from ..workflows.model import load_model
+    from ..workflows.errors import InputFileError, ProfileFileError
+    from ._output import Output
+
+    # Everything that can be checked without the model, before loading it.
+    task_list = check_tasks(tasks)
+    depth_list = check_depths(depths)
+    lens = list(seq_len) if seq_len else list(DEFAULT_LENS)
+    prof = None
+    if profile is not None:
+        from pbs_kernels.profile import PbsProfile
+
+        prof = PbsProfile.load(profile)  # a ProfileError is a one-line message naming the file
+    text = None
+    if input is not None:
+        try:
+            text = input.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise InputFileError(input, f"cannot read it ({e.strerror or e})") from None
+
+    o = Output(format)
+    loaded = load_model(model, device=device, dtype=dtype)
+    if loaded.tokenizer is None:
+        from ..workflows.errors import NoTokenizer
+
+        raise NoTokenizer(loaded.name, loaded.source)
+    n_samples = samples or (SAMPLES_CUDA if loaded.device.type == "cuda" else SAMPLES_CPU)
+    hay = None
+    if text is not None:
+        hay = Haystack.from_text(loaded.tokenizer, text, source=str(input))
+    if prof is not None:
+        short = [n for n in lens if any(prof.layer(i).min_seq_len > n and not prof.layer(i).dense
+                                        for i in range(loaded.num_layers))]
+        if short:
+            o.warn(f"the profile's min_seq_len keeps prompts of {', '.join(map(str, short))} tokens dense in some "
+                   "layers; use a longer --seq-len to measure PBS there")
+    o.info(f"eval {loaded.name} on {loaded.device.type}: {', '.join(task_list)} at {', '.join(map(str, lens))} "
+           f"tokens, {n_samples} prompts per cell" + (f", dense vs {profile}" if profile else ", dense only"))
+    with o.progress() as report:
+        result = run_eval(loaded.model, loaded.tokenizer, profile=prof, seq_lens=lens, tasks=task_list,
+                          depths=depth_list, samples=n_samples, seed=seed, haystack=hay, model_name=loaded.name,
+                          max_positions=loaded.max_positions, progress=report)
+    if profile is not None:
+        result.profile = str(profile)
+    paths = write_reports(result, out if out is not None else DEFAULT_OUT)
+    _print(o, result, paths)
+
+
+def _print(o, result, paths) -> None:
+    if o.json:
+        doc = result.to_dict()
+        doc["files"] = {k: str(v) for k, v in paths.items()}
+        o.emit_json(doc)
+        return
+    has_pbs = "pbs" in result.methods
+
+    def cell(c):
+        return "-" if c is None else f"{100 * c.accuracy:.0f}% [{100 * c.ci_low:.0f}, {100 * c.ci_high:.0f}] n={c.n}"
+
+    by = {(c.task, c.seq_len, c.method): c for c in result.summary}
+    rows = []
+    for task in result.tasks:
+        for n in result.seq_lens:
+            d, p = by.get((task, n, "dense")), by.get((task, n, "pbs"))
+            row = [task, n, cell(d)]
+            if has_pbs:
+                row += [cell(p), None if d is None or p is None else round(100 * (d.accuracy - p.accuracy), 1)]
+            rows.append(row)
+    cols = ["task", "length", "dense"] + (["pbs", "drop (points)"] if has_pbs else [])
+    o.table("Exact-match accuracy [95% Wilson interval]", cols, rows)
+    if has_pbs:
+        o.info(f"all tasks: dense {cell(result.overall['dense'])}, pbs {cell(result.overall['pbs'])}, "
+               f"drop {result.drop_points:+.1f} points")
+    for kind, path in paths.items():
+        o.info(f"wrote {path}")
