@@ -12,7 +12,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from .commands import analyze, bench, profile, tune
+from .commands import analyze, bench, eval, profile, tune
 from .commands._messages import message, phrase
 from .workflows.errors import PbsError
 
@@ -48,6 +48,7 @@ app = typer.Typer(
 app.command("analyze", short_help="How sparse a model's attention is, with and without permutation.")(_face("analyze", analyze.command))
 app.command("tune", short_help="Tune per-layer PBS settings to a target speedup; write a profile.")(_face("tune", tune.command))
 app.command("bench", short_help="Time and check PBS attention against dense attention.")(_face("bench", bench.command))
+app.command("eval", short_help="Retrieval accuracy on long prompts, dense and with a profile.")(_face("eval", eval.command))
 
 profile_app = typer.Typer(help="Inspect and check PBS profile YAML files.", no_args_is_help=True,
                           rich_markup_mode=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from ..workflows import errors as E
+from ..workflows.eval import errors as EV
 from ..workflows.lengths import format_length
 
 # message(error, command) -> str; `command` is the name of the command that raised (None outside one).
@@ -84,6 +85,23 @@ MESSAGES: dict[type, Message] = {
         if e.key is None else
         f"study {e.study} was tuned with {e.key}={e.recorded!r}, this run has {e.key}={e.current!r}; "
         "pass another --study name (or the same options as before) to avoid mixing results"),
+    # eval (workflows/eval/errors.py)
+    EV.UnknownTaskError: lambda e, c: (
+        f"--tasks: {'no task given' if e.task is None else f'unknown task {e.task!r}'}; "
+        f"choose from {', '.join(e.allowed)}"),
+    EV.DepthError: lambda e, c: f"--depths: {e.depth:g} is outside [0, 1]; use fractions like 0,0.5,1",
+    EV.LengthBeyondPositions: lambda e, c: (
+        f"--seq-len {e.seq_len} plus {e.answer_tokens} answer tokens exceeds {e.model}'s "
+        f"max_position_embeddings {e.limit}; use --seq-len {format_length(e.limit - e.answer_tokens)} or less"),
+    EV.LengthTooShortForTask: lambda e, c: (
+        f"--seq-len {e.seq_len} is too short for task {e.task} (it needs at least {e.minimum} tokens); "
+        "use a longer --seq-len"),
+    EV.ProfileMismatchError: lambda e, c: (
+        f"--profile sets layer {e.layer} but {e.model} has {e.num_layers} layers: it was made for "
+        f"{e.profile_model or 'another model'}; pass a profile tuned for {e.model} (pbs tune)"
+        if e.layer is not None else
+        f"--profile was made for {e.profile_model}, not {e.model}; pass a profile tuned for {e.model} (pbs tune)"),
+    EV.HaystackError: lambda e, c: f"--input {e.source}: {e.detail}",
 }
 
 

@@ -96,11 +96,12 @@ def command(
 
     Example: pbs eval --profile profiles/demo.yaml --seq-len 8k --tasks niah_single,niah_multikey
     """
-    from ..workflows.eval import Haystack, run_eval
+    from ..workflows.eval import Haystack
+    from ..workflows.eval.run import execute_eval, prepare_eval
     from ..workflows.eval.report import write_reports
     from ..workflows.eval.tasks import check_depths, check_tasks
     from ..workflows.model import load_model
-    from ..workflows.errors import InputFileError, ProfileFileError
+    from ..workflows.errors import InputFileError
     from ._output import Output
 
     # Everything that can be checked without the model, before loading it.
@@ -116,8 +117,10 @@ def command(
     if input is not None:
         try:
             text = input.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            raise InputFileError(input, f"{input}: file not found") from None
         except OSError as e:
-            raise InputFileError(input, f"cannot read it ({e.strerror or e})") from None
+            raise InputFileError(input, f"{input}: cannot read it ({e.strerror or e})") from None
 
     o = Output(format)
     loaded = load_model(model, device=device, dtype=dtype)
@@ -129,18 +132,17 @@ def command(
     hay = None
     if text is not None:
         hay = Haystack.from_text(loaded.tokenizer, text, source=str(input))
-    if prof is not None:
-        short = [n for n in lens if any(prof.layer(i).min_seq_len > n and not prof.layer(i).dense
-                                        for i in range(loaded.num_layers))]
-        if short:
-            o.warn(f"the profile's min_seq_len keeps prompts of {', '.join(map(str, short))} tokens dense in some "
-                   "layers; use a longer --seq-len to measure PBS there")
+    plan = prepare_eval(loaded.model, loaded.tokenizer, profile=prof, seq_lens=lens, tasks=task_list,
+                        depths=depth_list, samples=n_samples, seed=seed, haystack=hay, model_name=loaded.name,
+                        max_positions=loaded.max_positions)
     o.info(f"eval {loaded.name} on {loaded.device.type}: {', '.join(task_list)} at {', '.join(map(str, lens))} "
-           f"tokens, {n_samples} prompts per cell" + (f", dense vs {profile}" if profile else ", dense only"))
+           f"tokens, {len(plan.prompts)} prompts" + (f", dense vs {profile}" if profile else ", dense only"))
+    if plan.dense_lengths:
+        o.warn(f"prompts of {', '.join(map(str, plan.dense_lengths))} tokens are not longer than the min_seq_len "
+               "(or segment) of some --profile layers, so those layers run dense there; use a longer --seq-len "
+               "to measure PBS")
     with o.progress() as report:
-        result = run_eval(loaded.model, loaded.tokenizer, profile=prof, seq_lens=lens, tasks=task_list,
-                          depths=depth_list, samples=n_samples, seed=seed, haystack=hay, model_name=loaded.name,
-                          max_positions=loaded.max_positions, progress=report)
+        result = execute_eval(plan, progress=report)
     if profile is not None:
         result.profile = str(profile)
     paths = write_reports(result, out if out is not None else DEFAULT_OUT)

@@ -2,12 +2,14 @@
 deliberately aggressive profile from dense attention (CPU, torch backend)."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from pbs_cli.workflows.eval import (
-    TASKS, DepthError, Haystack, LengthError, ProfileMismatchError, UnknownTaskError, make_sample,
+    TASKS, DepthError, Haystack, LengthBeyondPositions, LengthTooShortForTask, ProfileMismatchError, UnknownTaskError, make_sample,
     make_samples, run_eval, score, wilson_interval,
 )
 from pbs_cli.workflows.eval.run import SampleResult, summarize
@@ -145,13 +147,13 @@ def test_bad_input_errors(demo, hay):
         run_eval(model, tok, tasks=["ruler"], seq_lens=[500])
     with pytest.raises(DepthError, match="outside"):
         run_eval(model, tok, tasks=["niah_single"], depths=[1.5], seq_lens=[500])
-    with pytest.raises(LengthError, match="exceeds the model's 1000 positions"):
-        run_eval(model, tok, tasks=["niah_single"], seq_lens=[1000], max_positions=1000)
-    with pytest.raises(LengthError, match="too few"):
+    with pytest.raises(LengthBeyondPositions, match="exceeds pbs-demo's 1000 positions"):
+        run_eval(model, tok, tasks=["niah_single"], seq_lens=[1000], max_positions=1000, model_name="pbs-demo")
+    with pytest.raises(LengthTooShortForTask, match="too few"):
         make_sample("niah_multikey", tok, hay, seq_len=40)
     other = PbsProfile(model="llama-8b")
     other.layers = {7: {"dense": True}}
-    with pytest.raises(ProfileMismatchError, match="layer 7 but the model has 4 layers"):
+    with pytest.raises(ProfileMismatchError, match="layer 7 but LlamaForCausalLM has 4 layers"):
         run_eval(model, tok, profile=other, tasks=["niah_single"], seq_lens=[500])
     with pytest.raises(ProfileMismatchError, match="made for llama-8b"):
         run_eval(model, tok, profile=PbsProfile(model="llama-8b"), tasks=["niah_single"], seq_lens=[500],
@@ -190,3 +192,71 @@ def test_threshold_one_matches_dense(demo):
     for s in r.sample_results:
         by.setdefault((s.depth, s.index), {})[s.method] = s.prediction
     assert all(v["dense"] == v["pbs"] for v in by.values())
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from pbs_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="pbs")
+
+
+def _main_error(capsys, *args) -> tuple[int, str]:
+    from pbs_cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].startswith("(set PBS_DEBUG=1"), err  # one line and the hint
+    return exc.value.code, err[0]
+
+
+def test_cli_json_shape_and_files(tmp_path):
+    prof = _uniform(0.5).save(tmp_path / "p.yaml")
+    r = _cli("eval", "--profile", prof, "--seq-len", "600", "--tasks", "niah_single,vt", "--depths", "0.2,0.8",
+             "--samples", "1", "--format", "json", "--out", tmp_path / "ev", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    keys = {"task", "seq_len", "depth", "method", "accuracy", "n", "ci_low", "ci_high"}
+    assert doc["results"] and all(keys <= set(c) for c in doc["results"])
+    cells = {(c["task"], c["depth"], c["method"]) for c in doc["results"]}
+    assert cells == {("niah_single", 0.2, "dense"), ("niah_single", 0.8, "dense"), ("niah_single", 0.2, "pbs"),
+                     ("niah_single", 0.8, "pbs"), ("vt", None, "dense"), ("vt", None, "pbs")}
+    assert all(c["n"] == 1 and 0 <= c["ci_low"] <= c["accuracy"] <= c["ci_high"] <= 1 for c in doc["results"])
+    for kind in ("json", "md", "png"):
+        assert Path(doc["files"][kind]).is_file()
+    assert json.loads(Path(doc["files"]["json"]).read_text())["results"] == doc["results"]
+    assert Path(doc["files"]["png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bad_input_one_line_before_work(capsys, tmp_path, monkeypatch):
+    from pbs_cli.workflows.eval import run as run_mod
+
+    def no_work(*a, **k):
+        raise AssertionError("the eval started despite bad input")
+
+    monkeypatch.setattr(run_mod, "greedy_continue", no_work)
+    code, line = _main_error(capsys, "eval", "--tasks", "niah_single,ruler", "--out", tmp_path)
+    assert code == 1 and line.startswith("error: --tasks: unknown task 'ruler'; choose from niah_single")
+    code, line = _main_error(capsys, "eval", "--seq-len", "40k", "--tasks", "niah_single", "--device", "cpu",
+                             "--out", tmp_path)
+    assert code == 1 and "--seq-len 40960 plus" in line and "max_position_embeddings 32768" in line
+    other = PbsProfile_for_other_model(tmp_path)
+    code, line = _main_error(capsys, "eval", "--profile", other, "--seq-len", "600", "--device", "cpu",
+                             "--out", tmp_path)
+    assert code == 1 and line.startswith("error: --profile sets layer 9 but pbs-demo has 4 layers")
+    r = _cli("eval", "--depths", "0.5,1.5", "--out", tmp_path)
+    assert r.exit_code == 2 and "outside [0, 1]" in r.output
+    assert not list(tmp_path.glob("eval*"))
+
+
+def PbsProfile_for_other_model(tmp_path):
+    from pbs_kernels.profile import PbsProfile
+
+    p = PbsProfile(model="meta-llama/Llama-3.1-8B")
+    p.layers = {9: {"dense": True}}
+    return p.save(tmp_path / "llama.yaml")

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
+from ..progress import ProgressFn, no_progress
 from .run import run_eval
 
 __all__ = ["PROXIES", "ProxyRow", "ProxyStudy", "grid", "proxy_study", "spearman"]
 
 # proxy -> sign that makes "larger is better" (accuracy-like) for the rank correlation.
 PROXIES = {"layer_error": -1, "tail_error": -1, "recall": +1, "kl": -1, "ppl_change": -1}
-ProgressFn = Callable[[str, int, Optional[int]], None]
 
 
 def _ranks(xs: Sequence[float]) -> list[float]:
@@ -159,7 +159,7 @@ def _model_proxies(model, ids, profile) -> dict[str, float]:
 def proxy_study(model, tokenizer, calib_ids, *, settings=None, seq_len: int = 2048,
                 tasks: Sequence[str] = ("niah_single", "niah_multikey"),
                 depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), samples: int = 2, seed: int = 0,
-                progress: ProgressFn = lambda d, c, t=None: None) -> ProxyStudy:
+                progress: ProgressFn = no_progress) -> ProxyStudy:
     """Measure task accuracy and every proxy for each setting (see the module docstring).
     calib_ids: [1, N] ids of a text the proxies are measured on (tune's calibration text)."""
     from pbs_kernels.profile import PbsProfile

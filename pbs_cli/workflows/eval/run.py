@@ -21,9 +21,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
-from .errors import LengthError, ProfileMismatchError
+from ..progress import ProgressFn, no_progress
+from .errors import LengthBeyondPositions, ProfileMismatchError
 from .tasks import DEPTH_TASKS, TASKS, Haystack, Sample, check_depths, check_tasks, detect_grammar, make_samples
 
 __all__ = [
@@ -32,8 +33,11 @@ __all__ = [
     "CellResult",
     "EvalResult",
     "SampleResult",
+    "EvalPlan",
     "check_profile_fits",
+    "execute_eval",
     "greedy_continue",
+    "prepare_eval",
     "run_eval",
     "score",
     "summarize",
@@ -42,12 +46,6 @@ __all__ = [
 
 METHODS = ("dense", "pbs")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-ProgressFn = Callable[[str, int, Optional[int]], None]
-
-
-def _no_progress(desc: str, completed: int, total: Optional[int] = None) -> None:
-    pass
-
 
 # ---------------------------------------------------------------------------------------------
 # Statistics and scoring.
@@ -260,12 +258,10 @@ def check_profile_fits(model, profile, model_name: str | None = None) -> None:
     n_layers = max((m.layer_idx for m in layers), default=-1) + 1
     extra = sorted(i for i in profile.layers if i >= n_layers)
     if extra:
-        raise ProfileMismatchError(
-            f"the profile sets layer {extra[0]} but the model has {n_layers} layers; it was made for "
-            f"another model ({profile.model or 'unknown'})")
+        raise ProfileMismatchError(profile.model, model_name or type(model).__name__, layer=extra[0],
+                                   num_layers=n_layers)
     if profile.model and model_name and _short_name(profile.model) != _short_name(model_name):
-        raise ProfileMismatchError(
-            f"the profile was made for {profile.model}, not {model_name}; tune one for this model")
+        raise ProfileMismatchError(profile.model, model_name)
 
 
 def _short_name(name: str) -> str:
@@ -273,32 +269,47 @@ def _short_name(name: str) -> str:
     return Path(str(name).rstrip("/")).name.lower()
 
 
-def _check_length(samples: Sequence[Sample], max_positions: int | None) -> None:
+def _check_length(samples: Sequence[Sample], max_positions: int | None, model: str) -> None:
     if max_positions is None:
         return
     worst = max(samples, key=lambda s: s.seq_len + s.max_new_tokens)
     if worst.seq_len + worst.max_new_tokens > max_positions:
-        raise LengthError(
-            f"length {worst.seq_len} plus {worst.max_new_tokens} answer tokens exceeds the model's "
-            f"{max_positions} positions; use a length of at most {max_positions - worst.max_new_tokens}")
+        raise LengthBeyondPositions(worst.seq_len, worst.max_new_tokens, max_positions, model)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
-             tasks: Sequence[str] = TASKS, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
-             seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
-             max_positions: int | None = None, backend: str = "auto", dense: bool = True,
-             progress: ProgressFn = _no_progress) -> EvalResult:
-    """Score `model` on the tasks, dense and (with `profile`, a PbsProfile or a path) with PBS.
+@dataclass
+class EvalPlan:
+    """Checked inputs of an eval: every prompt generated, the profile loaded and fitted to the
+    model. `prepare_eval` builds it (all checks, no forward pass); `execute_eval` runs it."""
 
-    Everything that can be checked (task names, depths, lengths against `max_positions`, the
-    profile against the model) is checked before the first forward pass. `dense=False` skips the
-    dense runs (for a caller that already has them). Samples are generated from `seed` and the
-    haystack (built-in filler by default; pass another seed's Haystack for held-out prompts).
-    """
-    from pbs_kernels.integrations.hf import pbs_profile
+    model: Any
+    tokenizer: Any
+    profile: Any
+    profile_name: str | None
+    model_name: str | None
+    methods: list[str]
+    tasks: list[str]
+    seq_lens: list[int]
+    depths: list[float]
+    samples: int
+    seed: int
+    haystack: Haystack
+    prompts: list[Sample]
+    backend: str = "auto"
+    # Lengths at which some layer the profile makes sparse still runs dense (prompt not longer
+    # than its min_seq_len or its segment): PBS is not measured there for those layers.
+    dense_lengths: list[int] = field(default_factory=list)
+
+
+def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
+                 tasks: Sequence[str] = TASKS, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
+                 seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
+                 max_positions: int | None = None, backend: str = "auto", dense: bool = True) -> EvalPlan:
+    """Check everything that can be checked before the first forward pass (task names, depths,
+    lengths against `max_positions`, the profile against the model) and generate the prompts."""
     from pbs_kernels.profile import PbsProfile
 
     tasks = check_tasks(tasks)
@@ -317,13 +328,27 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
     if not methods:
         raise ValueError("run_eval: nothing to run (dense=False and no profile)")
     hay = haystack or Haystack.builtin(tokenizer, n_tokens=max(40_000, 2 * max(seq_lens)), seed=seed)
-    all_samples = make_samples(tasks, tokenizer, hay, seq_lens=seq_lens, depths=depths, samples=samples,
-                               seed=seed)
-    _check_length(all_samples, max_positions)
+    prompts = make_samples(tasks, tokenizer, hay, seq_lens=seq_lens, depths=depths, samples=samples, seed=seed)
+    _check_length(prompts, max_positions, model_name or type(model).__name__)
+    dense_lengths = []
+    if profile is not None:
+        from pbs_kernels.integrations.hf import attention_layers
 
+        cfgs = [profile.layer(m.layer_idx) for m in attention_layers(model)]
+        dense_lengths = [n for n in seq_lens
+                         if any(not c.dense and (n < c.min_seq_len or n <= c.segment_size) for c in cfgs)]
+    return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
+                    samples, seed, hay, prompts, backend, dense_lengths)
+
+
+def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalResult:
+    """Run every prompt of `plan` with each method, one prompt at a time, and score them."""
+    from pbs_kernels.integrations.hf import pbs_profile
+
+    model, tokenizer, profile, methods = plan.model, plan.tokenizer, plan.profile, plan.methods
     device = next(model.parameters()).device
     stop_ids = [i for i in (getattr(tokenizer, "eos_token_id", None),) if i is not None]
-    total = len(all_samples) * len(methods)
+    total = len(plan.prompts) * len(methods)
     done = 0
     seconds = dict.fromkeys(methods, 0.0)
     results: list[SampleResult] = []
@@ -331,13 +356,13 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
     was_training = model.training
     model.eval()
     try:
-        for s in all_samples:
+        for s in plan.prompts:
             first = tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"]
             target = first[0] if first else None
             for method in methods:
                 t0 = time.perf_counter()
                 if method == "pbs":
-                    with pbs_profile(model, profile, backend=backend):
+                    with pbs_profile(model, profile, backend=plan.backend):
                         new, rank = greedy_continue(model, s.input_ids, s.max_new_tokens, device=device,
                                                     target_id=target, stop_ids=stop_ids)
                 else:
@@ -355,15 +380,15 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
 
     cells, summary, overall = summarize(results)
     return EvalResult(
-        model=model_name or type(model).__name__,
-        profile=profile_name,
+        model=plan.model_name or type(model).__name__,
+        profile=plan.profile_name,
         grammar=detect_grammar(tokenizer),
-        haystack=hay.source,
-        tasks=tasks,
-        seq_lens=list(seq_lens),
-        depths=depths,
-        samples=samples,
-        seed=seed,
+        haystack=plan.haystack.source,
+        tasks=plan.tasks,
+        seq_lens=plan.seq_lens,
+        depths=plan.depths,
+        samples=plan.samples,
+        seed=plan.seed,
         methods=methods,
         results=cells,
         summary=summary,
@@ -371,3 +396,21 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
         seconds=seconds,
         sample_results=results,
     )
+
+
+def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
+             tasks: Sequence[str] = TASKS, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
+             seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
+             max_positions: int | None = None, backend: str = "auto", dense: bool = True,
+             progress: ProgressFn = no_progress) -> EvalResult:
+    """Score `model` on the tasks, dense and (with `profile`, a PbsProfile or a path) with PBS:
+    prepare_eval (every check, before any forward pass) then execute_eval.
+
+    `dense=False` skips the dense runs (for a caller that already has them). Prompts are
+    generated from `seed` and the haystack (built-in filler by default; pass another seed's
+    Haystack for held-out prompts).
+    """
+    plan = prepare_eval(model, tokenizer, profile=profile, seq_lens=seq_lens, tasks=tasks, depths=depths,
+                        samples=samples, seed=seed, haystack=haystack, model_name=model_name,
+                        max_positions=max_positions, backend=backend, dense=dense)
+    return execute_eval(plan, progress=progress)

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import DepthError, HaystackError, LengthError, UnknownTaskError
+from .errors import DepthError, HaystackError, LengthTooShortForTask, UnknownTaskError
 
 __all__ = [
     "DEPTH_TASKS",
@@ -146,10 +146,10 @@ class Haystack:
         """A user text cut into sentences (at . ! ? followed by space, or blank lines)."""
         texts = [t.strip() for t in _SENTENCE_END.split(text) if t and t.strip()]
         if not texts:
-            raise HaystackError(f"{source} is empty; a haystack needs a text with sentences")
+            raise HaystackError(source, "the text is empty; a haystack needs a text with sentences")
         hay = cls._from_sentences(tokenizer, texts, source)
         if hay.n_tokens == 0:
-            raise HaystackError(f"{source} gives no tokens with this tokenizer")
+            raise HaystackError(source, "the text gives no tokens with this tokenizer")
         return hay
 
     @classmethod
@@ -161,7 +161,7 @@ class Haystack:
     def take(self, n: int, rng: random.Random) -> list[list[int]]:
         """Consecutive sentences (wrapping around) with at least `n` tokens in all."""
         if not self.sentences:
-            raise HaystackError(f"the haystack {self.source} has no sentences")
+            raise HaystackError(self.source, "the text has no sentences")
         i = rng.randrange(len(self.sentences))
         out, total = [], 0
         while total < n:
@@ -326,20 +326,20 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
     """Task names, checked (UnknownTaskError naming the allowed ones); order kept, no duplicates."""
     out = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
     if not out:
-        raise UnknownTaskError(f"no task given; choose from {', '.join(TASKS)}")
+        raise UnknownTaskError(None, TASKS)
     for t in out:
         if t not in TASKS:
-            raise UnknownTaskError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+            raise UnknownTaskError(t, TASKS)
     return out
 
 
 def check_depths(depths: Sequence[float]) -> list[float]:
     out = [float(d) for d in depths]
     if not out:
-        raise DepthError("no depth given; depths are fractions of the haystack in [0, 1]")
+        raise DepthError(None)
     for d in out:
         if not 0.0 <= d <= 1.0:  # NaN fails too
-            raise DepthError(f"depth {d} is outside [0, 1]; depths are fractions of the haystack")
+            raise DepthError(d)
     return list(dict.fromkeys(out))
 
 
@@ -409,7 +409,7 @@ def make_sample(task: str, tokenizer, haystack: Haystack, *, seq_len: int, depth
         tail = _encode(tokenizer, " " + sep + question)
         filler_n = seq_len - len(prefix) - len(body_ids) - len(tail)
         if filler_n < 0:
-            raise LengthError(f"{seq_len} tokens are too few for task cwe; use a longer length")
+            raise LengthTooShortForTask(seq_len, "cwe", seq_len - filler_n)
         filler = haystack.take(filler_n, rng)
         # The list sits at the end, right before its question; filler before it pads to length.
         ids, _ = _assemble(prefix, filler, [_Fact(body_ids, 1.0)], tail, seq_len)
@@ -444,8 +444,7 @@ def make_sample(task: str, tokenizer, haystack: Haystack, *, seq_len: int, depth
     tail = _encode(tokenizer, " " + sep + question)
     need = len(prefix) + len(tail) + sum(len(f.ids) for f in facts) + _MIN_BODY
     if need > seq_len:
-        raise LengthError(f"{seq_len} tokens are too few for task {task} (it needs at least {need}); "
-                          "use a longer length")
+        raise LengthTooShortForTask(seq_len, task, need)
     filler = haystack.take(seq_len - need + _MIN_BODY, rng)
     ids, pos = _assemble(prefix, filler, facts, tail, seq_len)
     return Sample(task, seq_len, depth, index, grammar, ids, answers, match,
