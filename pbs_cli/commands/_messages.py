@@ -71,6 +71,12 @@ MESSAGES: dict[type, Message] = {
         f"target {e.target:g}x is out of reach: the fastest settings found give {e.best_speedup:.2f}x "
         f"({e.cost_model} attention speedup at {e.seq_len} tokens); lower --target-speedup, raise --trials, "
         "or tune at a longer --seq-len"),
+    E.AccuracyUnreachableError: lambda e, c: (
+        f"target {e.target:g}x is out of reach within --max-accuracy-drop {e.max_drop:g} (dense "
+        f"{100 * e.dense_accuracy:.1f}% on held-out retrieval prompts at {e.seq_len} tokens): "
+        f"{'the fastest profile within the drop' if e.within else 'the most accurate profile checked'} gives "
+        f"{e.best_speedup:.2f}x ({e.cost_model}) at {100 * e.best_accuracy:.1f}%; lower --target-speedup "
+        "or raise --max-accuracy-drop"),
     E.StorageInvalid: lambda e, c: (
         f"--storage {e.spec!r} is not a storage; use sqlite:///FILE.db, postgresql://USER@HOST/DB, "
         "mysql://..., journal:FILE or FILE.log"),

@@ -66,6 +66,12 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the Optuna samplers.")] = 0,
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option("--max-accuracy-drop", min=0.0, metavar="POINTS",
+                     help="Most accuracy points PBS may lose against dense attention on held-out retrieval "
+                          "prompts (pbs eval's needle tasks); the fastest allocation within it is kept."),
+    ] = 1.0,
 ) -> None:
     """Search per-layer PBS settings that reach a target attention speedup with the least error.
 
@@ -94,7 +100,7 @@ def command(
     check_seq_len(loaded, n)
     out_path = out if out is not None else Path("pbs-out") / f"{slug(loaded.name)}-{format_length(n)}.yaml"
     settings = TuneSettings(target_speedup=target_speedup, out=out_path, trials=trials, storage=storage,
-                            study=study, seed=seed, model_name=loaded.name)
+                            study=study, seed=seed, model_name=loaded.name, max_accuracy_drop=max_accuracy_drop)
     check_tune(settings, n)
     calib, heldout, notes = split_prompt(loaded, n, input)
     for note in notes:
@@ -102,7 +108,7 @@ def command(
     o.info(f"tuning {loaded.name} for {target_speedup:g}x at {n} tokens on {loaded.device.type} "
            f"({trials} trials per layer)")
     with o.progress() as report:
-        result = run_tune(loaded.model, calib, heldout, settings, progress=report)
+        result = run_tune(loaded.model, calib, heldout, settings, tokenizer=loaded.tokenizer, progress=report)
     result.notes[:0] = notes
     result.profile.validate()
     saved = save_file(out_path, result.profile.dumps(), label="pbs-tune")
@@ -170,6 +176,14 @@ def _print(o: Output, result, out_path: Optional[Path]) -> None:
         speed += f" (cost model predicts {v['predicted_speedup']:.2f}x)"
     o.info(f"held-out: {speed}; perplexity {v['ppl_dense']:.4g} -> {v['ppl_pbs']:.4g} "
            f"({100 * v['ppl_change']:+.2f}%), KL {v['kl']:.3g} nats/token, recall {v['recall']:.3f}")
+    acc = result.accuracy
+    if acc is not None:
+        rows = [[f"{c['target']:.2f}x", round(c["speedup"], 3), f"{100 * c['accuracy']:.1f}%",
+                 f"[{100 * c['ci_low']:.0f}, {100 * c['ci_high']:.0f}]", c["n"], round(c["drop_points"], 1),
+                 "yes" if c["passed"] else "no"] for c in acc["checks"]]
+        o.table(f"Task accuracy on held-out retrieval prompts ({', '.join(acc['tasks'])}, {acc['seq_len']} tokens; "
+                f"dense {100 * acc['dense_accuracy']:.1f}%, allowed drop {acc['max_drop']:g} points)",
+                ["target", "speedup", "pbs", "95% CI", "n", "drop", "kept"], rows)
     for note in result.notes:
         o.warn(note)
     o.info(f"studies {result.study}-layer* in {result.storage}")

@@ -234,6 +234,23 @@ class TargetUnreachableError(PbsError):
                          "trials, or tune at a longer length")
 
 
+class AccuracyUnreachableError(PbsError):
+    """No allocation at the target speedup keeps task accuracy within the allowed drop.
+    best: the fastest (speedup, accuracy) pair found within the drop, or, when none held, the
+    most accurate one checked; accuracies are fractions."""
+
+    def __init__(self, target: float, max_drop: float, dense_accuracy: float, best_speedup: float,
+                 best_accuracy: float, within: bool, cost_model: str, seq_len: int) -> None:
+        self.target, self.max_drop, self.dense_accuracy = target, max_drop, dense_accuracy
+        self.best_speedup, self.best_accuracy, self.within = best_speedup, best_accuracy, within
+        self.cost_model, self.seq_len = cost_model, seq_len
+        best = "the fastest profile within it" if within else "the most accurate profile checked"
+        super().__init__(
+            f"target {target:g}x is out of reach within a {max_drop:g}-point accuracy drop (dense "
+            f"{100 * dense_accuracy:.1f}% on held-out retrieval prompts at {seq_len} tokens): {best} gives "
+            f"{best_speedup:.2f}x ({cost_model}) at {100 * best_accuracy:.1f}%; lower the target or allow a larger drop")
+
+
 class StorageInvalid(UsageError):
     def __init__(self, spec: str) -> None:
         self.spec = spec

@@ -260,3 +260,29 @@ def PbsProfile_for_other_model(tmp_path):
     p = PbsProfile(model="meta-llama/Llama-3.1-8B")
     p.layers = {9: {"dense": True}}
     return p.save(tmp_path / "llama.yaml")
+
+
+def test_accuracy_walk_moves_down_until_the_drop_holds(demo):
+    """tune's accuracy check: an allocation of threshold-0.2 layers loses accuracy, so the walk
+    checks slower allocations (fewer sparse layers) until one holds or the walk ends."""
+    from pbs_cli.workflows.tune.accuracy import walk_for_accuracy, walk_targets
+    from pbs_cli.workflows.tune.alloc import Choice
+    from pbs_kernels.profile import LayerConfig, PbsProfile
+
+    assert walk_targets(2.0) == [2.0, 1.75, 1.5, 1.25]
+    model, tok = demo
+    sparse = LayerConfig(block_size=64, segment_size=64, threshold=0.2, permute=False, min_seq_len=0)
+    fronts = [[Choice(0.0, 1.0, "dense"), Choice(0.5, 0.3, "sparse")] for _ in range(4)]
+
+    def build(picks):
+        p = PbsProfile(model="pbs-demo", defaults=sparse)
+        p.layers = {i: {"dense": True} for i, k in enumerate(picks) if k == 0}
+        return p
+
+    walk = walk_for_accuracy(model, tok, fronts, 2.0, 1.0, build, seq_len=1024, samples=1)
+    assert walk.dense_accuracy == 1.0 and walk.checks
+    first = walk.checks[0]
+    assert first.target == 2.0 and sum(first.picks) == 3 and not first.passed and first.drop_points > 1
+    assert [c.target for c in walk.checks] == sorted({c.target for c in walk.checks}, reverse=True)
+    assert all(sum(b.picks) <= sum(a.picks) for a, b in zip(walk.checks, walk.checks[1:]))
+    assert walk.chosen is None or (walk.chosen is walk.checks[-1] and walk.chosen.passed)

@@ -232,6 +232,14 @@ def test_tune_json_profile_and_resume(model_dir, tmp_path):
     for key in ("cost_model", "predicted_speedup", "recall", "error", "kl", "ppl_dense", "ppl_pbs", "ppl_change"):
         assert key in profile.metrics, key
     assert profile.metrics["cost_model"] == "predicted"
+    # Task accuracy on held-out retrieval prompts, dense and PBS, within the default 1-point drop.
+    m = profile.metrics
+    assert m["accuracy_tasks"] == "niah_single,niah_multikey" and m["accuracy_prompts"] == 12
+    assert m["accuracy_drop_points"] <= 1.0 and m["max_accuracy_drop"] == 1.0
+    assert 100 * (m["accuracy_dense"] - m["accuracy_pbs"]) == pytest.approx(m["accuracy_drop_points"], abs=0.01)
+    assert doc["accuracy"]["chosen"] == doc["accuracy"]["checks"][-1] and doc["accuracy"]["chosen"]["passed"]
+    # The random tiny model cannot retrieve: the result says the check means little here.
+    assert any("says little" in note for note in doc["notes"])
     assert invoke("profile", "validate", str(out)).exit_code == 0
     from transformers import AutoModelForCausalLM
 
@@ -277,6 +285,30 @@ def test_unreachable_target_is_one_line_and_saves_nothing(model_dir, tmp_path, c
     assert "predicted attention speedup" in line
     assert not out.exists()
     assert (tmp_path / "never.log").is_file()  # the journal storage keeps the trials for a rerun
+
+
+def test_accuracy_out_of_reach_is_one_line_and_saves_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    from pbs_cli.workflows.tune import accuracy
+
+    real = accuracy.walk_for_accuracy
+
+    def failing(model, tokenizer, fronts, target, max_drop, build, **kw):
+        walk = real(model, tokenizer, fronts, target, max_drop, build, **kw)
+        for c in walk.checks:  # as if PBS lost 30 points at every allocation checked
+            c.accuracy, c.drop_points, c.passed = walk.dense_accuracy - 0.3, 30.0, False
+        walk.chosen = None
+        return walk
+
+    monkeypatch.setattr(accuracy, "walk_for_accuracy", failing)
+    monkeypatch.delenv("PBS_DEBUG", raising=False)
+    out = tmp_path / "never.yaml"
+    with pytest.raises(SystemExit) as e:
+        main(tune_args(model_dir, out, "--target-speedup", "1.2x", "--trials", "2", "--max-accuracy-drop", "1"))
+    assert e.value.code == 1
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("error: "))
+    assert "target 1.2x is out of reach within --max-accuracy-drop 1" in line
+    assert "the most accurate profile checked gives" in line
+    assert not out.exists()
 
 
 def test_bad_storage_is_exit_2(model_dir, tmp_path):

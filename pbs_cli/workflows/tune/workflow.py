@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..capture import CapturedLayer, capture_prefill
-from ..errors import TargetUnreachableError, TrialsTooFew, UsageError
+from ..errors import AccuracyUnreachableError, TargetUnreachableError, TrialsTooFew, UsageError
 from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
 
@@ -58,6 +58,11 @@ class TuneSettings:
     model_name: str = ""
     analyze: bool = True  # seed each study from analyze_layer figures
     cost_model: str | None = None  # "measured" | "predicted"; None: measured on CUDA, else predicted
+    # Task-accuracy check (tune/accuracy.py): the most accuracy points PBS may lose against dense
+    # attention on held-out retrieval prompts; None skips the check. eval_samples: prompts per
+    # task and depth (None: 2 on the CPU, 6 on CUDA).
+    max_accuracy_drop: float | None = 1.0
+    eval_samples: int | None = None
 
 
 @dataclass
@@ -98,6 +103,7 @@ class TuneResult:
     elapsed_s: float
     notes: list[str] = field(default_factory=list)
     profile: Any = field(default=None, repr=False)
+    accuracy: dict[str, Any] | None = None  # the task-accuracy walk (tune/accuracy.py), None when skipped
 
     def to_dict(self) -> dict[str, Any]:
         from ..jsonable import to_jsonable
@@ -263,12 +269,16 @@ def check_tune(settings: TuneSettings, n_tokens: int) -> None:
     ts.check_storage(settings.storage, settings.out)
 
 
-def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress: ProgressFn = no_progress) -> TuneResult:
+def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer=None,
+             progress: ProgressFn = no_progress) -> TuneResult:
     """Tune a PBS profile for `model` (see the module docstring).
 
     calib_ids, heldout_ids: [1, N] token ids on the model's device (same N: the tuned length).
-    Raises TargetUnreachableError when no allocation reaches the target (nothing is saved then;
-    the studies stay in the storage, so a rerun with a lower target costs no new trials).
+    tokenizer: the model's, for the task-accuracy check (settings.max_accuracy_drop); without
+    one the check is skipped (a note says so).
+    Raises TargetUnreachableError when no allocation reaches the target, AccuracyUnreachableError
+    when none at the target keeps task accuracy within the drop (nothing is saved then; the
+    studies stay in the storage, so a rerun with a lower target costs no new trials).
     """
     import optuna
     import torch
@@ -397,6 +407,33 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
     unit = "predicted" if cost_model == "predicted" else "measured"
     if alloc is None:
         raise TargetUnreachableError(settings.target_speedup, best, unit, N)
+    del caps
+
+    def build(picks) -> Any:
+        for lr, f, i in zip(results, fronts, picks):
+            lr.chosen = f[i].payload
+        return _build_profile(results, settings, N, min_seq_len)
+
+    # 4. Task accuracy on held-out retrieval prompts: walk down from the target allocation until
+    # one loses at most max_accuracy_drop points (tune/accuracy.py).
+    walk = None
+    if settings.max_accuracy_drop is not None and tokenizer is None:
+        notes.append("the model has no tokenizer, so task accuracy was not checked (retrieval prompts need one)")
+    elif settings.max_accuracy_drop is not None:
+        from .accuracy import walk_for_accuracy
+
+        samples = settings.eval_samples or (6 if device.type == "cuda" else 2)
+        walk = walk_for_accuracy(model, tokenizer, fronts, settings.target_speedup, settings.max_accuracy_drop,
+                                 build, seq_len=N, samples=samples, weights=weights, progress=progress)
+        if walk.dense_accuracy < 0.5:
+            notes.append(f"dense attention answers only {100 * walk.dense_accuracy:.0f}% of the held-out retrieval "
+                         "prompts, so the task-accuracy check says little about this model (see docs/eval.md)")
+        ok = walk.chosen
+        if ok is None or ok.target < settings.target_speedup:
+            pick = ok or max(walk.checks, key=lambda c: (c.accuracy, c.speedup))
+            raise AccuracyUnreachableError(settings.target_speedup, settings.max_accuracy_drop, walk.dense_accuracy,
+                                           pick.speedup, pick.accuracy, ok is not None, unit, N)
+        alloc = allocate(fronts, ok.target, weights)
     for lr, f, i in zip(results, fronts, alloc.picks):
         lr.chosen = f[i].payload
     search = {"speedup": alloc.speedup, "cost": alloc.cost, "error_sum": alloc.error, "best_speedup": best}
@@ -405,12 +442,28 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
         search.update(dense_ms=ms, dense_backend=backend)
     profile = _build_profile(results, settings, N, min_seq_len)
 
-    # 4. Validation on held-out text.
-    del caps
+    # 5. Validation on held-out text.
     validation = validate_profile(model, profile, heldout_ids, results, cost_model=cost_model,
                                   progress=progress)
     metrics = _metrics(validation, search, cost_model, device_name, dtype, settings.trials)
+    if walk is not None:
+        c = walk.chosen
+        metrics.update({
+            "accuracy_tasks": ",".join(walk.tasks),
+            "accuracy_prompts": int(c.n),
+            "accuracy_dense": round(walk.dense_accuracy, 4),
+            "accuracy_pbs": round(c.accuracy, 4),
+            "accuracy_drop_points": round(c.drop_points, 2),
+            "max_accuracy_drop": float(settings.max_accuracy_drop),
+        })
     profile.metrics = metrics
+    for lr in results:
+        err = (lr.heldout or {}).get("error")
+        if err is not None and err > ts.MAX_LAYER_ERROR:
+            # The search keeps every trial under the limit on calibration text; held-out text can
+            # still push a chosen setting over it (seen on the demo model: 0.37-0.54 vs 0.35).
+            notes.append(f"layer {lr.layer}: held-out output error {err:.2f} is above the {ts.MAX_LAYER_ERROR:g} "
+                         "limit the search enforced on calibration text; the setting may be too sparse for other text")
     if validation["speedup"] < settings.target_speedup * 0.97:
         notes.append(
             f"on held-out text the {unit} speedup is {validation['speedup']:.2f}x, below the "
@@ -422,6 +475,7 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, progress:
         cost_model=cost_model, device=device_name, dtype=dtype, storage=storage_label, study=base,
         trials=settings.trials, layers=results, search=search, validation=validation, metrics=metrics,
         out=str(settings.out), elapsed_s=time.perf_counter() - t0, notes=notes, profile=profile,
+        accuracy=walk.to_dict() if walk is not None else None,
     )
 
 
