@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pbs_cli.app import app
 
-COMMANDS = [[], ["analyze"], ["tune"], ["bench"], ["profile"], ["profile", "show"], ["profile", "validate"]]
+COMMANDS = [[], ["analyze"], ["tune"], ["bench"], ["eval"], ["profile"], ["profile", "show"], ["profile", "validate"]]
 
 
 def _help(args: list[str]) -> str:
@@ -24,7 +24,7 @@ def _listed(text: str) -> list[str]:
 
 
 def test_every_command_is_covered():
-    assert _listed(_help([])) == ["analyze", "tune", "bench", "profile"]
+    assert _listed(_help([])) == ["analyze", "tune", "bench", "eval", "profile"]
     assert _listed(_help(["profile"])) == ["show", "validate"]
 
 
@@ -48,6 +48,8 @@ def test_help_fits_80_columns_uncut(args):
     (["bench"], "cudnn,flash,efficient,flex,noperm"),
     (["tune"], "pbs-out/<model>-<len>.yaml"),
     (["tune"], "32k on a GPU, 8k on the CPU"),
+    (["eval"], "pbs-out/eval"),
+    (["eval"], "2 on the CPU, 10 on a GPU"),
 ])
 def test_defaults_show_whole(args, default):
     assert default in " ".join(_help(args).split())

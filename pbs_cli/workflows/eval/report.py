@@ -97,8 +97,9 @@ def heatmap_png(result: EvalResult, task: str | None = None) -> bytes | None:
     depths = sorted({c.depth for c in result.results if c.task == task and c.depth is not None})
     lens = sorted({c.seq_len for c in result.results if c.task == task})
     cells = {(c.seq_len, c.depth, c.method): c for c in result.results if c.task == task}
-    fig, axes = plt.subplots(1, len(result.methods), figsize=(1.2 + 1.3 * len(lens) * len(result.methods),
-                                                              1.2 + 0.45 * len(depths)),
+    # At least 2.4 inches a panel: narrower ones make the two axis labels overlap.
+    fig, axes = plt.subplots(1, len(result.methods), figsize=(1.2 + max(2.4, 1.3 * len(lens)) * len(result.methods),
+                                                              1.6 + 0.45 * len(depths)),
                              squeeze=False, constrained_layout=True)
     image = None
     for ax, method in zip(axes[0], result.methods):
