@@ -104,7 +104,10 @@ def command(
     from ..workflows.errors import InputFileError
     from ._output import Output
 
+    from ..workflows.outputs import check_out_dir
+
     # Everything that can be checked without the model, before loading it.
+    out_dir = check_out_dir(out if out is not None else DEFAULT_OUT)  # before minutes of work
     task_list = check_tasks(tasks)
     depth_list = check_depths(depths)
     lens = list(seq_len) if seq_len else list(DEFAULT_LENS)
@@ -118,7 +121,7 @@ def command(
         try:
             text = input.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            raise InputFileError(input, f"{input}: file not found") from None
+            raise InputFileError(input, f"{input}: file not found; pass an existing text file") from None
         except OSError as e:
             raise InputFileError(input, f"{input}: cannot read it ({e.strerror or e})") from None
 
@@ -145,7 +148,7 @@ def command(
         result = execute_eval(plan, progress=report)
     if profile is not None:
         result.profile = str(profile)
-    paths = write_reports(result, out if out is not None else DEFAULT_OUT)
+    paths = write_reports(result, out_dir)
     _print(o, result, paths)
 
 

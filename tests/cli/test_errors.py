@@ -225,7 +225,7 @@ CASES = [
 FAST_E = ["--seq-len", "1024", "--samples", "1", "--tasks", "niah_single", "--device", "cpu"]
 if "eval" in {c.name for c in app.registered_commands}:
     CASES += [
-        ("eval-tasks", ["eval", "{tiny}", *FAST_E, "--tasks", "nosuchtask"], 2, ["--tasks"], []),
+        ("eval-tasks", ["eval", "{tiny}", *FAST_E, "--tasks", "nosuchtask"], 1, ["--tasks"], []),  # a name that parses but is unknown: bad input, exit 1
         ("eval-depths", ["eval", "{tiny}", *FAST_E, "--depths", "2"], 2, ["--depths"], []),
         ("eval-seq-len-word", ["eval", "{tiny}", *FAST_E, "--seq-len", "long"], 2, ["--seq-len"], []),
         ("eval-profile-missing", ["eval", "{tiny}", *FAST_E, "--profile", "{cwd}/missing.yaml"], 1, ["missing.yaml"], []),
