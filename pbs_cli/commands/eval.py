@@ -100,8 +100,7 @@ def command(
     from ..workflows.eval.run import execute_eval, prepare_eval
     from ..workflows.eval.report import write_reports
     from ..workflows.eval.tasks import check_depths, check_tasks
-    from ..workflows.model import load_model
-    from ..workflows.errors import InputFileError
+    from ..workflows.model import load_model, read_text_input
     from ._output import Output
 
     from ..workflows.outputs import check_out_dir
@@ -118,12 +117,7 @@ def command(
         prof = PbsProfile.load(profile)  # a ProfileError is a one-line message naming the file
     text = None
     if input is not None:
-        try:
-            text = input.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            raise InputFileError(input, f"{input}: file not found; pass an existing text file") from None
-        except OSError as e:
-            raise InputFileError(input, f"{input}: cannot read it ({e.strerror or e})") from None
+        text = read_text_input(input)
 
     o = Output(format)
     loaded = load_model(model, device=device, dtype=dtype)

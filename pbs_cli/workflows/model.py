@@ -248,6 +248,18 @@ def _synthetic_ids(loaded: LoadedModel, seq_len: int) -> list[int]:
         words *= 2
 
 
+def read_text_input(path: str | os.PathLike) -> str:
+    """The text of a prompt or haystack file; InputFileError (one line with the fix) when it
+    cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise InputFileError(path, f"{path}: file not found; pass an existing text file") from None
+    except OSError as e:
+        raise InputFileError(path, f"{path}: cannot read it ({e.strerror or e}); pass a readable text file") from None
+
+
 def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLike | None = None, *,
                  extend: bool = True) -> Prompt:
     """Exactly `seq_len` token ids: from `input_file` (tokenized with the model's tokenizer) or a
@@ -260,12 +272,7 @@ def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLik
         source = "synthetic"
     else:
         path = Path(input_file)
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            raise InputFileError(path, f"{path}: file not found; pass an existing text file") from None
-        except OSError as e:
-            raise InputFileError(path, f"{path}: cannot read it ({e.strerror or e}); pass a readable text file") from None
+        text = read_text_input(path)
         if not text.strip():
             raise InputFileError(path, f"{path} is empty; pass a text file with the prompt")
         if loaded.tokenizer is None:
