@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         message = _user_message(e)
         if message is None or os.environ.get("PBS_DEBUG", "") not in ("", "0"):
             raise
-        typer.echo(f"error: {' '.join(message.splitlines())}", err=True)
-        typer.echo("(set PBS_DEBUG=1 for the traceback)", err=True)
+        from .workflows.distributed import ranks
+
+        # Under torchrun every rank fails: checks of the user's input fail alike on each, a device
+        # may fail on one. Each says so (rank 0 first, unmarked); the hint is said once.
+        rank = ranks().rank
+        prefix = f"rank {rank}: " if rank else ""
+        typer.echo(f"{prefix}error: {' '.join(message.splitlines())}", err=True)
+        if not rank:
+            typer.echo("(set PBS_DEBUG=1 for the traceback)", err=True)
         raise SystemExit(getattr(e, "exit_code", 1)) from None

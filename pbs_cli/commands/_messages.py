@@ -29,6 +29,49 @@ def _profile(e: E.ProfileFileError) -> str:
     return f"{text}; fix the file (keys and allowed values: profiles/README.md) or pass another profile"
 
 
+def _not_shardable(e: E.NotShardable, c: Optional[str]) -> str:
+    if e.heads is None:
+        return (f"{e.model}: transformers has no tensor-parallel plan for {e.arch}, so it cannot be split over "
+                f"{e.world} processes; run `pbs {c or '...'}` without torchrun")
+    counts = [n for n in e.valid if n > 1]
+    fix = (f"use torchrun --nproc_per_node {' or '.join(map(str, counts))}" if counts
+           else "run it without torchrun")
+    return (f"{e.model}: its {e.heads} query heads and {e.kv_heads} key/value heads do not split evenly over "
+            f"{e.world} processes; {fix}")
+
+
+def _tp_device(e: E.TensorParallelDevice) -> str:
+    if e.reason == "cpu_with_gpu":
+        return ("--device cpu under torchrun needs the GPUs hidden (transformers shards onto the GPUs it finds); "
+                "run CUDA_VISIBLE_DEVICES= torchrun ... or use --device cuda")
+    return (f"torchrun started {e.local_world} processes on this machine but it has {e.gpus} GPU(s); "
+            f"use --nproc_per_node {e.gpus} or fewer")
+
+
+def _not_under_torchrun(e: E.NotUnderTorchrun, c: Optional[str]) -> str:
+    if c == "tune":
+        return (f"`pbs tune` does not run under torchrun ({e.world} processes): each trial times one GPU's "
+                "attention of the whole model; to spread the trials, start one `pbs tune` per GPU "
+                "(CUDA_VISIBLE_DEVICES=i) or machine, all with the same --storage and --study")
+    if c == "analyze":
+        return (f"`pbs analyze` does not run under torchrun ({e.world} processes): it reads every head of the "
+                "whole model; run it in one process")
+    return f"`pbs {c or '...'}` does not run under torchrun ({e.world} processes); run it in one process"
+
+
+_BENCH_FLAGS = {"chunk": "--chunk", "lengths": "--lengths", "serving_only": "--serving-only",
+                "captured": "--workload captured"}
+
+
+def _bench_scope(e: E.TensorParallelBenchScope) -> str:
+    fixes = ["add --e2e"] if "attention" in e.asked else []
+    flags = [_BENCH_FLAGS[a] for a in e.asked if a in _BENCH_FLAGS]
+    if flags:
+        fixes.append(f"drop {', '.join(flags)} (they time one GPU's attention: run them without torchrun)")
+    return (f"under torchrun ({e.world} processes) `pbs bench` times the sharded model's first token only; "
+            + " and ".join(fixes))
+
+
 MESSAGES: dict[type, Message] = {
     E.ProfileFileError: lambda e, c: _profile(e),
     E.CudaUnavailable: lambda e, c: "--device cuda was requested but no CUDA GPU is available; use --device cpu or auto",
@@ -91,6 +134,10 @@ MESSAGES: dict[type, Message] = {
         if e.key is None else
         f"study {e.study} was tuned with {e.key}={e.recorded!r}, this run has {e.key}={e.current!r}; "
         "pass another --study name (or the same options as before) to avoid mixing results"),
+    E.NotShardable: _not_shardable,
+    E.TensorParallelDevice: lambda e, c: _tp_device(e),
+    E.NotUnderTorchrun: _not_under_torchrun,
+    E.TensorParallelBenchScope: lambda e, c: _bench_scope(e),
     # eval (workflows/eval/errors.py)
     EV.UnknownTaskError: lambda e, c: (
         f"--tasks: {'no task given' if e.task is None else f'unknown task {e.task!r}'}; "

@@ -3,6 +3,9 @@
 Human output (messages, tables, progress bars) goes to stderr; `--format json` prints exactly one
 JSON document on stdout, so `pbs ... --format json | jq` always works. Workflows never print:
 they take a plain progress callback (`ProgressFn`) and return data.
+
+Under torchrun only rank 0 prints (workflows.distributed.is_main): the other ranks' Output says
+nothing, so a tensor-parallel run shows one set of tables and one JSON document.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..workflows.distributed import is_main
 from ..workflows.jsonable import to_jsonable  # noqa: F401  (re-exported for commands)
 from ..workflows.progress import ProgressFn, no_progress  # noqa: F401
 
@@ -30,7 +34,8 @@ class Output:
             raise ValueError(f"unknown output format {fmt!r}; expected table or json")
         self.fmt: str = fmt
         # stderr=True resolves sys.stderr at each write, so CliRunner's capture sees it.
-        self.console = Console(stderr=True, highlight=False, soft_wrap=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=False, quiet=not is_main())
+        self.silent = not is_main()
         self._json_emitted = False
 
     @property
@@ -69,6 +74,9 @@ class Output:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        if self.silent:
+            yield no_progress
+            return
         if not self.console.is_terminal:
             # Logs and captured output: no redraws, one line per finished step instead.
             yield self._plain_progress()
@@ -108,6 +116,8 @@ class Output:
         if self._json_emitted:
             raise RuntimeError("emit_json called twice; a command prints one JSON document")
         self._json_emitted = True
+        if self.silent:
+            return
         sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
 

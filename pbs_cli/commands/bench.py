@@ -245,6 +245,15 @@ _COLUMNS = (
 )
 
 
+_E2E_HEADERS = ("seq len", "dense ms", "pbs ms", "speedup", "logits err", "same token")
+
+
+def _e2e_cells(e) -> list[str]:
+    same = "-" if e.same_token is None else ("yes" if e.same_token else "no")
+    return [format_length(e.seq_len), _fmt(e.ttft_dense_ms, ".1f"), _fmt(e.ttft_pbs_ms, ".1f"),
+            _fmt(e.speedup, ".2f"), _fmt(e.logits_error, ".1e"), same]
+
+
 def _cells(m) -> list[str]:
     out = []
     for _, name, spec in _COLUMNS:
@@ -261,6 +270,8 @@ def _header_line(report: BenchReport) -> str:
     if env.cudnn:
         parts.append(f"cuDNN {env.cudnn}")
     parts += [f"torch {env.torch}", f"triton {env.triton or '-'}", f"dtype {env.dtype}", f"timing: {env.timing}"]
+    if env.ranks > 1:
+        parts.append(f"tensor parallel over {env.ranks} processes")
     return " | ".join(parts)
 
 
@@ -289,7 +300,8 @@ def print_report(o: Output, report: BenchReport) -> None:
 
     console = o.console
     if not console.is_terminal:
-        console = Console(stderr=True, highlight=False, soft_wrap=False, width=max(console.width, 130))
+        console = Console(stderr=True, highlight=False, soft_wrap=False, width=max(console.width, 130),
+                          quiet=console.quiet)
     o.info("pbs bench: " + _header_line(report))
     o.info(_config_line(report))
     for r in report.results:
@@ -310,10 +322,10 @@ def print_report(o: Output, report: BenchReport) -> None:
                 o.info(f"  {m.method}: {m.note}")
     if report.e2e:
         table = Table(title=Text("time to first token", style="bold"), title_justify="left", box=box.SIMPLE_HEAD)
-        for header in ("seq len", "dense ms", "pbs ms", "speedup"):
+        for header in _E2E_HEADERS:
             table.add_column(header, justify="right", no_wrap=True)
         for e in report.e2e:
-            table.add_row(format_length(e.seq_len), _fmt(e.ttft_dense_ms, ".1f"), _fmt(e.ttft_pbs_ms, ".1f"), _fmt(e.speedup, ".2f"))
+            table.add_row(*_e2e_cells(e))
         console.print(table)
     for note in report.notes:
         o.info(f"note: {note}")
@@ -329,9 +341,9 @@ def markdown(report: BenchReport) -> str:
         notes = [f"- {m.method}: {m.note}" for m in r.methods if m.note]
         lines += [""] + notes + ([""] if notes else [])
     if report.e2e:
-        lines += ["**time to first token**", "", "| seq len | dense ms | pbs ms | speedup |", "|---:|---:|---:|---:|"]
-        lines += [f"| {format_length(e.seq_len)} | {_fmt(e.ttft_dense_ms, '.1f')} | {_fmt(e.ttft_pbs_ms, '.1f')} | "
-                  f"{_fmt(e.speedup, '.2f')} |" for e in report.e2e]
+        lines += ["**time to first token**", "", "| " + " | ".join(_E2E_HEADERS) + " |",
+                  "|" + "---:|" * len(_E2E_HEADERS)]
+        lines += ["| " + " | ".join(_e2e_cells(e)) + " |" for e in report.e2e]
         lines.append("")
     lines += [f"- note: {n}" for n in report.notes]
     return "\n".join(lines).rstrip() + "\n"

@@ -120,7 +120,7 @@ def command(
         text = read_text_input(input)
 
     o = Output(format)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, tensor_parallel=True)
     if loaded.tokenizer is None:
         from ..workflows.errors import NoTokenizer
 
@@ -132,7 +132,8 @@ def command(
     plan = prepare_eval(loaded.model, loaded.tokenizer, profile=prof, seq_lens=lens, tasks=task_list,
                         depths=depth_list, samples=n_samples, seed=seed, haystack=hay, model_name=loaded.name,
                         max_positions=loaded.max_positions)
-    o.info(f"eval {loaded.name} on {loaded.device.type}: {', '.join(task_list)} at {', '.join(map(str, lens))} "
+    where = loaded.device.type + (f", tensor-parallel over {loaded.ranks} processes" if loaded.ranks > 1 else "")
+    o.info(f"eval {loaded.name} on {where}: {', '.join(task_list)} at {', '.join(map(str, lens))} "
            f"tokens, {len(plan.prompts)} prompts" + (f", dense vs {profile}" if profile else ", dense only"))
     if plan.dense_lengths:
         o.warn(f"prompts of {', '.join(map(str, plan.dense_lengths))} tokens are not longer than the min_seq_len "

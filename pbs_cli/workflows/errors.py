@@ -284,6 +284,63 @@ class StudyMismatchError(PbsError):
         super().__init__(text + "; use another study name to avoid mixing results")
 
 
+# -- tensor parallelism (torchrun) -----------------------------------------------------------
+
+
+class NotShardable(ModelError):
+    """The model cannot be split over `world` tensor-parallel ranks: transformers has no plan for
+    its architecture (heads None), or its heads do not divide evenly; `valid` lists the process
+    counts that would work."""
+
+    def __init__(self, model: str, world: int, *, arch: str, heads: int | None = None,
+                 kv_heads: int | None = None, valid: list[int] | None = None) -> None:
+        self.model, self.world, self.arch = model, world, arch
+        self.heads, self.kv_heads, self.valid = heads, kv_heads, list(valid or [])
+        if heads is None:
+            text = (f"{model}: transformers has no tensor-parallel plan for {arch}, so it cannot be split over "
+                    f"{world} processes; run it in one process")
+        else:
+            text = (f"{model}: its {heads} query heads and {kv_heads} key/value heads do not split evenly over "
+                    f"{world} processes; use {' or '.join(map(str, self.valid))} processes")
+        super().__init__(text)
+
+
+class TensorParallelDevice(DeviceError):
+    """The device cannot serve a tensor-parallel run. reason: "cpu_with_gpu" (CPU asked for on a
+    machine with GPUs: transformers shards onto the GPUs regardless) or "too_few_gpus"."""
+
+    def __init__(self, reason: str, local_world: int, gpus: int) -> None:
+        self.reason, self.local_world, self.gpus = reason, local_world, gpus
+        if reason == "cpu_with_gpu":
+            text = ("a tensor-parallel run on the CPU needs the GPUs hidden (transformers shards onto the GPUs it "
+                    "finds); set CUDA_VISIBLE_DEVICES= or run on the GPUs")
+        else:
+            text = f"{local_world} processes on this machine but {gpus} GPU(s); start at most {gpus} processes"
+        super().__init__(text)
+
+
+class NotUnderTorchrun(UsageError):
+    """A workflow that cannot run tensor-parallel was launched by torchrun with `world` ranks."""
+
+    def __init__(self, what: str, world: int) -> None:
+        self.what, self.world = what, world
+        super().__init__(f"{what} does not run tensor-parallel ({world} processes); run it in one process")
+
+
+class TensorParallelBenchScope(UsageError):
+    """Under torchrun the bench times the sharded model's first token only; `asked` names what
+    else was asked for ("attention" when the end-to-end timing was not asked for)."""
+
+    WORDS = {"attention": "the attention rows", "chunk": "chunked-prefill rows", "lengths": "varlen rows",
+             "serving_only": "serving-only rows", "captured": "a captured layer"}
+
+    def __init__(self, world: int, asked: list[str]) -> None:
+        self.world, self.asked = world, list(asked)
+        what = ", ".join(self.WORDS.get(a, a) for a in self.asked)
+        super().__init__(f"under tensor parallelism ({world} processes) the bench times the model's first token "
+                         f"only (end to end); {what} time one GPU's attention: run them in one process")
+
+
 # -- outputs ----------------------------------------------------------------------------------
 
 

@@ -16,13 +16,14 @@ import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import (Bf16Unsupported, CudaUnavailable, DeviceError, InputFileError, ModelConfigUnreadable,
-                     ModelError, ModelTypeUnknown, NoTokenizer, PromptTooShort, SeqLenTooLong, WeightsUnreadable,
-                     summary)
+                     ModelError, ModelTypeUnknown, NoTokenizer, NotShardable, NotUnderTorchrun, PromptTooShort,
+                     SeqLenTooLong, WeightsUnreadable, summary)
 
 __all__ = [
     "DEMO_NAME",
@@ -58,6 +59,7 @@ class LoadedModel:
     max_positions: int | None
     vocab_size: int
     is_demo: bool = False
+    ranks: int = 1  # tensor-parallel processes the model is sharded over (1: one process holds it all)
 
 
 @dataclass
@@ -140,13 +142,25 @@ def _not_cached(name: str) -> ModelError:
 
 
 def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-               quiet: bool = True) -> LoadedModel:
+               quiet: bool = True, tensor_parallel: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer offline; MODEL None loads the embedded demo model.
-    quiet: hide transformers' weight-loading progress bars (the command draws its own)."""
+    quiet: hide transformers' weight-loading progress bars (the command draws its own).
+
+    Under torchrun (WORLD_SIZE > 1) a caller that can run sharded passes tensor_parallel=True:
+    the model is loaded with tp_plan="auto" on this rank's device (workflows.distributed); any
+    other caller gets NotUnderTorchrun before anything loads."""
     import torch
 
+    from . import distributed
+
+    launch = distributed.ranks()
+    if launch.active and not tensor_parallel:
+        raise NotUnderTorchrun("this workflow", launch.world)
     name, source, is_demo = _resolve_source(model)
-    dev = resolve_device(device)
+    if launch.active:
+        dev = distributed.start(device)
+    else:
+        dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     offline = _offline()
     if offline:
@@ -173,8 +187,13 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
 
             raise ModelTypeUnknown(name, model_type, transformers.__version__) from None
         raise ModelError(f"{name}: transformers cannot read this model's config ({summary(e)})") from None
+    if launch.active:
+        distributed.check_shardable(name, config, launch.world)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt, local_files_only=offline)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tp_plan.*deprecated", category=FutureWarning)
+            hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt, local_files_only=offline,
+                                                            **distributed.load_kwargs())
     except OSError as e:
         if "does not appear to have a file named" in str(e) or "not the path to a directory" in str(e):
             raise ModelError(f"{name}: no weights found ({summary(e)}); save the model with save_pretrained") from None
@@ -187,6 +206,8 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
             arch = type(config).__name__.replace("Config", "")
             raise ModelError(f"{name}: {arch} is not a causal language model (AutoModelForCausalLM cannot load it); "
                              "PBS analyses decoder-only LMs") from None
+        if launch.active and "tp_plan" in str(e):
+            raise NotShardable(name, launch.world, arch=type(config).__name__.removesuffix("Config")) from None
         raise ModelError(f"{name}: cannot load the model ({summary(e)})") from None
     except Exception as e:
         # The safetensors reader raises its own SafetensorError (no OSError) for a file cut short
@@ -194,7 +215,8 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
         if type(e).__name__ != "SafetensorError":
             raise
         raise WeightsUnreadable(name, source, summary(e)) from None
-    hf_model = hf_model.to(dev).eval()
+    # A sharded model is already on this rank's device, each weight a shard of its own.
+    hf_model = (hf_model if launch.active else hf_model.to(dev)).eval()
 
     tokenizer = None
     try:
@@ -220,6 +242,7 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
         max_positions=max_positions,
         vocab_size=int(getattr(text, "vocab_size", 0) or 0),
         is_demo=is_demo,
+        ranks=launch.world,
     )
 
 

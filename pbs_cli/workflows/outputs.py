@@ -8,6 +8,9 @@
 A write that fails after minutes of work (disk full, folder removed, permissions changed) must
 not lose the results: `save_files` then writes all of them to a fresh folder in the system's
 temporary directory and the error says where.
+
+Under torchrun only rank 0 writes (workflows.distributed.is_main): every rank computes the same
+results, and one copy of each file is what the user asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Mapping
 
 from pbs_kernels._io import write_atomic
 
+from .distributed import is_main
 from .errors import OutputUnwritable, OutputWriteFailed
 
 __all__ = ["Saved", "check_out_dir", "check_out_file", "save_file", "save_files"]
@@ -82,9 +86,12 @@ class Saved:
 def save_files(folder: str | os.PathLike, files: Mapping[str, str | bytes], *, label: str = "pbs") -> Saved:
     """Write `files` (name -> content) into `folder`, each atomically (whole or not at all). If a
     write fails, every file goes to a new folder under the temporary directory instead and the
-    returned `failure` says so (files already written in `folder` are whole and stay)."""
+    returned `failure` says so (files already written in `folder` are whole and stay). On a
+    torchrun rank other than 0 nothing is written (an empty Saved)."""
     folder = Path(folder)
     saved = Saved()
+    if not is_main():
+        return saved
     for name, data in files.items():
         try:
             saved.paths.append(write_atomic(folder / name, data))

@@ -56,6 +56,7 @@ class EnvInfo:
     transformers: Optional[str]
     dtype: str
     timing: str
+    ranks: int = 1  # tensor-parallel processes (torchrun); 1: one process
 
 
 @dataclass
@@ -113,6 +114,10 @@ class E2EResult:
     ttft_pbs_ms: Optional[float]
     speedup: Optional[float]
     note: Optional[str] = None
+    # ||l_pbs - l_dense|| / ||l_dense|| of the first token's logits (fp32): the timed runs' output
+    # agrees with dense, or the speedup is of a wrong answer. 0 for a profile at threshold 1.0.
+    logits_error: Optional[float] = None
+    same_token: Optional[bool] = None  # both pick the same first token (greedy)
 
 
 @dataclass
@@ -145,7 +150,8 @@ def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
                          "selection_efficiency": m.selection_efficiency, "reference": r.reference,
                          "note": m.note, "case": r.case})
     for e in report.e2e:
-        for method, ms, sp in (("ttft-dense", e.ttft_dense_ms, None), ("ttft-pbs", e.ttft_pbs_ms, e.speedup)):
+        for method, ms, sp, err in (("ttft-dense", e.ttft_dense_ms, None, None),
+                                    ("ttft-pbs", e.ttft_pbs_ms, e.speedup, e.logits_error)):
             rows.append({"seq_len": e.seq_len, "method": method, "status": OK if ms is not None else SKIPPED,
-                         "ms": ms, "speedup": sp, "note": e.note})
+                         "ms": ms, "speedup": sp, "error": err, "note": e.note})
     return rows

@@ -50,9 +50,10 @@ from pbs_kernels.metrics import output_error as rel_error
 from pbs_kernels.metrics import recall_from_lse as recall_of
 from pbs_kernels.reference import dense_reference, tile_reference
 
+from .. import distributed
 from ..capture import capture_prefill
-from ..errors import (DeviceError, GpuRequired, HeadsNotMultiple, OutOfMemoryAt, SeqLenNotAboveSegment, UsageError,
-                      WorkloadUnknown)
+from ..errors import (DeviceError, GpuRequired, HeadsNotMultiple, OutOfMemoryAt, SeqLenNotAboveSegment,
+                      TensorParallelBenchScope, UsageError, WorkloadUnknown)
 from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
 from ._util import _free, _one_line, _sync
@@ -146,6 +147,7 @@ def environment(device, dtype) -> EnvInfo:
         transformers=tf_version,
         dtype=str(dtype).replace("torch.", ""),
         timing=timing,
+        ranks=distributed.ranks().world,
     )
 
 
@@ -533,6 +535,15 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     if s.workload != "captured" and s.heads % s.kv_heads:
         raise HeadsNotMultiple(s.heads, s.kv_heads)
+    launch = distributed.ranks()
+    if launch.active:
+        # A sharded model's first token is what tensor parallelism changes; the attention rows
+        # time one GPU's kernels on synthetic heads, the same with or without torchrun.
+        asked = [what for what, on in (("attention", not s.e2e), ("chunk", bool(s.chunks)),
+                                       ("lengths", bool(s.lengths)), ("serving_only", not s.prompt_rows),
+                                       ("captured", s.workload == "captured")) if on]
+        if asked:
+            raise TensorParallelBenchScope(launch.world, asked)
     device = resolve_bench_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     cfg, notes = pbs_config(s.profile, s.layer)
@@ -572,6 +583,10 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         e2e, e2e_notes = run_e2e(s, device, progress)
         report.e2e = e2e
         report.notes.extend(e2e_notes)
+    if launch.active:
+        report.notes.append(f"tensor-parallel run ({launch.world} processes): no attention rows; they time one "
+                            "GPU's kernels, so run them in one process")
+        return report
 
     workloads: dict[int, Workload] = {}
     if s.workload == "captured":

@@ -134,7 +134,12 @@ def _short(n: int) -> str:
 
 def write_reports(result: EvalResult, out_dir: str | Path, *, stem: str = "eval") -> dict[str, Path]:
     """Write `{stem}.json`, `{stem}.md` and (with a depth task) `{stem}_needle.png` into `out_dir`,
-    each whole or not at all. Everything is rendered before the first file is written."""
+    each whole or not at all. Everything is rendered before the first file is written. On a
+    torchrun rank other than 0 nothing is written ({}): rank 0 writes the one copy."""
+    from ..distributed import is_main
+
+    if not is_main():
+        return {}
     out_dir = Path(out_dir)
     doc: dict[str, Any] = result.to_dict()
     payloads: dict[str, tuple[Path, str | bytes]] = {

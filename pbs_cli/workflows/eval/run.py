@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import distributed
 from ..progress import ProgressFn, no_progress
 from .errors import LengthBeyondPositions, ProfileMismatchError
 from .tasks import DEPTH_TASKS, TASKS, Haystack, Sample, check_depths, check_tasks, detect_grammar, make_samples
@@ -184,6 +185,7 @@ class EvalResult:
     overall: dict[str, CellResult]
     seconds: dict[str, float]
     sample_results: list[SampleResult] = field(default_factory=list)
+    ranks: int = 1  # tensor-parallel processes (torchrun) the model ran on; seconds are the slowest rank's
 
     def accuracy(self, method: str) -> float:
         return self.overall[method].accuracy
@@ -220,6 +222,7 @@ class EvalResult:
             "overall": {m: cell(c) for m, c in self.overall.items()},
             "drop_points": None if self.drop_points is None else round(self.drop_points, 2),
             "seconds": {m: round(s, 2) for m, s in self.seconds.items()},
+            "ranks": self.ranks,
             "sample_results": [dataclasses.asdict(s) for s in self.sample_results],
         }
 
@@ -350,7 +353,6 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalR
     stop_ids = [i for i in (getattr(tokenizer, "eos_token_id", None),) if i is not None]
     total = len(plan.prompts) * len(methods)
     done = 0
-    seconds = dict.fromkeys(methods, 0.0)
     results: list[SampleResult] = []
     progress("eval", 0, total)
     was_training = model.training
@@ -369,15 +371,21 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalR
                     new, rank = greedy_continue(model, s.input_ids, s.max_new_tokens, device=device,
                                                 target_id=target, stop_ids=stop_ids)
                 dt = time.perf_counter() - t0
-                seconds[method] += dt
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 results.append(SampleResult(s.task, s.seq_len, s.depth, s.index, method, score(s, text),
-                                            s.answer, text.strip(), rank, round(dt, 3)))
+                                            s.answer, text.strip(), rank, dt))
                 done += 1
                 progress("eval", done, total)
     finally:
         model.train(was_training)
 
+    # Tensor-parallel (torchrun): every rank ran the same prompts in step; a prompt took as long
+    # as its slowest rank (one all-reduce here; outside torchrun the times stay as measured).
+    slow = distributed.slowest([r.seconds for r in results], device)
+    seconds = dict.fromkeys(methods, 0.0)
+    for r, dt in zip(results, slow):
+        r.seconds = round(dt, 3)
+        seconds[r.method] += dt
     cells, summary, overall = summarize(results)
     return EvalResult(
         model=plan.model_name or type(model).__name__,
@@ -395,6 +403,7 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalR
         overall=overall,
         seconds=seconds,
         sample_results=results,
+        ranks=distributed.ranks().world,
     )
 
 
