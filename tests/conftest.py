@@ -21,3 +21,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tp_llama(tmp_path_factory):
+    """The tiny Llama of the tensor-parallel tests (tests/_tp.py), saved once per session."""
+    pytest.importorskip("accelerate", reason="transformers' tp_plan needs accelerate (the dev extra installs it)")
+    from _tp import save_tp_llama
+
+    return save_tp_llama(tmp_path_factory.mktemp("tp") / "llama")

@@ -2,8 +2,9 @@
 `pbs eval` share.
 
     r = ranks()                      # from torchrun's environment; r.active when WORLD_SIZE > 1
-    dev = start(device="auto")       # the process group (gloo on CPU, nccl on CUDA), this rank's device
-    check_shardable(name, config)    # NotShardable before the weights load
+    dev = rank_device("auto")        # this rank's device, checked (cuda:LOCAL_RANK or cpu)
+    check_shardable(name, config)    # NotShardable from the config alone
+    start(dev)                       # the process group: gloo on the CPU, nccl on CUDA
     model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs())
 
 Every rank runs the same code with the same inputs, so every collective (transformers' all-reduce
@@ -25,7 +26,8 @@ from typing import Sequence
 
 from .errors import CudaUnavailable, DeviceError, NotShardable, TensorParallelDevice
 
-__all__ = ["Ranks", "check_shardable", "is_main", "load_kwargs", "ranks", "slowest", "start", "sync_all"]
+__all__ = ["Ranks", "check_shardable", "is_main", "load_kwargs", "rank_device", "ranks", "slowest", "start",
+           "sync_all"]
 
 # transformers' own process group waits up to 2 hours (rank skew while sharded weights load);
 # ours replaces it, so it must wait as long.
@@ -79,11 +81,10 @@ def _active_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def start(device: str = "auto"):
-    """This rank's torch.device; initialises the process group if nobody did yet (gloo on the
-    CPU, nccl on CUDA with the local rank's GPU bound). Raises before any work when the device
-    cannot serve: --device cpu on a machine with GPUs (transformers shards onto the accelerator
-    it detects, whatever we ask), CUDA asked for and absent, fewer GPUs than local ranks."""
+def rank_device(device: str = "auto"):
+    """This rank's torch.device for 'auto' | 'cpu' | 'cuda', checked without touching the process
+    group: the CPU on a machine with GPUs is refused (transformers shards onto the accelerator it
+    detects, whatever we ask), so are CUDA asked for and absent and fewer GPUs than local ranks."""
     import torch
 
     r = ranks()
@@ -99,8 +100,13 @@ def start(device: str = "auto"):
         device = "cuda" if cuda else "cpu"
     if device == "cuda" and torch.cuda.device_count() < r.local_world:
         raise TensorParallelDevice("too_few_gpus", r.local_world, torch.cuda.device_count())
-    dev = torch.device("cuda", r.local_rank) if device == "cuda" else torch.device("cpu")
+    return torch.device("cuda", r.local_rank) if device == "cuda" else torch.device("cpu")
 
+
+def start(dev) -> None:
+    """Initialise the process group for `dev` (rank_device's) if nobody did yet: gloo on the
+    CPU, nccl on CUDA with this rank's GPU bound."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -110,7 +116,6 @@ def start(device: str = "auto"):
             dist.init_process_group("nccl", timeout=PG_TIMEOUT, device_id=dev)
         else:
             dist.init_process_group("gloo", timeout=PG_TIMEOUT)
-    return dev
 
 
 def check_shardable(name: str, config, world: int | None = None) -> None:

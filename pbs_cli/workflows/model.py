@@ -157,10 +157,7 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
     if launch.active and not tensor_parallel:
         raise NotUnderTorchrun("this workflow", launch.world)
     name, source, is_demo = _resolve_source(model)
-    if launch.active:
-        dev = distributed.start(device)
-    else:
-        dev = resolve_device(device)
+    dev = distributed.rank_device(device) if launch.active else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     offline = _offline()
     if offline:
@@ -188,7 +185,10 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
             raise ModelTypeUnknown(name, model_type, transformers.__version__) from None
         raise ModelError(f"{name}: transformers cannot read this model's config ({summary(e)})") from None
     if launch.active:
+        # Every check of the model is made on each rank alike before the process group forms, so
+        # a model that cannot be split fails at once on every rank, with nothing to wait for.
         distributed.check_shardable(name, config, launch.world)
+        distributed.start(dev)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*tp_plan.*deprecated", category=FutureWarning)

@@ -4,9 +4,6 @@ Heads are independent and a KV head's query group stays on one rank, so PBS on e
 heads must give the same logits as one process holding every head: exactly dense at threshold
 1.0, and the same sparse result as a single process at a lower threshold.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,28 +13,15 @@ pytest.importorskip("accelerate", reason="transformers' tp_plan needs accelerate
 
 from pbs_kernels import LayerConfig, PbsProfile  # noqa: E402
 from pbs_kernels.integrations.hf import apply_profile  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from _tp import torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("_tp_worker.py")
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tp") / "llama"
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
 def _tp_run(folder, out, threshold):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "kernels"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(folder), str(out), str(threshold)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = torchrun([WORKER, folder, out, threshold])
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out)
 
@@ -54,13 +38,13 @@ def _single_process(folder, threshold):
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.5])
-def test_pbs_on_local_heads_matches_one_process(saved_model, tmp_path, threshold):
-    got = _tp_run(saved_model, tmp_path / "tp.pt", threshold)
+def test_pbs_on_local_heads_matches_one_process(tp_llama, tmp_path, threshold):
+    got = _tp_run(tp_llama, tmp_path / "tp.pt", threshold)
     assert got["world"] == 2
     # Every layer ran PBS, each rank on its 2 of the 4 query heads.
     assert got["stats"] == {0: {"dense": False, "reason": None, "heads": 2},
                             1: {"dense": False, "reason": None, "heads": 2}}
-    dense_1, pbs_1 = _single_process(saved_model, threshold)
+    dense_1, pbs_1 = _single_process(tp_llama, threshold)
     assert torch.allclose(got["dense"], dense_1, atol=1e-4)
     assert torch.allclose(got["pbs"], pbs_1, atol=1e-4)
     if threshold == 1.0:
