@@ -97,6 +97,10 @@ def command(
     Serving rows: --chunk times the last chunk of each prompt against its cached prefix, and
     --lengths one packed batch of mixed lengths, each against dense SDPA / varlen attention.
 
+    Under torchrun (torchrun --nproc_per_node N -m pbs_cli bench --e2e ...) the model is sharded
+    over the processes and only its time to first token is measured, the slowest rank's; rank 0
+    prints and writes (docs/tensor_parallel.md).
+
     Example: pbs bench --seq-len 8k,32k,128k --profile profiles/default.yaml
     Example: pbs bench --seq-len 128k --chunk 8k,16k --lengths 2k,8k,32k,64k --serving-only
     """

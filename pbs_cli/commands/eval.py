@@ -94,6 +94,9 @@ def command(
     shorter than the profile's min_seq_len stay dense). Writes eval.json, eval.md and a needle
     heatmap (depth x length, dense beside PBS) to --out. No MODEL: the embedded demo model.
 
+    Under torchrun (torchrun --nproc_per_node N -m pbs_cli eval ...) the model is sharded over
+    the processes; rank 0 prints and writes (docs/tensor_parallel.md).
+
     Example: pbs eval --profile profiles/demo.yaml --seq-len 8k --tasks niah_single,niah_multikey
     """
     from ..workflows.eval import Haystack

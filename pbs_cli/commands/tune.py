@@ -80,7 +80,8 @@ def command(
     "predicted"); the per-layer Pareto fronts are combined into the most accurate profile that
     reaches the target, which is then checked on held-out text (logits KL, perplexity). Studies
     live in --storage, so a killed run resumes where it stopped and several processes or
-    machines can share the work.
+    machines can share the work (one process per GPU on the same --storage and --study; tune
+    does not run under torchrun).
 
     Example: pbs tune meta-llama/Llama-3.1-8B --target-speedup 2x --seq-len 32k --out profiles/llama8b.yaml
     """
