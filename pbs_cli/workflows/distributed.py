@@ -127,7 +127,7 @@ def check_shardable(name: str, config, world: int | None = None) -> None:
     world = ranks().world if world is None else world
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     arch = type(config).__name__.removesuffix("Config")
-    if not getattr(text, "base_model_tp_plan", None):
+    if not (getattr(text, "base_model_tp_plan", None) or getattr(config, "base_model_tp_plan", None)):
         raise NotShardable(name, world, arch=arch)
     heads = getattr(text, "num_attention_heads", None)
     kv = getattr(text, "num_key_value_heads", None) or heads

@@ -135,6 +135,8 @@ def environment(device, dtype) -> EnvInfo:
         name = torch.cuda.get_device_name(device)
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         timing = "median of triton.testing.do_bench"
+        if distributed.ranks().active:
+            timing = "time to first token: median over reps of the slowest rank's wall clock"
     else:
         name, cudnn = "cpu", None
         timing = "none (cpu: correctness only)"
