@@ -9,8 +9,9 @@
 
 Every rank runs the same code with the same inputs, so every collective (transformers' all-reduce
 in each layer, the barriers and reductions below) is matched on every rank. Only rank 0 prints
-and writes files (`is_main`); the others compute silently. Outside torchrun every function here
-is a no-op and nothing imports torch.distributed.
+and writes files (`is_main`); the others compute silently. Outside torchrun, what the
+workflows call in every run (is_main, load_kwargs, sync_all, slowest) does nothing distributed
+and never touches torch.distributed.
 
 Timings: `sync_all` lines the ranks up before a timed call (device sync, then a barrier), and
 `slowest` replaces each rank's figure by the maximum over ranks: a prefill is done when its last
