@@ -84,6 +84,31 @@ def test_bench_e2e_under_torchrun(tp_llama, t1_profile, tmp_path):
     assert one["env"]["ranks"] == 1 and e1["same_token"] and e1["logits_error"] < 1e-5
 
 
+SLOW_RANK = """
+import json, sys, time
+from pbs_cli.workflows import distributed as d
+dev = d.rank_device("cpu")
+d.start(dev)
+r = d.ranks()
+d.sync_all(dev)
+t0 = time.perf_counter()
+time.sleep(0.05 + 0.4 * r.rank)  # rank 1 is the slow one
+own = time.perf_counter() - t0
+got = d.slowest([own, float(r.rank)], dev)
+if r.main:
+    json.dump({"own": own, "got": got, "main": d.is_main()}, open(sys.argv[1], "w"))
+"""
+
+
+def test_rank_zero_reports_the_slowest_rank(tmp_path):
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    res = torchrun([script, tmp_path / "out.json"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["main"] and doc["own"] < 0.4 <= doc["got"][0] and doc["got"][1] == 1.0
+
+
 def test_model_that_cannot_be_split_fails_on_every_rank(tmp_path):
     from transformers import LlamaConfig
 
