@@ -194,7 +194,8 @@ def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int, va
 TOP_KEYS = 2
 
 
-def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size: int, estimator: str):
+def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size: int, estimator: str,
+                          count: torch.Tensor | None = None):
     """Keys that stand for each key block in selection's mass estimate, and their log weights.
 
     Block j's estimated logit for pooled query qbar is logsumexp_r(qbar . rep[r, j] * scale +
@@ -203,7 +204,9 @@ def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size
     other keys weighted by how many there are; a padded slot of the last block weighs 0.
 
     k_perm [B, H, N, D], k_pool [B, H, NB, D] fp32 block means ->
-    reps [B, H, R, NB, D] fp32, logw [B, H, R, NB] fp32 (None for "mean").
+    reps [B, H, R, NB, D] fp32, logw [B, H, R, NB] fp32 (None for "mean"). count [NB]: keys in
+    each block, its first slots (packed batches, `packing.block_counts`); default: all but the
+    last block's tail past N.
     """
     if estimator == "mean":
         return k_pool[:, :, None], None
@@ -216,7 +219,8 @@ def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size
     # Only the nb * t representative rows are read (a padded copy of K cost 0.125 ms at 128K),
     # and every size is computed on the device, so the call can be captured in a CUDA graph.
     first = torch.arange(nb, device=dev) * block_size
-    count = torch.clamp(N - first, max=block_size).float()  # [NB] keys per block
+    if count is None:
+        count = torch.clamp(N - first, max=block_size).float()  # [NB] keys per block
     r = torch.arange(t, device=dev)
     valid = r[None, :] < count[:, None]  # [NB, t]
     rows = torch.clamp(first[:, None] + r[None, :], max=N - 1).flatten()

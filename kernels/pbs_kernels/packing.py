@@ -68,6 +68,7 @@ class PackedLayout:
     blk: torch.Tensor  # [8, NB] int32, rows KB0 .. BSEQ
     seg_sort: torch.Tensor  # [NSEG] int32
     qlist: torch.Tensor  # [NQ] int32 query blocks holding a query, grouped by width class
+    tables: torch.Tensor  # blk then qlist, one int32 tensor (what the Triton kernels read)
     classes: list  # (row width, start in qlist, count)
     attend_order: torch.Tensor  # [NQ] int32
     chunks: torch.Tensor  # [NC, 8] int32 scoring chunks (NC may be 0)
@@ -157,18 +158,19 @@ def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size:
             chunk_seq.append(si)
     first = [s.offset // b for s in seqs]
     # One host -> device copy for all the tables.
-    flat = torch.cat([blk.flatten(), seg_sort, torch.tensor(qlist, dtype=torch.int64),
+    flat = torch.cat([blk.flatten(), torch.tensor(qlist, dtype=torch.int64), seg_sort,
                       torch.tensor(attend_order, dtype=torch.int64),
                       torch.tensor(chunks, dtype=torch.int64).flatten(), torch.tensor(chunk_seq, dtype=torch.int64),
                       torch.tensor(first, dtype=torch.int64)])
     dev = flat.to(device=device, dtype=torch.int32)
     dev64 = flat.to(device=device)
-    sizes = [8 * nb, seg_sort.numel(), len(qlist), len(attend_order), 8 * len(chunks), len(chunk_seq), len(first)]
+    sizes = [8 * nb, len(qlist), seg_sort.numel(), len(attend_order), 8 * len(chunks), len(chunk_seq), len(first)]
     parts = list(torch.split(dev, sizes))
     parts64 = list(torch.split(dev64, sizes))
     return PackedLayout(
         block_size=b, segment_size=S, n_virtual=n_virtual, n_batch=len(bq) - 1, seqs=seqs,
-        blk=parts[0].view(8, nb), seg_sort=parts[1], qlist=parts[2], classes=classes, attend_order=parts[3],
+        blk=parts[0].view(8, nb), qlist=parts[1], tables=dev[:8 * nb + len(qlist)], seg_sort=parts[2],
+        classes=classes, attend_order=parts[3],
         chunks=parts[4].view(len(chunks), 8), chunk_seq=parts64[5], scored=scored,
         first_blocks=parts64[6],
     )
@@ -206,3 +208,10 @@ def packed_sinks(min_pos: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     segs = min_pos.view(B, H, nb // spb, spb)[:, :, first_seg]  # [B, H, S, spb]
     sink_seq = segs.argmin(-1) + layout.first_blocks  # [B, H, S]
     return sink_seq[:, :, layout.blk[BSEQ].long()].to(torch.int32).contiguous()
+
+
+def block_counts(layout: PackedLayout) -> torch.Tensor:
+    """Keys in each virtual block, [NB] float32: a block's keys are its first slots (only a
+    sequence's last, unsorted segment has padding, after its keys)."""
+    first = torch.arange(layout.num_blocks, device=layout.blk.device) * layout.block_size
+    return torch.clamp(layout.blk[KEND].long() - first, 0, layout.block_size).float()

@@ -84,6 +84,7 @@ def _same_as_per_sequence(shapes, **kw):
     pytest.param({"softcap": 5.0}, id="softcap"),
     pytest.param({"estimator": "top"}, id="top"),
     pytest.param({"threshold_mass": "total", "threshold": 0.8}, id="total"),
+    pytest.param({"estimator": "top", "threshold_mass": "total", "threshold": 0.5}, id="top-total"),
     pytest.param({"permute": False}, id="no-permute"),
     pytest.param({"min_seq_len": 300}, id="min300"),
 ])
@@ -96,7 +97,7 @@ def test_packed_torch_equals_per_sequence(knobs):
 @pytest.mark.parametrize("knobs", [
     pytest.param({}, id="default"),
     pytest.param({"window": 100, "sinks": torch.tensor([0.5, -1.0, 2.0, 0.0]), "softcap": 5.0}, id="window-sinks-cap"),
-    pytest.param({"estimator": "top", "threshold_mass": "total", "threshold": 0.9}, id="top-total"),
+    pytest.param({"estimator": "top", "threshold_mass": "total", "threshold": 0.5}, id="top-total"),
 ])
 def test_packed_triton_equals_per_sequence(knobs):
     kw = dict(block_size=32, segment_size=64, threshold=0.6, backend="triton")

@@ -90,13 +90,14 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
         k_pool, min_pos = key_block_stats(k_perm, pos, block_size)  # min_pos: [B, H, NKB]
     else:
         from ...blocks import pool_query_blocks_packed
-        from ...packing import DENSE, KB0, QHI, QLO, packed_sinks, slot_valid
+        from ...packing import DENSE, KB0, QHI, QLO, block_counts, packed_sinks, slot_valid
 
         q0, seg_q = 0, seg_k
         first_q, last_q = packed.blk[QLO].long(), packed.blk[QHI].long()
         q_pool = pool_query_blocks_packed(q, packed)
         k_pool, min_pos = key_block_stats(k_perm, pos, block_size, slot_valid(pos, packed))
-    reps, logw = block_representatives(k_perm, k_pool, block_size, estimator)
+    count = None if packed is None else block_counts(packed)
+    reps, logw = block_representatives(k_perm, k_pool, block_size, estimator, count)
     # [B, HQ, NQB, NKB] estimated log-mass of each tile
     s_all = estimated_block_logits(q_pool, reps, logw, scale)
     earlier = (seg_k[None, :] < seg_q[:, None])[None, None]  # [1, 1, NQB, NKB]
