@@ -27,20 +27,6 @@ _TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _chunk_geometry(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
-    # (first tile, end tile, sequence length, query offset, packed K row of key 0, packed Q row
-    # of query 0, score column of key 0, sequence index): from the chunk table of a packed batch
-    # (`pbs_kernels.packing`, columns C_T0 .. C_SEQ), else the one sequence's.
-    if PACKED:
-        p_c = CHUNKS + i_c * 8
-        return (tl.load(p_c), tl.load(p_c + 1), tl.load(p_c + 2), tl.load(p_c + 3), tl.load(p_c + 4).to(tl.int64),
-                tl.load(p_c + 5).to(tl.int64), tl.load(p_c + 6).to(tl.int64), tl.load(p_c + 7))
-    t0 = i_c * TILES_PER_CHUNK
-    return (t0, tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N)), N, QOFF, tl.zeros([], dtype=tl.int64),
-            tl.zeros([], dtype=tl.int64), tl.zeros([], dtype=tl.int64), tl.zeros([], dtype=tl.int32))
-
-
-@triton.jit
 def _lse_pass(
     Q, K, MPART, LPART, CHUNKS,
     stride_qb, stride_qh, stride_qn,
@@ -54,7 +40,23 @@ def _lse_pass(
     i_b = (i_bhq // HQ).to(tl.int64)
     i_hq = (i_bhq % HQ).to(tl.int64)
     i_h = i_hq // G
-    t0, t1, n_len, q_off, k_row0, q_row0, _, _ = _chunk_geometry(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK, BLOCK_N, PACKED)
+    if PACKED:
+        # A packed batch (`pbs_kernels.packing`): the chunk table's row (columns C_T0 .. C_SEQ)
+        # gives the tile range, the sequence's length and query offset and its packed rows.
+        p_c = CHUNKS + i_c * 8
+        t0 = tl.load(p_c)
+        t1 = tl.load(p_c + 1)
+        n_len = tl.load(p_c + 2)
+        q_off = tl.load(p_c + 3)
+        k_row0 = tl.load(p_c + 4).to(tl.int64)
+        q_row0 = tl.load(p_c + 5).to(tl.int64)
+    else:
+        t0 = i_c * TILES_PER_CHUNK
+        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
+        n_len = N
+        q_off = QOFF
+        k_row0 = 0
+        q_row0 = 0
 
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
@@ -75,7 +77,11 @@ def _lse_pass(
     for t in range(t0, t1):
         o_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         # [HEAD_DIM, BLOCK_N]
-        b_kt = tl.load(p_k0 + o_n[None, :].to(tl.int64) * stride_kn, mask=o_n[None, :] < n_len, other=0.0)
+        if PACKED:
+            o_kn = o_n.to(tl.int64)  # a packed batch's rows times the stride can pass 2^31
+        else:
+            o_kn = o_n
+        b_kt = tl.load(p_k0 + o_kn[None, :] * stride_kn, mask=o_n[None, :] < n_len, other=0.0)
         if IEEE:
             b_s = tl.dot(b_q, b_kt, input_precision="ieee")
         else:
@@ -108,8 +114,27 @@ def _sum_pass(
     i_b = (i_bhq // HQ).to(tl.int64)
     i_hq = (i_bhq % HQ).to(tl.int64)
     i_h = i_hq // G
-    t0, t1, n_len, q_off, k_row0, q_row0, s_col0, i_seq = _chunk_geometry(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK,
-                                                                           BLOCK_N, PACKED)
+    if PACKED:
+        # A packed batch (`pbs_kernels.packing`): the chunk table's row (columns C_T0 .. C_SEQ)
+        # gives the tile range, the sequence's length and query offset and its packed rows.
+        p_c = CHUNKS + i_c * 8
+        t0 = tl.load(p_c)
+        t1 = tl.load(p_c + 1)
+        n_len = tl.load(p_c + 2)
+        q_off = tl.load(p_c + 3)
+        k_row0 = tl.load(p_c + 4).to(tl.int64)
+        q_row0 = tl.load(p_c + 5).to(tl.int64)
+        s_col0 = tl.load(p_c + 6).to(tl.int64)
+        i_seq = tl.load(p_c + 7)
+    else:
+        t0 = i_c * TILES_PER_CHUNK
+        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
+        n_len = N
+        q_off = QOFF
+        k_row0 = 0
+        q_row0 = 0
+        s_col0 = 0
+        i_seq = 0
 
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
@@ -129,7 +154,11 @@ def _sum_pass(
         o_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < n_len
         # [BLOCK_N, HEAD_DIM]
-        b_k = tl.load(p_k0 + o_n[:, None].to(tl.int64) * stride_kn, mask=m_n[:, None], other=0.0)
+        if PACKED:
+            o_kn = o_n.to(tl.int64)  # a packed batch's rows times the stride can pass 2^31
+        else:
+            o_kn = o_n
+        b_k = tl.load(p_k0 + o_kn[:, None] * stride_kn, mask=m_n[:, None], other=0.0)
         if IEEE:
             b_st = tl.dot(b_k, b_qt, input_precision="ieee")
         else:

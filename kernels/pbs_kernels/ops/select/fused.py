@@ -286,7 +286,8 @@ def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, sca
     if n_q:
         _pool_packed_kernel[(n_q, HQ)](q, q_pool, tables, q.stride(1), q.stride(2), nb, HQ,
                                        BLOCK_SIZE=b, HEAD_DIM=D, num_warps=4)
-    reps, logw = block_representatives(k_perm, k_pool, b, estimator, block_counts(layout))
+    count = block_counts(layout) if estimator == "top" else None
+    reps, logw = block_representatives(k_perm, k_pool, b, estimator, count)
     nrep = reps.shape[2]
     s = pooled_scores(q_pool.view(1, H, G * nb, D), reps.reshape(1, H, nrep * nb, D)).reshape(1, HQ, nb, nrep, nb)
     logw = s if logw is None else logw  # unused when NREP == 1

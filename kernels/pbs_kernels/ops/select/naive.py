@@ -96,7 +96,7 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
         first_q, last_q = packed.blk[QLO].long(), packed.blk[QHI].long()
         q_pool = pool_query_blocks_packed(q, packed)
         k_pool, min_pos = key_block_stats(k_perm, pos, block_size, slot_valid(pos, packed))
-    count = None if packed is None else block_counts(packed)
+    count = block_counts(packed) if packed is not None and estimator == "top" else None
     reps, logw = block_representatives(k_perm, k_pool, block_size, estimator, count)
     # [B, HQ, NQB, NKB] estimated log-mass of each tile
     s_all = estimated_block_logits(q_pool, reps, logw, scale)
