@@ -474,25 +474,27 @@ def _varlen_bounds(name: str, cu: torch.Tensor, total: int, max_len: int) -> lis
     return bounds
 
 
-def _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs):
-    """The batch one sequence at a time: one pbs_attention call per sequence on views of the
-    packed rows (the path for prefix caches, and the baseline the packed path is tested and
-    timed against)."""
-    return_stats = knobs.get("return_stats", False)
-    out = torch.empty_like(q)
-    stats: list = []
-    for i in range(len(bq) - 1):
+def _per_sequence_into(out, stats, q, k, v, bq, bk, caches, indices, knobs) -> None:
+    for i in indices:
         q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
         if q1 == q0:
-            stats.append(None)
             continue
         # [1, heads, n, D] views of the packed rows (the kernels take strides)
         qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
         res = pbs_attention(qs, ks, vs, cache=None if caches is None else caches[i], **knobs)
-        o, st = res if return_stats else (res, None)
+        o, st = res if knobs.get("return_stats") else (res, None)
         out[q0:q1] = o[0].transpose(0, 1)
-        stats.append(st)
-    return (out, stats) if return_stats else out
+        stats[i] = st
+
+
+def _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs):
+    """The batch one sequence at a time: one pbs_attention call per sequence on views of the
+    packed rows (the path for prefix caches, and the baseline the packed path is tested and
+    timed against). bq, bk: cu_seqlens as lists."""
+    out = torch.empty_like(q)
+    stats: list = [None] * (len(bq) - 1)
+    _per_sequence_into(out, stats, q, k, v, bq, bk, caches, range(len(bq) - 1), knobs)
+    return (out, stats) if knobs.get("return_stats") else out
 
 
 def _sequence_stats(blocks: BlockList, pos: torch.Tensor, s, layout) -> PbsStats:
@@ -510,16 +512,16 @@ def _sequence_stats(blocks: BlockList, pos: torch.Tensor, s, layout) -> PbsStats
                     pos=pos[:, :, s.offset:s.offset + s.n] - s.offset, extra_density=extra)
 
 
-def _varlen_packed(q, k, v, layout, *, scale, backend, threshold, window, sinks, softcap, estimator,
-                   threshold_mass, return_stats):
-    """All placed sequences in one virtual sequence (`pbs_kernels.packing`): one launch per op."""
+def _varlen_packed(out, stats, q, k, v, layout, *, scale, backend, threshold, window, sinks, softcap, estimator,
+                   threshold_mass, return_stats) -> None:
+    """The layout's sequences in one virtual sequence (`pbs_kernels.packing`), one launch per
+    op; their rows of `out` (like q) and their entries of `stats` are written."""
     from .blocks import identity_positions
     from .ops.attend.naive import attend_packed_naive
     from .ops.permute.naive import gather_keys_packed, score_keys_packed_naive, sort_within_segments
     from .ops.select.naive import select_blocks_naive
 
     b, S = layout.block_size, layout.segment_size
-    dtype = q.dtype
     qc, kc, vc = _upcast_for_interpreter(backend, q, k, v)
     # [1, heads, rows, D] views of the packed rows
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (qc, kc, vc))
@@ -547,27 +549,23 @@ def _varlen_packed(q, k, v, layout, *, scale, backend, threshold, window, sinks,
         blocks = select_blocks_packed_triton(q4, k_p, pos, layout, threshold=float(threshold), scale=scale,
                                              key_stats=key_stats, estimator=estimator,
                                              threshold_mass=threshold_mass, window=window)
-        out = torch.empty_like(qc)
-        attend_packed_triton(q4, k_p, v_p, pos, blocks, layout, out=out.transpose(0, 1).unsqueeze(0), scale=scale,
+        o = out if qc.dtype == out.dtype else torch.empty_like(qc)  # fp32 under the interpreter
+        attend_packed_triton(q4, k_p, v_p, pos, blocks, layout, out=o.transpose(0, 1).unsqueeze(0), scale=scale,
                              window=window, sinks=sinks, softcap=softcap)
     else:
         k_p, v_p = gather_keys_packed(k4, v4, pos, layout)
         blocks = select_blocks_naive(q4, k_p, pos, block_size=b, segment_size=S, threshold=float(threshold),
                                      scale=scale, estimator=estimator, threshold_mass=threshold_mass, window=window,
                                      packed=layout)
-        out = attend_packed_naive(q4, k_p, v_p, pos, blocks, layout, scale=scale, window=window, sinks=sinks,
-                                  softcap=softcap)[0].transpose(0, 1)
-    out = out.to(dtype)
-    if triton_be and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out = _ForwardOnly.apply(out, q, k, v)
-    if not return_stats:
-        return out
-    HQ = q.shape[1]
-    stats: list = [None] * layout.n_batch
+        o = attend_packed_naive(q4, k_p, v_p, pos, blocks, layout, scale=scale, window=window, sinks=sinks,
+                                softcap=softcap)[0].transpose(0, 1)
+    if o is not out:
+        rows = layout.q_rows(q.device)
+        out[rows] = o[rows].to(out.dtype)
     for s in layout.seqs:
-        stats[s.index] = (PbsStats(1.0, torch.ones(HQ), dense=True) if s.dense
-                          else _sequence_stats(blocks, pos, s, layout))
-    return out, stats
+        if return_stats:
+            stats[s.index] = (PbsStats(1.0, torch.ones(q.shape[1]), dense=True) if s.dense
+                              else _sequence_stats(blocks, pos, s, layout))
 
 
 def pbs_attention_varlen(
@@ -616,8 +614,9 @@ def pbs_attention_varlen(
     block scores over the whole virtual sequence, 4 HQ (n_virtual / block_size)^2 bytes per
     representative (the "top" estimator has 3).
 
-    `caches` (one PbsPrefixCache per sequence) and batches of more than 8192 virtual blocks
-    take one pbs_attention call per sequence instead.
+    Batches whose quadratic tables would pass `packing.PACKED_TABLE_BYTES` are cut into
+    several packed groups (one launch per op per group); `caches` (one PbsPrefixCache per
+    sequence) take one pbs_attention call per sequence.
 
     Returns the output [total_q, HQ, D] in q's dtype, and with `return_stats=True` also a list
     of PbsStats, one per sequence (None for a sequence with no query).
@@ -648,14 +647,24 @@ def pbs_attention_varlen(
               v[:1].transpose(0, 1).unsqueeze(0), block_size, segment_size, threshold, backend, min_seq_len,
               estimator, threshold_mass, window, sinks, softcap)
     from .ops.select.fused import MAX_ROW
-    from .packing import packed_layout
+    from .packing import packed_groups, packed_layout
 
     be = resolve_backend(backend, q)
-    layout = packed_layout(bq, bk, block_size=block_size, segment_size=segment_size, min_seq_len=min_seq_len,
-                           permute=permute, heads=q.shape[1], device=q.device)
-    if layout.num_blocks > MAX_ROW:
-        return _varlen_per_sequence(q, k, v, bq, bk, None, **knobs)
-    return _varlen_packed(q, k, v, layout, scale=default_scale(q.shape[-1]) if scale is None else float(scale),
-                          backend=be, threshold=threshold, window=window, sinks=sinks,
-                          softcap=None if softcap is None else float(softcap), estimator=estimator,
-                          threshold_mass=threshold_mass, return_stats=return_stats)
+    out = torch.empty_like(q)
+    stats: list = [None] * n_seq
+    for i0, i1 in packed_groups(bq, bk, block_size=block_size, segment_size=segment_size, heads=q.shape[1],
+                                reps=3 if estimator == "top" else 1):
+        layout = packed_layout(bq, bk, first=i0, last=i1, block_size=block_size, segment_size=segment_size,
+                               min_seq_len=min_seq_len, permute=permute, heads=q.shape[1], device=q.device)
+        if not layout.seqs:
+            continue
+        if layout.num_blocks > MAX_ROW:  # one sequence of over a million tokens: pbs_attention's own path
+            _per_sequence_into(out, stats, q, k, v, bq, bk, None, range(i0, i1), knobs)
+            continue
+        _varlen_packed(out, stats, q, k, v, layout, scale=default_scale(q.shape[-1]) if scale is None else float(scale),
+                       backend=be, threshold=threshold, window=window, sinks=sinks,
+                       softcap=None if softcap is None else float(softcap), estimator=estimator,
+                       threshold_mass=threshold_mass, return_stats=return_stats)
+    if be == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = _ForwardOnly.apply(out, q, k, v)
+    return (out, stats) if return_stats else out

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 NO_POS = 2**31 - 1  # "no key here": the earliest position of a block with no key
@@ -35,6 +37,11 @@ KB0, KDELTA, KEND, QLO, QHI, QDELTA, DENSE, BSEQ = range(8)
 # row of key 0, packed Q row of query 0, virtual position of key 0, scored-sequence index
 C_T0, C_T1, C_N, C_QOFF, C_KROW, C_QROW, C_VOFF, C_SEQ = range(8)
 SCORE_BLOCK_N = 64  # key tile of the scoring kernels (score_keys_per_head's default)
+# A packed group's pooled block scores and block list grow with the square of its virtual
+# length (a per-sequence loop's with the square of its longest sequence): 1 GiB holds 2048
+# blocks, 256K tokens at block 128 and 32 query heads with the "mean" estimator. A larger batch
+# is cut into groups, one launch per op per group.
+PACKED_TABLE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,10 @@ class PackedLayout:
     def n_scored(self) -> int:
         return len(self.scored)
 
+    def q_rows(self, device) -> torch.Tensor:
+        """The packed query rows of the placed sequences: [sum M_i] int64."""
+        return torch.cat([torch.arange(s.q0, s.q1) for s in self.seqs]).to(device)
+
 
 def row_widths(nb: int, spb: int) -> list[int]:
     """Powers of two from 64 (at least one segment) up to nb: selection's row-width classes."""
@@ -98,15 +109,34 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def packed_groups(bq: list[int], bk: list[int], *, block_size: int, segment_size: int, heads: int,
+                  reps: int = 1) -> list[tuple[int, int]]:
+    """Consecutive runs of sequences (first, end) to pack together: the pooled block scores
+    (`reps` representatives) and the block list of a group, 4 * heads * (1 + reps) * NB^2
+    bytes, stay under PACKED_TABLE_BYTES; a sequence that alone passes it is a group alone."""
+    max_nb = math.isqrt(PACKED_TABLE_BYTES // (4 * heads * (1 + reps)))
+    groups, first, nb = [], 0, 0
+    for i in range(len(bq) - 1):
+        own = 0 if bq[i + 1] == bq[i] else _cdiv(bk[i + 1] - bk[i], segment_size) * segment_size // block_size
+        if nb and nb + own > max_nb:
+            groups.append((first, i))
+            first, nb = i, 0
+        nb += own
+    groups.append((first, len(bq) - 1))
+    return groups
+
+
 def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size: int, min_seq_len: int,
-                 permute: bool, heads: int, device, target_programs: int = 1024) -> PackedLayout:
-    """The layout of a batch from host bounds (cu_seqlens as lists). `heads`: query heads (the
-    scoring chunks aim at about `target_programs` programs, as `score_keys_per_head` does)."""
+                 permute: bool, heads: int, device, first: int = 0, last: int | None = None,
+                 target_programs: int = 1024) -> PackedLayout:
+    """The layout of a batch from host bounds (cu_seqlens as lists), placing its sequences
+    first .. last - 1 (default: all). `heads`: query heads (the scoring chunks aim at about
+    `target_programs` programs, as `score_keys_per_head` does)."""
     b, S = block_size, segment_size
     spb = S // b
     seqs = []
     off = 0
-    for i in range(len(bq) - 1):
+    for i in range(first, len(bq) - 1 if last is None else last):
         q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
         if q1 == q0:
             continue
@@ -162,8 +192,8 @@ def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size:
                       torch.tensor(attend_order, dtype=torch.int64),
                       torch.tensor(chunks, dtype=torch.int64).flatten(), torch.tensor(chunk_seq, dtype=torch.int64),
                       torch.tensor(first, dtype=torch.int64)])
-    dev = flat.to(device=device, dtype=torch.int32)
     dev64 = flat.to(device=device)
+    dev = dev64.to(torch.int32)
     sizes = [8 * nb, len(qlist), seg_sort.numel(), len(attend_order), 8 * len(chunks), len(chunk_seq), len(first)]
     parts = list(torch.split(dev, sizes))
     parts64 = list(torch.split(dev64, sizes))

@@ -121,6 +121,32 @@ def test_layout_places_sequences_on_segment_boundaries():
     assert lay.seg_sort.tolist() == [1, 0, 1, 1, 1, 0]  # full segments of sparse sequences only
 
 
+def test_large_batches_are_cut_into_packed_groups(monkeypatch):
+    import pbs_kernels.packing as packing
+
+    bq, bk = [0, 10, 10, 60, 70], [0, 100, 130, 330, 400]
+    kw = dict(block_size=32, segment_size=64, heads=4)
+    assert packing.packed_groups(bq, bk, **kw) == [(0, 4)]
+    # 4 B x 4 heads x 2 tables x 8^2 blocks: 8 blocks per group (256 tokens)
+    monkeypatch.setattr(packing, "PACKED_TABLE_BYTES", 4 * 4 * 2 * 8 * 8)
+    # blocks per sequence: 4, 0 (no query), 8, 2
+    assert packing.packed_groups(bq, bk, **kw) == [(0, 2), (2, 3), (3, 4)]
+    monkeypatch.setattr(packing, "PACKED_TABLE_BYTES", 4 * 4 * 2 * 24 * 24)
+    _, _, _, cu_q, cu_k, _ = _batch(MIXED)
+    assert len(packing.packed_groups(cu_q.tolist(), cu_k.tolist(), **kw)) == 3
+    _same_as_per_sequence(MIXED, block_size=32, segment_size=64, threshold=0.6, backend="torch")
+
+
+def test_packed_triton_bf16_threshold_one_equals_dense():
+    shapes = [(200, 200), (97, 30), (40, 40)]
+    (out, _), cu_q, seqs = _run(shapes, data=dict(dtype=torch.bfloat16), block_size=32, segment_size=64,
+                                threshold=1.0, backend="triton")
+    assert out.dtype == torch.bfloat16
+    for i, ((n, m), s) in enumerate(zip(shapes, seqs)):
+        ref = dense_reference(*s)[0, :, n - m:].transpose(0, 1)
+        assert rel_err(out[int(cu_q[i]):int(cu_q[i + 1])], ref) < 1e-2
+
+
 def test_packed_batch_bad_inputs_stay_one_line_errors():
     q, k, v, cu_q, cu_k, _ = _batch([(100, 100), (70, 70)])
     with pytest.raises(ValueError, match="block_size") as e:
