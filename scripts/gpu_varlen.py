@@ -168,7 +168,8 @@ def main():
     for r in checks:
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     print(f"# part 2: timing, threshold {args.threshold}, HQ={HQ} H={H} D={D} bf16, do_bench median ms")
-    print(f"  {'batch':16} {'method':14} {'ms':>9} {'vs loop':>8} {'rel_err':>9} {'density':>8} {'gpu ops':>8} {'peak MiB':>9}")
+    print(f"  {'batch':16} {'method':14} {'ms':>9} {'vs loop':>8} {'rel_err':>9} {'density':>8} {'gpu ops':>8} "
+          f"{'peak MiB':>9}")
     rows = []
     for name, lens in BATCHES.items():
         if args.quick and name != "16x4K":

@@ -562,8 +562,8 @@ def _varlen_packed(out, stats, q, k, v, layout, *, scale, backend, threshold, wi
     if o is not out:
         rows = layout.q_rows(q.device)
         out[rows] = o[rows].to(out.dtype)
-    for s in layout.seqs:
-        if return_stats:
+    if return_stats:
+        for s in layout.seqs:
             stats[s.index] = (PbsStats(1.0, torch.ones(q.shape[1]), dense=True) if s.dense
                               else _sequence_stats(blocks, pos, s, layout))
 
