@@ -602,7 +602,8 @@ def pbs_attention_varlen(
     N_i <= segment_size or N_i < min_seq_len are dense (every causal tile, no permutation) in the
     same launches; the other knobs are pbs_attention's and apply to every sequence. Each
     sequence gets exactly what pbs_attention on it alone would give (same permutation, same
-    selection), up to floating-point summation order.
+    selection), up to floating-point summation order (on a GPU the TF32 pooled scores of a
+    larger GEMM may break a near-tie of the top-p cut differently).
 
     What it launches: the sequences are packed segment-aligned into one virtual sequence
     (`pbs_kernels.packing`; each padded to a multiple of segment_size), then one launch per op
@@ -610,9 +611,9 @@ def pbs_attention_varlen(
     blocks), query pooling + one GEMM + one selection launch per row-width class, one attend
     launch that writes the packed output. It reads cu_seqlens on the host (one device sync; the
     host tables are cached per cu_seqlens, so the layers of one forward pass build them once).
-    Memory beyond one long prompt's: K/V in virtual order (the padding included) and the pooled
-    block scores over the whole virtual sequence, 4 HQ (n_virtual / block_size)^2 bytes per
-    representative (the "top" estimator has 3).
+    Memory beyond one long prompt's: K/V in virtual order (the padding included), and the pooled
+    block scores and the block list over the whole virtual sequence, 4 HQ (n_virtual /
+    block_size)^2 bytes each (the scores once per representative; the "top" estimator has 3).
 
     Batches whose quadratic tables would pass `packing.PACKED_TABLE_BYTES` are cut into
     several packed groups (one launch per op per group); `caches` (one PbsPrefixCache per
