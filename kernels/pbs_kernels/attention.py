@@ -474,6 +474,100 @@ def _varlen_bounds(name: str, cu: torch.Tensor, total: int, max_len: int) -> lis
     return bounds
 
 
+def _per_sequence_into(out, stats, q, k, v, bq, bk, caches, indices, knobs) -> None:
+    for i in indices:
+        q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
+        if q1 == q0:
+            continue
+        # [1, heads, n, D] views of the packed rows (the kernels take strides)
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        res = pbs_attention(qs, ks, vs, cache=None if caches is None else caches[i], **knobs)
+        o, st = res if knobs.get("return_stats") else (res, None)
+        out[q0:q1] = o[0].transpose(0, 1)
+        stats[i] = st
+
+
+def _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs):
+    """The batch one sequence at a time: one pbs_attention call per sequence on views of the
+    packed rows (the path for prefix caches, and the baseline the packed path is tested and
+    timed against). bq, bk: cu_seqlens as lists."""
+    out = torch.empty_like(q)
+    stats: list = [None] * (len(bq) - 1)
+    _per_sequence_into(out, stats, q, k, v, bq, bk, caches, range(len(bq) - 1), knobs)
+    return (out, stats) if knobs.get("return_stats") else out
+
+
+def _sequence_stats(blocks: BlockList, pos: torch.Tensor, s, layout) -> PbsStats:
+    """One packed sequence's rows of the shared block list, in its own block numbering: the
+    PbsStats a pbs_attention call on it alone would report."""
+    b = layout.block_size
+    kb0, nb = s.offset // b, -(-s.n // b)
+    qb0 = (s.n - s.m) // b
+    rows = slice(kb0 + qb0, kb0 + nb)
+    own = BlockList(idx=(blocks.idx[:, :, rows, :nb] - kb0).contiguous(), n_off=blocks.n_off[:, :, rows].contiguous(),
+                    n_total=blocks.n_total[:, :, rows].contiguous(), block_size=b, q_block0=qb0)
+    per_head = own.density_per_head().cpu()
+    extra = float(own.extra_density_per_head().mean())
+    return PbsStats(float(per_head.mean()), per_head, dense=False, blocks=own,
+                    pos=pos[:, :, s.offset:s.offset + s.n] - s.offset, extra_density=extra)
+
+
+def _varlen_packed(out, stats, q, k, v, layout, *, scale, backend, threshold, window, sinks, softcap, estimator,
+                   threshold_mass, return_stats) -> None:
+    """The layout's sequences in one virtual sequence (`pbs_kernels.packing`), one launch per
+    op; their rows of `out` (like q) and their entries of `stats` are written."""
+    from .blocks import identity_positions
+    from .ops.attend.naive import attend_packed_naive
+    from .ops.permute.naive import gather_keys_packed, score_keys_packed_naive, sort_within_segments
+    from .ops.select.naive import select_blocks_naive
+
+    b, S = layout.block_size, layout.segment_size
+    qc, kc, vc = _upcast_for_interpreter(backend, q, k, v)
+    # [1, heads, rows, D] views of the packed rows
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (qc, kc, vc))
+    H, nv = k.shape[1], layout.n_virtual
+    triton_be = backend == "triton"
+    if layout.n_scored and triton_be:
+        from .ops.permute.order import segment_order_triton
+        from .ops.permute.score import score_keys_packed_triton
+
+        per_head = score_keys_packed_triton(q4, k4, layout, block_size=b, scale=scale)
+        pos = segment_order_triton(per_head, 1, H, nv, S, sort=layout.seg_sort)
+    elif layout.n_scored:
+        scores = score_keys_packed_naive(q4, k4, layout, block_size=b, scale=scale)
+        pos = sort_within_segments(scores, S, layout.seg_sort).to(torch.int32)
+    else:
+        pos = identity_positions(1, H, nv, q.device)
+    if window is not None and window >= max(s.n for s in layout.seqs):
+        window = None  # no key is outside it
+    if triton_be:
+        from .ops.attend.fwd import attend_packed_triton
+        from .ops.permute.gather import gather_keys_triton
+        from .ops.select.fused import select_blocks_packed_triton
+
+        k_p, v_p, key_stats = gather_keys_triton(k4, v4, pos, pool_block=b, packed=layout)
+        blocks = select_blocks_packed_triton(q4, k_p, pos, layout, threshold=float(threshold), scale=scale,
+                                             key_stats=key_stats, estimator=estimator,
+                                             threshold_mass=threshold_mass, window=window)
+        o = out if qc.dtype == out.dtype else torch.empty_like(qc)  # fp32 under the interpreter
+        attend_packed_triton(q4, k_p, v_p, pos, blocks, layout, out=o.transpose(0, 1).unsqueeze(0), scale=scale,
+                             window=window, sinks=sinks, softcap=softcap)
+    else:
+        k_p, v_p = gather_keys_packed(k4, v4, pos, layout)
+        blocks = select_blocks_naive(q4, k_p, pos, block_size=b, segment_size=S, threshold=float(threshold),
+                                     scale=scale, estimator=estimator, threshold_mass=threshold_mass, window=window,
+                                     packed=layout)
+        o = attend_packed_naive(q4, k_p, v_p, pos, blocks, layout, scale=scale, window=window, sinks=sinks,
+                                softcap=softcap)[0].transpose(0, 1)
+    if o is not out:
+        rows = layout.q_rows(q.device)
+        out[rows] = o[rows].to(out.dtype)
+    if return_stats:
+        for s in layout.seqs:
+            stats[s.index] = (PbsStats(1.0, torch.ones(q.shape[1]), dense=True) if s.dense
+                              else _sequence_stats(blocks, pos, s, layout))
+
+
 def pbs_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -505,14 +599,25 @@ def pbs_attention_varlen(
     int64 [batch + 1], starting at 0). Its queries are the last M_i of its N_i keys (M_i <= N_i;
     equal lengths: a whole prompt; fewer queries: a chunk against its cached prefix), causal
     bottom-right aligned. max_seqlen_q / max_seqlen_k bound the lengths (checked). Sequences with
-    N_i <= segment_size or N_i < min_seq_len take the dense path in the same call; the other knobs
-    are pbs_attention's and apply to every sequence. `caches`: one PbsPrefixCache per sequence.
+    N_i <= segment_size or N_i < min_seq_len are dense (every causal tile, no permutation) in the
+    same launches; the other knobs are pbs_attention's and apply to every sequence. Each
+    sequence gets exactly what pbs_attention on it alone would give (same permutation, same
+    selection), up to floating-point summation order (on a GPU the TF32 pooled scores of a
+    larger GEMM may break a near-tie of the top-p cut differently).
 
-    What it launches: one pbs_attention call per sequence (views of the packed tensors, no copy
-    in), i.e. per long sequence the permutation (two score passes, the segment sort and the
-    gather), the selection (pooling, one GEMM, one kernel per row-width class) and one attend
-    launch; per short one a dense SDPA call. It reads cu_seqlens on the host (one device sync).
-    Batching the sequences into one launch per op is not done yet (docs/serving.md).
+    What it launches: the sequences are packed segment-aligned into one virtual sequence
+    (`pbs_kernels.packing`; each padded to a multiple of segment_size), then one launch per op
+    for the whole batch: two score passes, the segment sort, the gather (which pools the key
+    blocks), query pooling + one GEMM + one selection launch per row-width class, one attend
+    launch that writes the packed output. It reads cu_seqlens on the host (one device sync; the
+    host tables are cached per cu_seqlens, so the layers of one forward pass build them once).
+    Memory beyond one long prompt's: K/V in virtual order (the padding included), and the pooled
+    block scores and the block list over the whole virtual sequence, 4 HQ (n_virtual /
+    block_size)^2 bytes each (the scores once per representative; the "top" estimator has 3).
+
+    Batches whose quadratic tables would pass `packing.PACKED_TABLE_BYTES` are cut into
+    several packed groups (one launch per op per group); `caches` (one PbsPrefixCache per
+    sequence) take one pbs_attention call per sequence.
 
     Returns the output [total_q, HQ, D] in q's dtype, and with `return_stats=True` also a list
     of PbsStats, one per sequence (None for a sequence with no query).
@@ -533,23 +638,34 @@ def pbs_attention_varlen(
                              f"{bk[i + 1] - bk[i]} keys; queries must be the last M of the N keys (M <= N)")
     if caches is not None and len(caches) != n_seq:
         raise ValueError(f"pbs_attention_varlen: {len(caches)} caches for {n_seq} sequences; pass one per sequence")
+    knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
+                 min_seq_len=min_seq_len, scale=scale, backend=backend, return_stats=return_stats, window=window,
+                 sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass)
+    if caches is not None or q.shape[0] == 0:
+        return _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs)
+    # The per-sequence checks, once, on the shapes every sequence shares.
+    _validate(q[:1].transpose(0, 1).unsqueeze(0), k[:1].transpose(0, 1).unsqueeze(0),
+              v[:1].transpose(0, 1).unsqueeze(0), block_size, segment_size, threshold, backend, min_seq_len,
+              estimator, threshold_mass, window, sinks, softcap)
+    from .ops.select.fused import MAX_ROW
+    from .packing import packed_groups, packed_layout
+
+    be = resolve_backend(backend, q)
     out = torch.empty_like(q)
-    stats: list = []
-    for i in range(n_seq):
-        q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
-        if q1 == q0:
-            stats.append(None)
+    stats: list = [None] * n_seq
+    for i0, i1 in packed_groups(bq, bk, block_size=block_size, segment_size=segment_size, heads=q.shape[1],
+                                reps=3 if estimator == "top" else 1):
+        layout = packed_layout(bq, bk, first=i0, last=i1, block_size=block_size, segment_size=segment_size,
+                               min_seq_len=min_seq_len, permute=permute, heads=q.shape[1], device=q.device)
+        if not layout.seqs:
             continue
-        # [1, heads, n, D] views of the packed rows (the kernels take strides)
-        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-        res = pbs_attention(qs, ks, vs, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                            permute=permute, min_seq_len=min_seq_len, scale=scale, backend=backend,
-                            return_stats=return_stats, window=window, sinks=sinks, softcap=softcap,
-                            cache=None if caches is None else caches[i], estimator=estimator,
-                            threshold_mass=threshold_mass)
-        o, st = res if return_stats else (res, None)
-        out[q0:q1] = o[0].transpose(0, 1)
-        stats.append(st)
-    if return_stats:
-        return out, stats
-    return out
+        if layout.num_blocks > MAX_ROW:  # one sequence of over a million tokens: pbs_attention's own path
+            _per_sequence_into(out, stats, q, k, v, bq, bk, None, range(i0, i1), knobs)
+            continue
+        _varlen_packed(out, stats, q, k, v, layout, scale=default_scale(q.shape[-1]) if scale is None else float(scale),
+                       backend=be, threshold=threshold, window=window, sinks=sinks,
+                       softcap=None if softcap is None else float(softcap), estimator=estimator,
+                       threshold_mass=threshold_mass, return_stats=return_stats)
+    if be == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = _ForwardOnly.apply(out, q, k, v)
+    return (out, stats) if return_stats else out

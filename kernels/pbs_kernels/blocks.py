@@ -129,6 +129,19 @@ def pool_query_blocks(q: torch.Tensor, block_size: int, q_offset: int = 0) -> to
     return torch.cat([head, pool_blocks(q[:, :, first:], block_size)], dim=2)
 
 
+def pool_query_blocks_packed(q: torch.Tensor, layout) -> torch.Tensor:
+    """Packed batches: the mean query of every virtual block, each sequence's blocks pooled as
+    `pool_query_blocks` pools them (a partial first or last block averages its queries), zero
+    for blocks with no query. q [1, HQ, total_q, D] packed rows -> [1, HQ, NB, D] float32."""
+    b = layout.block_size
+    out = torch.zeros(1, q.shape[1], layout.num_blocks, q.shape[-1], device=q.device, dtype=torch.float32)
+    for s in layout.seqs:
+        qb0 = (s.offset + s.n - s.m) // b
+        pooled = pool_query_blocks(q[:, :, s.q0:s.q1], b, s.n - s.m)
+        out[:, :, qb0:qb0 + pooled.shape[2]] = pooled
+    return out
+
+
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean over each block of `block_size` rows (a partial last block averages its valid rows).
 
@@ -155,12 +168,23 @@ def key_block_max_pos(pos: torch.Tensor, block_size: int) -> torch.Tensor:
     return pos_blk.amax(-1).to(torch.int32).contiguous()
 
 
-def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int):
+def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int, valid: torch.Tensor | None = None):
     """What selection needs from the (permuted) keys: the mean key of each block [B, H, NB, D]
     float32 and the earliest original position each block holds [B, H, NB] int32. The Triton
-    gather computes the same while it permutes (`gather_keys_triton(..., pool_block=b)`)."""
+    gather computes the same while it permutes (`gather_keys_triton(..., pool_block=b)`).
+
+    valid [B, H, N] bool (packed batches): which slots hold a key; a block averages those only
+    (zero with none) and its earliest position counts those only (`packing.NO_POS` with none)."""
     B, H, N = pos.shape
     nb = cdiv(N, block_size)
+    if valid is not None:
+        from .packing import NO_POS
+
+        vb = valid.reshape(B, H, nb, block_size)  # packed batches: N is a multiple of the block
+        sums = torch.where(vb[..., None], k_perm.reshape(B, H, nb, block_size, -1), 0).sum(3, dtype=torch.float32)
+        count = vb.sum(-1, keepdim=True).clamp_min(1).float()
+        min_pos = torch.where(vb, pos.reshape(B, H, nb, block_size), NO_POS).amin(-1)
+        return sums / count, min_pos.to(torch.int32).contiguous()
     pos_blk = torch.nn.functional.pad(pos, (0, nb * block_size - N), value=N).reshape(B, H, nb, block_size)
     return pool_blocks(k_perm, block_size), pos_blk.amin(-1).to(torch.int32).contiguous()
 
@@ -170,7 +194,8 @@ def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int):
 TOP_KEYS = 2
 
 
-def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size: int, estimator: str):
+def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size: int, estimator: str,
+                          count: torch.Tensor | None = None):
     """Keys that stand for each key block in selection's mass estimate, and their log weights.
 
     Block j's estimated logit for pooled query qbar is logsumexp_r(qbar . rep[r, j] * scale +
@@ -179,7 +204,9 @@ def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size
     other keys weighted by how many there are; a padded slot of the last block weighs 0.
 
     k_perm [B, H, N, D], k_pool [B, H, NB, D] fp32 block means ->
-    reps [B, H, R, NB, D] fp32, logw [B, H, R, NB] fp32 (None for "mean").
+    reps [B, H, R, NB, D] fp32, logw [B, H, R, NB] fp32 (None for "mean"). count [NB]: keys in
+    each block, its first slots (packed batches, `packing.block_counts`); default: all but the
+    last block's tail past N.
     """
     if estimator == "mean":
         return k_pool[:, :, None], None
@@ -192,7 +219,8 @@ def block_representatives(k_perm: torch.Tensor, k_pool: torch.Tensor, block_size
     # Only the nb * t representative rows are read (a padded copy of K cost 0.125 ms at 128K),
     # and every size is computed on the device, so the call can be captured in a CUDA graph.
     first = torch.arange(nb, device=dev) * block_size
-    count = torch.clamp(N - first, max=block_size).float()  # [NB] keys per block
+    if count is None:
+        count = torch.clamp(N - first, max=block_size).float()  # [NB] keys per block
     r = torch.arange(t, device=dev)
     valid = r[None, :] < count[:, None]  # [NB, t]
     rows = torch.clamp(first[:, None] + r[None, :], max=N - 1).flatten()

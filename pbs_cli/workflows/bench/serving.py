@@ -11,7 +11,7 @@ packed batch of sequences of mixed lengths, each against dense attention on the 
 * varlen rows (--lengths): the sequences packed [total, heads, D] in flash-attn's layout.
     dense-per-seq     dense_causal_attention per sequence (the runtime's fallback, cuDNN first)
     varlen-flash      varlen_attn in one launch, when available
-    pbs-varlen        pbs_attention_varlen (one pbs_attention per sequence, short ones dense)
+    pbs-varlen        pbs_attention_varlen (the batch packed, one launch per op, short ones dense)
 
 Every row's output is checked in the same run against fp32 dense attention (chunked, never
 N x N): error above the bench's max error is FAILED and gets no speedup. speedup: the fastest

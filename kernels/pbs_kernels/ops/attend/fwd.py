@@ -68,7 +68,7 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 @triton.jit
 def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS,
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -80,20 +80,31 @@ def _attend_fwd_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     # i_l: row of the block list; i_m: the query block's index among the key blocks.
-    i_l = NQB - 1 - tl.program_id(0)
-    i_m = QOFF // BLOCK_SIZE + i_l
     i_bh = tl.program_id(1)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = (i_bh % HQ).to(tl.int64)
     i_h = i_hq // G
-
-    o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     o_d = tl.arange(0, HEAD_DIM)
-    m_m = (o_m >= QOFF) & (o_m < N)
-    o_r = o_m - QOFF  # row of q / o (queries are the last M of the N positions)
+    if PACKED:
+        # A packed batch (`pbs_kernels.packing`): ORDER lists the query blocks holding a query,
+        # most tiles first; BLK's rows give each block's queries (first and last virtual
+        # position) and the offset from virtual position to packed row of q and o.
+        i_l = tl.load(ORDER + tl.program_id(0))
+        i_m = i_l
+        NB_ALL = NQB
+        o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        m_m = (o_m >= tl.load(BLK + 3 * NB_ALL + i_l)) & (o_m <= tl.load(BLK + 4 * NB_ALL + i_l))
+        o_r = (o_m + tl.load(BLK + 5 * NB_ALL + i_l)).to(tl.int64)
+    else:
+        i_l = NQB - 1 - tl.program_id(0)
+        i_m = QOFF // BLOCK_SIZE + i_l
+        o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        m_m = (o_m >= QOFF) & (o_m < N)
+        o_r = o_m - QOFF  # row of q / o (queries are the last M of the N positions)
 
     p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_r[:, None] * stride_qn + o_d[None, :]
     # [BLOCK_SIZE, HEAD_DIM]
@@ -213,10 +224,14 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
-                  softcap: float | None = None):
+                  softcap: float | None = None, packed=None):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
-    knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants)."""
-    _check(q, k_perm, v_perm, pos, blocks)
+    knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
+    see `attend_packed_triton`."""
+    if packed is None:
+        _check(q, k_perm, v_perm, pos, blocks)
+    elif return_lse:
+        raise ValueError("attend: a packed batch returns no LSE")
     B, HQ, M, D = q.shape
     N = k_perm.shape[2]
     H = k_perm.shape[1]
@@ -254,9 +269,12 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     else:
         cap_in = cap_out = 1.0
     grid = (nqb, B * HQ)
+    if packed is not None:
+        grid = (packed.attend_order.numel(), B * HQ)
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         sinks if sinks is not None else lse,
+        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -269,6 +287,18 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        PACKED=packed is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
+
+
+def attend_packed_triton(q, k_perm, v_perm, pos, blocks: BlockList, layout, *, out: torch.Tensor, scale: float,
+                         window: int | None = None, sinks: torch.Tensor | None = None,
+                         softcap: float | None = None, **knobs):
+    """Packed batches: the contract of `attend_packed_naive` (q and `out` [1, HQ, total_q, D]
+    packed rows, K/V and pos in virtual slots, one block-list row per virtual block), writing
+    straight into `out`. One program per (query block holding a query, query head)."""
+    if blocks.num_blocks != layout.num_blocks or k_perm.shape[2] != layout.n_virtual:
+        raise ValueError("attend: the block list does not match the packed layout")
+    return attend_triton(q, k_perm, v_perm, pos, blocks, scale=scale, out=out, window=window, sinks=sinks,
+                         softcap=softcap, packed=layout, **knobs)

@@ -78,3 +78,29 @@ def attend_naive(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, ret
                                       scale=scale, window=window, sinks=sinks, softcap=softcap)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def attend_packed_naive(q, k_perm, v_perm, pos, blocks: BlockList, layout, *, scale: float,
+                        window: int | None = None, sinks: torch.Tensor | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
+    """Packed batches (`pbs_kernels.packing`): q [1, HQ, total_q, D] in packed rows, K/V and pos
+    in virtual slots, one block-list row per virtual block. The queries are put at their virtual
+    positions, every block holding a query is computed as `attend_blocks_naive` computes it, and
+    the rows come back in packed order: [1, HQ, total_q, D] float32."""
+    from ...packing import QDELTA, QHI, QLO
+
+    B, HQ, T, D = q.shape
+    b = layout.block_size
+    dev = q.device
+    vpos = torch.cat([torch.arange(s.offset + s.n - s.m, s.offset + s.n) for s in layout.seqs]).to(dev)
+    prow = torch.cat([torch.arange(s.q0, s.q1) for s in layout.seqs]).to(dev)
+    qv = q.new_zeros(B, HQ, layout.n_virtual, D)
+    qv[:, :, vpos] = q[:, :, prow]
+    qblocks = sorted(int(j) for j in layout.attend_order.tolist())
+    out, _, rows = attend_blocks_naive(qv, k_perm, v_perm, pos, blocks, qblocks, scale=scale, window=window,
+                                       sinks=sinks, softcap=softcap)
+    blk = rows // b
+    real = (rows >= layout.blk[QLO].long()[blk]) & (rows <= layout.blk[QHI].long()[blk])
+    res = torch.empty(B, HQ, T, D, device=dev, dtype=torch.float32)
+    res[:, :, rows[real] + layout.blk[QDELTA].long()[blk[real]]] = out[:, :, real]
+    return res

@@ -16,11 +16,11 @@ import triton.language as tl
 
 @triton.jit
 def _gather_rows_kernel(
-    K, V, ORDER, KO, VO, KPOOL, MINPOS,
+    K, V, ORDER, KO, VO, KPOOL, MINPOS, KDELTA, KEND,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     N, H, NB,
-    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, POOL: tl.constexpr,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, POOL: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     i_r = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -32,17 +32,26 @@ def _gather_rows_kernel(
     # [BLOCK_R] original position of each permuted slot
     b_src32 = tl.load(ORDER + i_bh.to(tl.int64) * N + o_r, mask=m_r, other=0)
     b_src = b_src32.to(tl.int64)
+    if PACKED:
+        # A packed batch's block lies in one sequence: virtual position -> packed row; the
+        # padding slots after the sequence's last key get zero rows (finite: 0 * NaN = NaN).
+        m_r = m_r & (b_src32 < tl.load(KEND + i_r))
+        b_src = b_src + tl.load(KDELTA + i_r)
     # [BLOCK_R, HEAD_DIM]
     b_k = tl.load(K + i_b * stride_kb + i_h * stride_kh + b_src[:, None] * stride_kn + o_d[None, :],
                   mask=m_r[:, None], other=0.0)
     b_v = tl.load(V + i_b * stride_vb + i_h * stride_vh + b_src[:, None] * stride_vn + o_d[None, :],
-                  mask=m_r[:, None])
+                  mask=m_r[:, None], other=0.0)
     o_out = i_bh.to(tl.int64) * N * HEAD_DIM + o_r[:, None] * HEAD_DIM + o_d[None, :]
-    tl.store(KO + o_out, b_k, mask=m_r[:, None])
-    tl.store(VO + o_out, b_v, mask=m_r[:, None])
+    m_out = (o_r < N)[:, None]
+    tl.store(KO + o_out, b_k, mask=m_out)
+    tl.store(VO + o_out, b_v, mask=m_out)
     if POOL:
         # A partial last block averages its valid rows (padding rows loaded as 0).
-        count = tl.minimum(N - i_r * BLOCK_R, BLOCK_R).to(tl.float32)
+        if PACKED:
+            count = tl.maximum(tl.sum(m_r.to(tl.float32), 0), 1.0)
+        else:
+            count = tl.minimum(N - i_r * BLOCK_R, BLOCK_R).to(tl.float32)
         b_mean = tl.sum(b_k.to(tl.float32), 0) / count
         o_blk = i_bh.to(tl.int64) * NB + i_r
         tl.store(KPOOL + o_blk * HEAD_DIM + o_d, b_mean)
@@ -50,13 +59,25 @@ def _gather_rows_kernel(
 
 
 def gather_keys_triton(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block_rows: int = 64,
-                       pool_block: int | None = None):
+                       pool_block: int | None = None, packed=None):
     """Same contract as `gather_keys`: contiguous K and V in the slot order `order` [B, H, N]
     (int32, contiguous: the `pos` tensor the other ops take).
 
     With `pool_block=b` also returns the key-block statistics of `key_block_stats` (mean key per
-    block [B, H, NB, D] float32, earliest original position per block [B, H, NB] int32)."""
+    block [B, H, NB, D] float32, earliest original position per block [B, H, NB] int32).
+
+    packed (a `pbs_kernels.packing.PackedLayout`, with pool_block = its block size): k and v are
+    packed rows [1, H, total_k, D], `order` holds virtual positions [1, H, n_virtual], and the
+    result is in virtual slots as `ops.permute.naive.gather_keys_packed` and
+    `key_block_stats(..., valid)` give it."""
     B, H, N, D = k.shape
+    if packed is not None:
+        from ...packing import KDELTA, KEND
+
+        N = order.shape[-1]
+        kdelta, kend = packed.blk[KDELTA], packed.blk[KEND]
+    else:
+        kdelta = kend = order  # unused
     if order.dtype != torch.int32 or not order.is_contiguous():
         order = order.to(torch.int32).contiguous()
     k_out = torch.empty(B, H, N, D, device=k.device, dtype=k.dtype)
@@ -69,10 +90,10 @@ def gather_keys_triton(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, bl
     else:
         k_pool = min_pos = k_out  # unused
     _gather_rows_kernel[(nb, B * H)](
-        k, v, order, k_out, v_out, k_pool, min_pos,
+        k, v, order, k_out, v_out, k_pool, min_pos, kdelta, kend,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        N, H, nb, BLOCK_R=rows, HEAD_DIM=D, POOL=bool(pool_block), num_warps=4,
+        N, H, nb, BLOCK_R=rows, HEAD_DIM=D, POOL=bool(pool_block), PACKED=packed is not None, num_warps=4,
     )
     if pool_block:
         return k_out, v_out, (k_pool, min_pos)

@@ -18,8 +18,8 @@ import triton.language as tl
 
 @triton.jit
 def _segment_order_kernel(
-    SCORE, ORDER, N, G,
-    SEG: tl.constexpr, SEG_P2: tl.constexpr,
+    SCORE, ORDER, SORT, N, G,
+    SEG: tl.constexpr, SEG_P2: tl.constexpr, HAS_SORT: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -27,7 +27,11 @@ def _segment_order_kernel(
     o = tl.arange(0, SEG_P2)
     m = (o < SEG) & (start + o < N)
     p_out = ORDER + i_bh * N + start + o
-    if start + SEG <= N:
+    full = start + SEG <= N
+    if HAS_SORT:
+        # packed batches: only the segments the layout marks (full segments of sparse sequences)
+        full = full & (tl.load(SORT + i_s) != 0)
+    if full:
         b_s = tl.zeros([SEG_P2], dtype=tl.float32)
         for g in range(G):
             b_s += tl.load(SCORE + (i_bh * G + g) * N + start + o, mask=m, other=0.0)
@@ -43,13 +47,15 @@ def _segment_order_kernel(
         tl.store(p_out, (start + o).to(tl.int32), mask=m)
 
 
-def segment_order_triton(per_head: torch.Tensor, B: int, H: int, N: int, segment_size: int) -> torch.Tensor:
+def segment_order_triton(per_head: torch.Tensor, B: int, H: int, N: int, segment_size: int,
+                         sort: torch.Tensor | None = None) -> torch.Tensor:
     """per_head: [B * H * G, N] float32 key scores (a KV group's heads adjacent, as
     `score_keys_per_head` writes them) -> [B, H, N] int32 original position of each slot, the
-    same order as `sort_within_segments` on the group sums."""
+    same order as `sort_within_segments` on the group sums (and its `sort` flags per segment,
+    int32 [N // segment_size]: segments flagged 0 keep their order and their scores are not read)."""
     G = per_head.shape[0] // (B * H)
     order = torch.empty(B, H, N, device=per_head.device, dtype=torch.int32)
     grid = (triton.cdiv(N, segment_size), B * H)
-    _segment_order_kernel[grid](per_head, order, N, G, SEG=segment_size,
-                                SEG_P2=triton.next_power_of_2(segment_size), num_warps=4)
+    _segment_order_kernel[grid](per_head, order, order if sort is None else sort, N, G, SEG=segment_size,
+                                SEG_P2=triton.next_power_of_2(segment_size), HAS_SORT=sort is not None, num_warps=4)
     return order

@@ -28,40 +28,66 @@ _TARGET_PROGRAMS = 1024
 
 @triton.jit
 def _lse_pass(
-    Q, K, MPART, LPART,
+    Q, K, MPART, LPART, CHUNKS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     N, HQ, G, NC, TILES_PER_CHUNK, qk_scale, QOFF,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
     i_c = tl.program_id(0)
     i_bhq = tl.program_id(1)
     i_b = (i_bhq // HQ).to(tl.int64)
     i_hq = (i_bhq % HQ).to(tl.int64)
     i_h = i_hq // G
+    if PACKED:
+        # A packed batch (`pbs_kernels.packing`): the chunk table's row (columns C_T0 .. C_SEQ)
+        # gives the tile range, the sequence's length and query offset and its packed rows.
+        p_c = CHUNKS + i_c * 8
+        t0 = tl.load(p_c)
+        t1 = tl.load(p_c + 1)
+        n_len = tl.load(p_c + 2)
+        q_off = tl.load(p_c + 3)
+        k_row0 = tl.load(p_c + 4).to(tl.int64)
+        q_row0 = tl.load(p_c + 5).to(tl.int64)
+    else:
+        t0 = i_c * TILES_PER_CHUNK
+        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
+        n_len = N
+        q_off = QOFF
+        k_row0 = 0
+        q_row0 = 0
 
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
-    q_pos = N - BLOCK_M + o_m
+    q_pos = n_len - BLOCK_M + o_m
     # [BLOCK_M, HEAD_DIM], resident for the whole chunk
-    # (Q's rows are the last N - QOFF of the N positions: a chunk against its cached prefix)
-    b_q = tl.load(Q + i_b * stride_qb + i_hq * stride_qh + (q_pos - QOFF)[:, None] * stride_qn + o_d[None, :])
-    p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[:, None]
+    # (Q's rows are the last n_len - q_off of the n_len positions: a chunk against its cached
+    # prefix; q_row0: the packed row of query 0)
+    p_q = Q + i_b * stride_qb + i_hq * stride_qh + (q_row0 + q_pos - q_off)[:, None] * stride_qn + o_d[None, :]
+    if PACKED:
+        # a packed sequence may have fewer queries than a block: the rows before them score nothing
+        b_q = tl.load(p_q, mask=(q_pos >= q_off)[:, None], other=0.0)
+    else:
+        b_q = tl.load(p_q)
+    p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[:, None] + k_row0 * stride_kn
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    t0 = i_c * TILES_PER_CHUNK
-    t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
     for t in range(t0, t1):
         o_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         # [HEAD_DIM, BLOCK_N]
-        b_kt = tl.load(p_k0 + o_n[None, :] * stride_kn, mask=o_n[None, :] < N, other=0.0)
+        if PACKED:
+            o_kn = o_n.to(tl.int64)  # a packed batch's rows times the stride can pass 2^31
+        else:
+            o_kn = o_n
+        b_kt = tl.load(p_k0 + o_kn[None, :] * stride_kn, mask=o_n[None, :] < n_len, other=0.0)
         if IEEE:
             b_s = tl.dot(b_q, b_kt, input_precision="ieee")
         else:
             b_s = tl.dot(b_q, b_kt)
         b_s = b_s * qk_scale
-        if t * BLOCK_N + BLOCK_N > N - BLOCK_M:  # only the last tiles meet the causal edge
+        if t * BLOCK_N + BLOCK_N > n_len - BLOCK_M:  # only the last tiles meet the causal edge
             b_s = tl.where(o_n[None, :] <= q_pos[:, None], b_s, float("-inf"))
         b_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
@@ -74,43 +100,77 @@ def _lse_pass(
 
 @triton.jit
 def _sum_pass(
-    Q, K, LSE, SCORE,
+    Q, K, LSE, SCORE, CHUNKS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    N, HQ, G, TILES_PER_CHUNK, qk_scale, QOFF,
+    N, HQ, G, TILES_PER_CHUNK, qk_scale, QOFF, NS, NSEQ,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
+    # NS: length of a score row (N, or the virtual length of a packed batch); NSEQ: sequences
+    # whose LSE rows LSE holds side by side (1 unless packed).
     i_c = tl.program_id(0)
     i_bhq = tl.program_id(1)
     i_b = (i_bhq // HQ).to(tl.int64)
     i_hq = (i_bhq % HQ).to(tl.int64)
     i_h = i_hq // G
+    if PACKED:
+        # A packed batch (`pbs_kernels.packing`): the chunk table's row (columns C_T0 .. C_SEQ)
+        # gives the tile range, the sequence's length and query offset and its packed rows.
+        p_c = CHUNKS + i_c * 8
+        t0 = tl.load(p_c)
+        t1 = tl.load(p_c + 1)
+        n_len = tl.load(p_c + 2)
+        q_off = tl.load(p_c + 3)
+        k_row0 = tl.load(p_c + 4).to(tl.int64)
+        q_row0 = tl.load(p_c + 5).to(tl.int64)
+        s_col0 = tl.load(p_c + 6).to(tl.int64)
+        i_seq = tl.load(p_c + 7)
+    else:
+        t0 = i_c * TILES_PER_CHUNK
+        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
+        n_len = N
+        q_off = QOFF
+        k_row0 = 0
+        q_row0 = 0
+        s_col0 = 0
+        i_seq = 0
 
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
-    q_pos = N - BLOCK_M + o_m
+    q_pos = n_len - BLOCK_M + o_m
     # [HEAD_DIM, BLOCK_M]: Q transposed, so the product is keys x queries
-    b_qt = tl.load(Q + i_b * stride_qb + i_hq * stride_qh + (q_pos - QOFF)[None, :] * stride_qn + o_d[:, None])
-    b_lse = tl.load(LSE + i_bhq.to(tl.int64) * BLOCK_M + o_m)
-    p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[None, :]
-    p_out = SCORE + i_bhq.to(tl.int64) * N
+    p_qt = Q + i_b * stride_qb + i_hq * stride_qh + (q_row0 + q_pos - q_off)[None, :] * stride_qn + o_d[:, None]
+    if PACKED:
+        m_q = q_pos >= q_off
+        b_qt = tl.load(p_qt, mask=m_q[None, :], other=0.0)
+    else:
+        b_qt = tl.load(p_qt)
+    b_lse = tl.load(LSE + (i_bhq.to(tl.int64) * BLOCK_M + o_m) * NSEQ + i_seq)
+    p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[None, :] + k_row0 * stride_kn
+    p_out = SCORE + i_bhq.to(tl.int64) * NS + s_col0
 
-    t0 = i_c * TILES_PER_CHUNK
-    t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
     for t in range(t0, t1):
         o_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
+        m_n = o_n < n_len
         # [BLOCK_N, HEAD_DIM]
-        b_k = tl.load(p_k0 + o_n[:, None] * stride_kn, mask=m_n[:, None], other=0.0)
+        if PACKED:
+            o_kn = o_n.to(tl.int64)  # a packed batch's rows times the stride can pass 2^31
+        else:
+            o_kn = o_n
+        b_k = tl.load(p_k0 + o_kn[:, None] * stride_kn, mask=m_n[:, None], other=0.0)
         if IEEE:
             b_st = tl.dot(b_k, b_qt, input_precision="ieee")
         else:
             b_st = tl.dot(b_k, b_qt)
         b_st = b_st * qk_scale
-        if t * BLOCK_N + BLOCK_N > N - BLOCK_M:
+        if t * BLOCK_N + BLOCK_N > n_len - BLOCK_M:
             b_st = tl.where(o_n[:, None] <= q_pos[None, :], b_st, float("-inf"))
-        # [BLOCK_N]: probability mass each key gets from this head's query rows
-        b_p = tl.sum(tl.exp2(b_st - b_lse[None, :]), 1)
+        # [BLOCK_N, BLOCK_M] -> [BLOCK_N]: probability mass each key gets from this head's query rows
+        b_e = tl.exp2(b_st - b_lse[None, :])
+        if PACKED:
+            b_e = tl.where(m_q[None, :], b_e, 0.0)
+        b_p = tl.sum(b_e, 1)
         tl.store(p_out + o_n, b_p, mask=m_n)
 
 
@@ -149,7 +209,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
         num_warps=num_warps, num_stages=num_stages,
     )
     grid = (NC, B * HQ)
-    _lse_pass[grid](q, k, m_part, l_part, NC=NC, **common)
+    _lse_pass[grid](q, k, m_part, l_part, m_part, NC=NC, **common)
     m_part = m_part.view(-1, NC)
     l_part = l_part.view(-1, NC)
     m_row = m_part.amax(dim=1, keepdim=True)
@@ -157,7 +217,46 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     # past a row's causal edge hold -inf and weigh 0).
     lse = (m_row + torch.log2((l_part * torch.exp2(m_part - m_row)).sum(dim=1, keepdim=True))).view(-1)
     per_head = torch.empty(B * HQ, N, device=dev, dtype=torch.float32)
-    _sum_pass[grid](q, k, lse.contiguous(), per_head, **common)
+    _sum_pass[grid](q, k, lse.contiguous(), per_head, per_head, NS=N, NSEQ=1, **common)
+    return per_head
+
+
+def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_size: int, scale: float,
+                             num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """Packed batches (`pbs_kernels.packing`): every sorted sequence's keys scored by its own
+    last query block (the rows before a short chunk's first query score nothing), in one launch
+    per pass over the layout's chunk table. q [1, HQ, total_q, D], k [1, H, total_k, D] packed
+    rows -> [HQ, n_virtual] float32 per query head, as `score_keys_per_head` (the columns of
+    sequences that are not sorted are left unwritten)."""
+    from ...packing import SCORE_BLOCK_N
+
+    _, HQ, _, D = q.shape
+    H = k.shape[1]
+    BLOCK_M = block_size
+    if num_stages is None:
+        num_stages = 3 if q.is_cuda else 1
+    NC, n_seq = layout.chunks.shape[0], layout.n_scored
+    dev = q.device
+    m_part = torch.empty(HQ * BLOCK_M * NC, device=dev, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    common = dict(
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        N=0, HQ=HQ, G=HQ // H, TILES_PER_CHUNK=0, qk_scale=scale * LOG2E, QOFF=0,
+        BLOCK_M=BLOCK_M, BLOCK_N=SCORE_BLOCK_N, HEAD_DIM=D, IEEE=q.dtype == torch.float32, PACKED=True,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    grid = (NC, HQ)
+    _lse_pass[grid](q, k, m_part, l_part, layout.chunks, NC=NC, **common)
+    # Each row's log2-sum-exp2 over its own sequence's chunks: [HQ * BLOCK_M, n_seq]
+    m_part = m_part.view(-1, NC)
+    l_part = l_part.view(-1, NC)
+    seq = layout.chunk_seq.expand_as(m_part)
+    m_seq = torch.full((m_part.shape[0], n_seq), float("-inf"), device=dev).scatter_reduce_(1, seq, m_part, "amax")
+    w = l_part * torch.exp2(m_part - m_seq.gather(1, seq))
+    lse = m_seq + torch.log2(torch.zeros_like(m_seq).index_add_(1, layout.chunk_seq, w))
+    per_head = torch.empty(HQ, layout.n_virtual, device=dev, dtype=torch.float32)
+    _sum_pass[grid](q, k, lse.contiguous(), per_head, layout.chunks, NS=layout.n_virtual, NSEQ=n_seq, **common)
     return per_head
 
 

@@ -46,26 +46,38 @@ def _block_logits(S, LOGW, row, i_h, o_k, m_k, NB, scale, NREP: tl.constexpr):
     return b_s
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_K", "NREP", "TOTAL"])
+@triton.autotune(configs=_configs(), key=["BLOCK_K", "NREP", "TOTAL", "PACKED"])
 @triton.jit
 def _select_kernel(
-    S, LOGW, SINK, MINPOS, MAXPOS, IDX, NOFF, NTOT,
+    S, LOGW, SINK, MINPOS, MAXPOS, IDX, NOFF, NTOT, BLK,
     NB, HQ, G, SPB, N, BS, threshold, scale, Q0, NQB, QOFF, W,
     BLOCK_K: tl.constexpr, SEG_P2: tl.constexpr, KEEP_ALL: tl.constexpr, ITERS: tl.constexpr,
-    NREP: tl.constexpr, TOTAL: tl.constexpr, WINDOW: tl.constexpr,
+    NREP: tl.constexpr, TOTAL: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     # i_q: the query block's index among the key blocks; rows of S and IDX start at QOFF's block
     # (queries that are the last M of N positions; 0 for prefill).
-    i_q = Q0 + tl.program_id(0)
     i_bh = tl.program_id(1)
     i_h = (i_bh // HQ) * (HQ // G) + (i_bh % HQ) // G  # flat (batch, kv head)
-    row = i_bh.to(tl.int64) * NQB + (i_q - QOFF // BS)
+    if PACKED:
+        # A packed batch (`pbs_kernels.packing`): BLK holds the layout's per-block rows, then the
+        # query blocks of this width class from Q0 on. A row only considers the key blocks of
+        # its own sequence (from kb0) and its sink is that sequence's first key's block.
+        i_q = tl.load(BLK + 8 * NB + Q0 + tl.program_id(0))
+        kb0 = tl.load(BLK + i_q)
+        first_q = tl.load(BLK + 3 * NB + i_q)
+        last_q = tl.load(BLK + 4 * NB + i_q)
+        dense = tl.load(BLK + 6 * NB + i_q)
+        row = i_bh.to(tl.int64) * NQB + i_q
+        o_k = kb0 + tl.arange(0, BLOCK_K)
+    else:
+        i_q = Q0 + tl.program_id(0)
+        row = i_bh.to(tl.int64) * NQB + (i_q - QOFF // BS)
+        o_k = tl.arange(0, BLOCK_K)
+        first_q = tl.maximum(i_q * BS, QOFF)
+        last_q = tl.minimum((i_q + 1) * BS - 1, N - 1)
 
     seg_start = (i_q // SPB) * SPB  # first block of the query's own segment
-    o_k = tl.arange(0, BLOCK_K)
     m_earlier = o_k < seg_start
-    first_q = tl.maximum(i_q * BS, QOFF)
-    last_q = tl.minimum((i_q + 1) * BS - 1, N - 1)
     if WINDOW:
         # Blocks wholly before every query's window are not candidates at all; those that
         # straddle its edge are kept in the masked part of the list.
@@ -120,7 +132,11 @@ def _select_kernel(
         m_keep = (b_bits >= lo) & (b_p > 0.0) & m_earlier
         if TOTAL:
             m_keep = m_keep & ((b_p * 0.0 + thr) > 0.0)  # thr broadcast to the row
-    sink = tl.load(SINK + i_h)
+    if PACKED:
+        m_keep = m_keep | (m_earlier & ((o_k * 0 + dense) != 0))  # a dense sequence keeps every causal tile
+        sink = tl.load(SINK + i_h.to(tl.int64) * NB + i_q)
+    else:
+        sink = tl.load(SINK + i_h)
     m_keep = m_keep | ((o_k == sink) & m_earlier)
 
     p_idx = IDX + row * NB
@@ -214,10 +230,77 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
         if q1 <= q0:
             continue  # a chunk's query blocks all need a wider row
         _select_kernel[(q1 - q0, B * HQ)](
-            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot,
+            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot, sink,
             nb, HQ, G, spb, N, block_size, float(threshold), float(scale), q0, nqb, q_off, int(window or 0),
             BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
-            NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None,
+            NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None, PACKED=False,
         )
         q0 = q1
     return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=block_size, q_block0=qb0)
+
+
+@triton.jit
+def _pool_packed_kernel(Q, QPOOL, BLK, stride_qh, stride_qn, NB, HQ,
+                        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # One program per (query block holding a query, query head): the fp32 mean of its queries,
+    # read from the packed rows.
+    i_q = tl.load(BLK + 8 * NB + tl.program_id(0))
+    i_hq = tl.program_id(1).to(tl.int64)
+    first_q = tl.load(BLK + 3 * NB + i_q)
+    last_q = tl.load(BLK + 4 * NB + i_q)
+    q_delta = tl.load(BLK + 5 * NB + i_q)
+    o_m = i_q * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    m_m = (o_m >= first_q) & (o_m <= last_q)
+    o_d = tl.arange(0, HEAD_DIM)
+    # [BLOCK_SIZE, HEAD_DIM]
+    b_q = tl.load(Q + i_hq * stride_qh + (o_m + q_delta).to(tl.int64)[:, None] * stride_qn + o_d[None, :],
+                  mask=m_m[:, None], other=0.0)
+    b_mean = tl.sum(b_q.to(tl.float32), 0) / (last_q - first_q + 1).to(tl.float32)
+    tl.store(QPOOL + (i_hq * NB + i_q) * HEAD_DIM + o_d, b_mean)
+
+
+def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, scale: float, key_stats=None,
+                                estimator: str = "mean", threshold_mass: str = "earlier",
+                                window: int | None = None) -> BlockList:
+    """Packed batches: the contract of `select_blocks_naive(..., packed=layout)` (q [1, HQ,
+    total_q, D] packed rows; k_perm / pos in virtual slots), one row per virtual block. The
+    pooled scores cover the whole virtual sequence (one GEMM); each query block's row starts at
+    its sequence's first block, so the row-width classes go by the block's index inside its
+    sequence."""
+    from ...packing import block_counts, packed_sinks, slot_valid
+
+    if threshold_mass not in ("earlier", "total"):
+        raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
+    _, HQ, _, D = q.shape
+    H, N = k_perm.shape[1], k_perm.shape[2]
+    G = HQ // H
+    b = layout.block_size
+    nb = layout.num_blocks
+    spb = layout.segment_size // b
+    if key_stats is None:
+        key_stats = key_block_stats(k_perm, pos, b, slot_valid(pos, layout))
+    k_pool, min_pos = key_stats
+    tables = layout.tables  # its 8 per-block rows, then the query blocks to pool and select
+    n_q = layout.qlist.numel()
+    q_pool = torch.zeros(HQ, nb, D, device=q.device, dtype=torch.float32)
+    if n_q:
+        _pool_packed_kernel[(n_q, HQ)](q, q_pool, tables, q.stride(1), q.stride(2), nb, HQ,
+                                       BLOCK_SIZE=b, HEAD_DIM=D, num_warps=4)
+    count = block_counts(layout) if estimator == "top" else None
+    reps, logw = block_representatives(k_perm, k_pool, b, estimator, count)
+    nrep = reps.shape[2]
+    s = pooled_scores(q_pool.view(1, H, G * nb, D), reps.reshape(1, H, nrep * nb, D)).reshape(1, HQ, nb, nrep, nb)
+    logw = s if logw is None else logw  # unused when NREP == 1
+    sink = packed_sinks(min_pos, layout)
+    max_pos = key_block_max_pos(pos, b) if window is not None else min_pos
+    idx = torch.empty(1, HQ, nb, nb, device=q.device, dtype=torch.int32)
+    n_off = torch.zeros(1, HQ, nb, device=q.device, dtype=torch.int32)  # blocks with no query keep nothing
+    n_tot = torch.zeros_like(n_off)
+    for width, start, count in layout.classes:
+        _select_kernel[(count, HQ)](
+            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot, tables,
+            nb, HQ, G, spb, N, b, float(threshold), float(scale), start, nb, 0, int(window or 0),
+            BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
+            NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None, PACKED=True,
+        )
+    return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=b, q_block0=0)

@@ -67,25 +67,43 @@ def earlier_threshold(threshold: float, p_own: torch.Tensor) -> torch.Tensor:
 
 def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
                         scale: float, estimator: str = "mean", threshold_mass: str = "earlier",
-                        window: int | None = None) -> BlockList:
+                        window: int | None = None, packed=None) -> BlockList:
     """q: [B, HQ, M, D] (the last M of the N positions); k_perm: [B, H, N, D] (permuted); pos:
     [B, H, N] original positions. estimator / threshold_mass: see `pbs_kernels.limits.ESTIMATORS`
     and `THRESHOLD_MASS`. With a sliding `window`, blocks wholly outside every query's window are
     never kept (nor counted in the mass), and earlier-segment blocks that straddle the window's
-    edge go to the masked part of the list."""
+    edge go to the masked part of the list.
+
+    packed (a `pbs_kernels.packing.PackedLayout`): a packed batch. q is then [1, HQ, total_q, D]
+    in packed rows, k_perm / pos [1, H, n_virtual(, D)] in virtual slots, and the list has one
+    row per virtual block: a query block only considers key blocks of its own sequence, its
+    sink is the block holding its sequence's first key, a dense sequence's rows keep every
+    earlier block, and blocks with no query keep nothing."""
     B, HQ, M, D = q.shape
     H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
     nb = -(-N // block_size)
-    q0, seg_q, first_q, last_q = query_geometry(N, M, block_size, segment_size, q.device)
     seg_k = torch.arange(nb, device=q.device) // (segment_size // block_size)
+    if packed is None:
+        q0, seg_q, first_q, last_q = query_geometry(N, M, block_size, segment_size, q.device)
+        q_pool = pool_query_blocks(q, block_size, N - M)
+        k_pool, min_pos = key_block_stats(k_perm, pos, block_size)  # min_pos: [B, H, NKB]
+    else:
+        from ...blocks import pool_query_blocks_packed
+        from ...packing import DENSE, KB0, QHI, QLO, block_counts, packed_sinks, slot_valid
 
-    q_pool = pool_query_blocks(q, block_size, N - M)
-    k_pool, min_pos = key_block_stats(k_perm, pos, block_size)  # min_pos: [B, H, NKB]
-    reps, logw = block_representatives(k_perm, k_pool, block_size, estimator)
+        q0, seg_q = 0, seg_k
+        first_q, last_q = packed.blk[QLO].long(), packed.blk[QHI].long()
+        q_pool = pool_query_blocks_packed(q, packed)
+        k_pool, min_pos = key_block_stats(k_perm, pos, block_size, slot_valid(pos, packed))
+    count = block_counts(packed) if packed is not None and estimator == "top" else None
+    reps, logw = block_representatives(k_perm, k_pool, block_size, estimator, count)
     # [B, HQ, NQB, NKB] estimated log-mass of each tile
     s_all = estimated_block_logits(q_pool, reps, logw, scale)
     earlier = (seg_k[None, :] < seg_q[:, None])[None, None]  # [1, 1, NQB, NKB]
+    if packed is not None:
+        blocks_k = torch.arange(nb, device=q.device)
+        earlier = earlier & (blocks_k[None, :] >= packed.blk[KB0].long()[:, None])
     in_window = torch.ones_like(earlier)
     straddle = torch.zeros_like(earlier)
     if window is not None:
@@ -114,6 +132,14 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
 
     # The sink: the block that holds original token 0, for every query block past segment 0
     # (unless a sliding window has left it behind).
-    sink = (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :] & cand
+    if packed is None:
+        sink = (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :] & cand
+    else:
+        sink_blk = packed_sinks(min_pos, packed).repeat_interleave(G, dim=1)  # [B, HQ, NQB]
+        sink = (blocks_k == sink_blk[..., None].long()) & cand
+        off = torch.where((packed.blk[DENSE] != 0)[:, None], cand, off)  # dense rows keep all
     off = off | sink
+    if packed is not None:
+        has_q = (first_q <= last_q)[:, None]
+        off, diag = off & has_q, diag & has_q
     return compact(off & ~straddle, diag, block_size, q0, masked_off=off & straddle)
