@@ -70,6 +70,7 @@ class PbsConfig:
     min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
     estimator: str = "mean"
     threshold_mass: str = "earlier"
+    vertical_keys: int = 0
 
 
 @dataclass
