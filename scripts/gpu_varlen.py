@@ -62,7 +62,7 @@ def correctness(dev, threshold, seed):
     q, k, v, cu_q, cu_k, seqs = random_batch(shapes, dev, seed)
     mq, mk = max(m for _, m in shapes), max(n for n, _ in shapes)
     for kw in ({}, {"window": 1500}, {"sinks": torch.randn(HQ, device=dev)}, {"softcap": 30.0}):
-        out = pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, threshold=1.0, **kw)
+        out = pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, threshold=1.0, packed=True, **kw)
         worst = 0.0
         for i, (s, (n, m)) in enumerate(zip(seqs, shapes)):
             if m == 0:
@@ -73,7 +73,7 @@ def correctness(dev, threshold, seed):
         rows.append({"check": f"threshold 1.0 vs fp32 dense {kw and list(kw)[0] or 'plain'}", "worst_rel": worst,
                      "ok": ok})
     knobs = dict(threshold=threshold, return_stats=True)
-    out, st = pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, **knobs)
+    out, st = pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, packed=True, **knobs)
     ref_out, ref_st = _varlen_per_sequence(q, k, v, cu_q.tolist(), cu_k.tolist(), None, backend="auto", **knobs)
     same = total = 0
     for a, b in zip(st, ref_st):
@@ -125,7 +125,7 @@ def timing(dev, name, lens, threshold):
     knobs = dict(threshold=threshold, scale=scale)
     views = [tuple(t for t in w) for w in ws]
     methods = {
-        "pbs-packed": lambda: pbs_attention_varlen(q, k, v, cu, cu, longest, longest, **knobs),
+        "pbs-packed": lambda: pbs_attention_varlen(q, k, v, cu, cu, longest, longest, packed=True, **knobs),
         "pbs-per-seq": lambda: _varlen_per_sequence(q, k, v, bounds, bounds, None, backend="auto", **knobs),
         "dense-per-seq": lambda: torch.cat([dense_causal_attention(a, b, c, scale=scale)[0].transpose(0, 1)
                                             for a, b, c in views]),

@@ -44,6 +44,9 @@ class PbsStats:
     extra_density: own-segment tiles above the block diagonal that permutation made necessary
         (an early key moved behind the diagonal block), per causal tile; the work is
         density + extra_density of dense causal attention.
+    vertical_density: keys attended through `vertical_keys`, in tiles of block_size^2 pairs
+        per causal tile (an upper bound; 0 when off): the work is density + extra_density +
+        vertical_density of dense causal attention.
     """
 
     density: float
@@ -52,6 +55,7 @@ class PbsStats:
     blocks: BlockList | None = None
     pos: torch.Tensor | None = None
     extra_density: float = 0.0
+    vertical_density: float = 0.0
 
 
 def _fast_sdpa_order():
@@ -138,7 +142,7 @@ def dense_causal_attention(q, k, v, *, scale: float | None = None, window: int |
 
 
 def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator="mean",
-              threshold_mass="earlier", window=None, sinks=None, softcap=None):
+              threshold_mass="earlier", window=None, sinks=None, softcap=None, vertical_keys=0):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pbs_attention: {name} must be a 4-D tensor [B, heads, N, D]")
@@ -189,6 +193,9 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         raise ValueError(f"pbs_attention: sinks must be a tensor of one logit per query head, shape ({HQ},)")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"pbs_attention: softcap {softcap} must be > 0 (or None)")
+    if isinstance(vertical_keys, bool) or int(vertical_keys) != vertical_keys or not 0 <= vertical_keys <= block_size:
+        raise ValueError(f"pbs_attention: vertical_keys {vertical_keys} must be an integer from 0 to block_size "
+                         f"{block_size} (the slots lie in a segment's first block)")
 
 
 def _upcast_for_interpreter(backend: str, *ts: torch.Tensor):
@@ -343,6 +350,7 @@ class PbsPlan:
     window: int | None = None
     sinks: torch.Tensor | None = None
     softcap: float | None = None
+    vertical_keys: int = 0
 
     def attend(self, q: torch.Tensor, *, return_lse: bool = False):
         """Output [B, HQ, M, D] in q's dtype (and the natural-log LSE [B, HQ, M] fp32 over the
@@ -351,7 +359,8 @@ class PbsPlan:
         (qc,) = _upcast_for_interpreter(self.backend, q)
         k, v = (self.k, self.v) if self.k.dtype == qc.dtype else (self.k.to(qc.dtype), self.v.to(qc.dtype))
         res = attend(qc, k, v, self.pos, self.blocks, scale=self.scale, backend=self.backend, return_lse=return_lse,
-                     window=self.window, sinks=self.sinks, softcap=self.softcap)
+                     window=self.window, sinks=self.sinks, softcap=self.softcap,
+                     vertical_keys=self.vertical_keys, segment_size=self.segment_size)
         out, lse = res if return_lse else (res, None)
         out = out.to(dtype)
         return (out, lse) if return_lse else out
@@ -359,17 +368,25 @@ class PbsPlan:
     def density_per_head(self) -> torch.Tensor:
         return self.blocks.density_per_head()
 
+    def vertical_density(self) -> float:
+        """Keys attended through `vertical_keys`, in tiles per causal tile (an upper bound; 0 when
+        off): the work is density + extra density + this of dense causal attention."""
+        if not self.vertical_keys:
+            return 0.0
+        keys = self.blocks.vertical_keys_per_head(self.segment_size, self.vertical_keys).float()
+        return float((keys / (self.blocks.causal_tiles * self.block_size)).mean())
+
 
 def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, threshold: float = 0.9,
              permute: bool = True, scale: float | None = None, backend: str = "auto",
              estimator: str = "mean", threshold_mass: str = "earlier", window: int | None = None,
              sinks: torch.Tensor | None = None, softcap: float | None = None,
-             cache: PbsPrefixCache | None = None) -> PbsPlan:
+             cache: PbsPrefixCache | None = None, vertical_keys: int = 0) -> PbsPlan:
     """Steps 1 and 2 for q [B, HQ, M, D] (the last M of the N positions), k/v [B, H, N, D]: a
     PbsPlan (never dense; see `pbs_attention` for the short-prompt fallback). Same checks and
     knobs as pbs_attention."""
     _validate(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass, window, sinks,
-              softcap)
+              softcap, vertical_keys)
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if window is not None and window >= k.shape[2]:
@@ -380,7 +397,8 @@ def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, thresho
                           scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass,
                           window=window)
     return PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, block_size, segment_size, float(threshold),
-                   keys.permuted, estimator, threshold_mass, window, sinks, None if softcap is None else float(softcap))
+                   keys.permuted, estimator, threshold_mass, window, sinks, None if softcap is None else float(softcap),
+                   int(vertical_keys))
 
 
 def pbs_attention(
@@ -402,6 +420,7 @@ def pbs_attention(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     cache: PbsPrefixCache | None = None,
+    vertical_keys: int = 0,
 ):
     """Causal Permuted Block-Sparse attention for prefill.
 
@@ -424,6 +443,10 @@ def pbs_attention(
     per head in every softmax denominator (gpt-oss). softcap: scores become
     softcap * tanh(scale * q.k / softcap) (Gemma 2). Selection ignores sinks and soft-capping.
     cache: a PbsPrefixCache shared by the chunks of one prompt (reuses completed segments' order).
+    vertical_keys: n > 0 also attends, exactly, to the first n slots of every earlier segment whose
+    first block a query block did not keep: after permutation those are the segment's keys the
+    last query block attends to most, so scattered keys that every query needs (vertical lines)
+    are not lost with the tiles that hold them (`pbs_kernels.limits.VERTICAL_KEYS`).
 
     Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
     equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
@@ -436,7 +459,7 @@ def pbs_attention(
     Returns the output [B, HQ, M, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
     _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
-              window, sinks, softcap)
+              window, sinks, softcap, vertical_keys)
     B, HQ, M, D = q.shape
     N = k.shape[2]
     scale = default_scale(D) if scale is None else float(scale)
@@ -448,7 +471,8 @@ def pbs_attention(
 
     plan = pbs_plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
                     permute=permute, scale=scale, backend=backend, estimator=estimator,
-                    threshold_mass=threshold_mass, window=window, sinks=sinks, softcap=softcap, cache=cache)
+                    threshold_mass=threshold_mass, window=window, sinks=sinks, softcap=softcap, cache=cache,
+                    vertical_keys=vertical_keys)
     out = plan.attend(q)
     if plan.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _ForwardOnly.apply(out, q, k, v)
@@ -457,7 +481,7 @@ def pbs_attention(
     per_head = plan.blocks.density_per_head().cpu()
     extra = float(plan.blocks.extra_density_per_head().mean())
     return out, PbsStats(float(per_head.mean()), per_head, dense=False, blocks=plan.blocks, pos=plan.pos,
-                         extra_density=extra)
+                         extra_density=extra, vertical_density=plan.vertical_density())
 
 
 def _varlen_bounds(name: str, cu: torch.Tensor, total: int, max_len: int) -> list[int]:
@@ -568,6 +592,15 @@ def _varlen_packed(out, stats, q, k, v, layout, *, scale, backend, threshold, wi
                               else _sequence_stats(blocks, pos, s, layout))
 
 
+def _one_dominates(bk: list[int]) -> bool:
+    """True when one sequence holds at least half of the batch's keys: then one pbs_attention per
+    sequence is faster than packing, whose block tables are quadratic in the packed length. On an
+    H200 (scripts/gpu_varlen.py, BENCHMARKS section 9) 4K+16K+32K+64K took 12.4 ms per sequence
+    and 13.5 ms packed, while 16 x 4K took 24.6 ms per sequence and 4.2 ms packed."""
+    lengths = [b1 - b0 for b0, b1 in zip(bk, bk[1:])]
+    return len(lengths) > 1 and 2 * max(lengths) >= sum(lengths)
+
+
 def pbs_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -591,6 +624,8 @@ def pbs_attention_varlen(
     caches: list[PbsPrefixCache] | None = None,
     estimator: str = "mean",
     threshold_mass: str = "earlier",
+    vertical_keys: int = 0,
+    packed: bool | None = None,
 ):
     """PBS attention over packed independent sequences, in flash-attn's varlen convention.
 
@@ -616,8 +651,11 @@ def pbs_attention_varlen(
     block_size)^2 bytes each (the scores once per representative; the "top" estimator has 3).
 
     Batches whose quadratic tables would pass `packing.PACKED_TABLE_BYTES` are cut into
-    several packed groups (one launch per op per group); `caches` (one PbsPrefixCache per
-    sequence) take one pbs_attention call per sequence.
+    several packed groups (one launch per op per group). One pbs_attention call per sequence
+    instead: with `caches` (one PbsPrefixCache per sequence), with `vertical_keys` (in a packed
+    row the earlier segments may be another sequence's), and by default (`packed=None`) when one
+    sequence holds at least half of the keys (`_one_dominates`: faster there). `packed=True` /
+    `False` forces the choice where both are possible.
 
     Returns the output [total_q, HQ, D] in q's dtype, and with `return_stats=True` also a list
     of PbsStats, one per sequence (None for a sequence with no query).
@@ -640,13 +678,15 @@ def pbs_attention_varlen(
         raise ValueError(f"pbs_attention_varlen: {len(caches)} caches for {n_seq} sequences; pass one per sequence")
     knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
                  min_seq_len=min_seq_len, scale=scale, backend=backend, return_stats=return_stats, window=window,
-                 sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass)
-    if caches is not None or q.shape[0] == 0:
+                 sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass,
+                 vertical_keys=vertical_keys)
+    if caches is not None or q.shape[0] == 0 or vertical_keys or packed is False or (
+            packed is None and _one_dominates(bk)):
         return _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs)
     # The per-sequence checks, once, on the shapes every sequence shares.
     _validate(q[:1].transpose(0, 1).unsqueeze(0), k[:1].transpose(0, 1).unsqueeze(0),
               v[:1].transpose(0, 1).unsqueeze(0), block_size, segment_size, threshold, backend, min_seq_len,
-              estimator, threshold_mass, window, sinks, softcap)
+              estimator, threshold_mass, window, sinks, softcap, vertical_keys)
     from .ops.select.fused import MAX_ROW
     from .packing import packed_groups, packed_layout
 

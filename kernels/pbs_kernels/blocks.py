@@ -85,6 +85,23 @@ class BlockList:
         mask.scatter_(3, idx, True)
         return mask[..., :nb]
 
+    def vertical_segments(self, segment_size: int) -> torch.Tensor:
+        """[B, HQ, NQB, NSEG] bool: for each query block, the earlier segments whose first block
+        it does not keep. Their top slots (after permutation, the keys the last query block
+        attends to most) are the extra keys `vertical_keys` attends to exactly. Built on the
+        device with no host sync, so a call stays capturable in a CUDA graph."""
+        spb = segment_size // self.block_size
+        kept_first = self.dense_mask()[..., ::spb]  # [B, HQ, NQB, NSEG]
+        nseg = kept_first.shape[-1]
+        seg_q = torch.arange(self.q_block0, self.num_blocks, device=self.idx.device) // spb
+        earlier = torch.arange(nseg, device=self.idx.device)[None, :] < seg_q[:, None]
+        return earlier & ~kept_first
+
+    def vertical_keys_per_head(self, segment_size: int, vertical_keys: int) -> torch.Tensor:
+        """Extra keys each query block attends to under `vertical_keys`, summed per (batch,
+        head): [B, HQ] int64 (an upper bound: the last segment's slots may be short)."""
+        return self.vertical_segments(segment_size).sum(dim=(-1, -2), dtype=torch.int64) * int(vertical_keys)
+
 
 def identity_positions(B: int, H: int, N: int, device) -> torch.Tensor:
     """Slot positions of keys in their original order: [B, H, N] int32 (a contiguous tensor, as

@@ -17,3 +17,11 @@ ESTIMATORS = ("mean", "top")
 # "total" = the estimated mass of the whole causal row, own segment included (a local head whose
 # own segment holds most of the mass then keeps few earlier tiles).
 THRESHOLD_MASS = ("earlier", "total")
+# Extra exact keys per earlier segment ("vertical" keys): a query block also attends to the top
+# `vertical_keys` slots of every earlier segment whose first block it did not keep. After
+# permutation those slots hold the keys the last query block attends to most, i.e. the
+# scattered keys every query needs (the vertical lines of long-context attention). 0 = off.
+# Any 0 <= n <= block_size (the slots must lie in the segment's first block); 0 = off. Cost:
+# n / segment_size of dense attention's keys at most (2/256 = 0.8%). `pbs tune` searches these:
+VERTICAL_KEYS = (0, 2, 8)
+assert max(VERTICAL_KEYS) <= min(BLOCK_SIZES)

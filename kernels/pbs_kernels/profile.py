@@ -66,6 +66,7 @@ _LAYER_FIELDS: dict[str, tuple[str, Any, str]] = {
     "dense": ("bool", None, "true or false"),
     "estimator": ("str", lambda v: v in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}"),
     "threshold_mass": ("str", lambda v: v in THRESHOLD_MASS, f"one of {', '.join(THRESHOLD_MASS)}"),
+    "vertical_keys": ("int", lambda v: 0 <= v <= max(BLOCK_SIZES), "an integer from 0 to block_size"),
 }
 
 
@@ -103,6 +104,9 @@ def _check_layer(values: Mapping[str, Any], where: str, explicit: Mapping[str, A
             f"{where}.segment_size = {segment} is not a multiple of block_size {block}; "
             "allowed a positive multiple of block_size"
         )
+    if out["vertical_keys"] > block:
+        raise ProfileError(f"{where}.vertical_keys = {out['vertical_keys']} exceeds block_size {block}; "
+                           "allowed an integer from 0 to block_size")
     return out
 
 
@@ -136,11 +140,20 @@ class LayerConfig:
     # (pbs_kernels.limits); neither wins everywhere (BENCHMARKS.md, section 8), so tune searches them.
     estimator: str = "mean"
     threshold_mass: str = "earlier"
+    # Exact keys per earlier segment beyond the kept tiles (pbs_kernels.limits.VERTICAL_KEYS).
+    vertical_keys: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
         # threshold: 1 (an int) is valid; store a float so kernels see one type.
         object.__setattr__(self, "threshold", float(self.threshold))
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """The pbs_plan / pbs_attention keywords this layer sets (min_seq_len and dense are the
+        caller's to apply)."""
+        return dict(block_size=self.block_size, segment_size=self.segment_size, threshold=self.threshold,
+                    permute=self.permute, estimator=self.estimator, threshold_mass=self.threshold_mass,
+                    vertical_keys=self.vertical_keys)
 
     def validate(self) -> LayerConfig:
         """Raise ProfileError naming the field and its allowed range; return self when valid."""

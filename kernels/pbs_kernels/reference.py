@@ -59,10 +59,12 @@ def dense_reference(q, k, v, scale: float | None = None, *, budget_bytes: int = 
     return out
 
 
-def tile_reference(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks: Iterable[int], scale: float):
-    """Exact fp32 attention over the kept tiles for the query blocks `query_blocks` only:
-    (out [B, HQ, R, D] fp32, rows [R] long query positions)."""
-    out, _, rows = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, list(query_blocks), scale=scale)
+def tile_reference(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks: Iterable[int], scale: float,
+                   vertical_keys: int = 0, segment_size: int | None = None):
+    """Exact fp32 attention over the kept tiles (and vertical keys) for the query blocks
+    `query_blocks` only: (out [B, HQ, R, D] fp32, rows [R] long query positions)."""
+    out, _, rows = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, list(query_blocks), scale=scale,
+                                       vertical_keys=vertical_keys, segment_size=segment_size)
     return out, rows
 
 

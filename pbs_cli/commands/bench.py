@@ -283,7 +283,8 @@ def _config_line(report: BenchReport) -> str:
     cfg = report.pbs
     return (f"PBS block {cfg.block_size}, segment {cfg.segment_size}, threshold {cfg.threshold:g}, "
             f"permute {'on' if cfg.permute else 'off'}, estimator {cfg.estimator}, threshold over "
-            f"{cfg.threshold_mass} mass ({cfg.source}); workload {report.workload}")
+            f"{cfg.threshold_mass} mass, vertical keys {cfg.vertical_keys} ({cfg.source}); "
+            f"workload {report.workload}")
 
 
 def _title(r) -> str:

@@ -309,7 +309,7 @@ def test_json_schema(json_run):
     assert "correctness only" in env["timing"]
     assert doc["pbs"] == {"block_size": 128, "segment_size": 256, "threshold": 0.9, "permute": True,
                           "source": "defaults", "min_seq_len": 16384, "estimator": "mean",
-                          "threshold_mass": "earlier"}
+                          "threshold_mass": "earlier", "vertical_keys": 0}
     assert doc["workload"] == "synthetic" and doc["settings"]["seq_lens"] == [512]
     (res,) = doc["results"]
     assert (res["seq_len"], res["heads"], res["kv_heads"], res["head_dim"], res["batch"]) == (512, 4, 2, 64, 1)
@@ -387,6 +387,26 @@ def test_flex_and_noperm_on_small_blocks(tmp_path, small_profile):
     assert rows["flex.attend"]["error"] == pytest.approx(rows["pbs"]["error"], rel=1e-3, abs=1e-5)
     assert rows["flex.attend"]["kernel_error"] < 1e-4 and rows["pbs"]["kernel_error"] < 1e-4
     assert rows["pbs-noperm"]["status"] == "ok" and rows["pbs-noperm"]["density"] > 0
+
+
+def test_vertical_keys_from_the_profile(tmp_path):
+    # The same tiles as without them, more work, a lower error on the vertical-slash workload, and
+    # the kernel still checked against a reference that adds the same keys; flex has none.
+    docs = {}
+    for n in (0, 2):
+        prof = tmp_path / f"v{n}.yaml"
+        prof.write_text("schema_version: 1\ndefaults: {block_size: 32, segment_size: 128, threshold: 0.7, "
+                        f"permute: true, min_seq_len: 0, dense: false, vertical_keys: {n}}}\n")
+        r = invoke(*TINY[:3], "1024", *TINY[4:], "--workload", "vertical", "--profile", str(prof),
+                   "--baselines", "flex", "--max-error", "1", "--format", "json", "--out", str(tmp_path / f"o{n}"))
+        assert r.exit_code == 0, r.output
+        docs[n] = json.loads(r.stdout)
+    assert docs[2]["pbs"]["vertical_keys"] == 2
+    off, on = (next(m for m in docs[n]["results"][0]["methods"] if m["method"] == "pbs") for n in (0, 2))
+    assert on["density"] == off["density"] and on["flops"] > off["flops"]
+    assert on["kernel_error"] < 1e-4 and on["error"] < 0.7 * off["error"], (on["error"], off["error"])
+    flex = next(m for m in docs[2]["results"][0]["methods"] if m["method"] == "flex")
+    assert flex["status"] == "skipped" and "vertical keys" in flex["note"]
 
 
 def test_error_gate_fails_rows_and_exits_1(tmp_path):

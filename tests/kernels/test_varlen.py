@@ -26,7 +26,7 @@ def _run(shapes, packed=True, seed=0, data=None, **kw):
     q, k, v, cu_q, cu_k, seqs = _batch(shapes, seed=seed, **(data or {}))
     mq, mk = max(m for _, m in shapes), max(n for n, _ in shapes)
     if packed:
-        return pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_stats=True, **kw), cu_q, seqs
+        return pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_stats=True, packed=True, **kw), cu_q, seqs
     return _varlen_per_sequence(q, k, v, cu_q.tolist(), cu_k.tolist(), None, return_stats=True, **kw), cu_q, seqs
 
 

@@ -357,10 +357,8 @@ def pbs_attention_forward(module, query, key, value, attention_mask, dropout: fl
     B, HQ, q_len, D = query.shape
     kv_len = key.shape[2]
     softcap = kwargs.get("softcap")
-    knobs = dict(block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
-                 permute=cfg.permute, min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
-                 return_stats=state.collect_stats, estimator=cfg.estimator, threshold_mass=cfg.threshold_mass,
-                 window=_window(kwargs, kv_len),
+    knobs = dict(cfg.plan_kwargs(), min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
+                 return_stats=state.collect_stats, window=_window(kwargs, kv_len),
                  sinks=kwargs.get("s_aux", kwargs.get("sinks")), softcap=None if softcap is None else float(softcap))
     layout = None
     if _has_cu_seqlens(kwargs):

@@ -71,6 +71,13 @@ class PbsConfig:
     min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
     estimator: str = "mean"
     threshold_mass: str = "earlier"
+    vertical_keys: int = 0
+
+    def runtime_kwargs(self) -> dict:
+        """The pbs_attention keywords of these knobs (min_seq_len included)."""
+        return dict(block_size=self.block_size, segment_size=self.segment_size, threshold=self.threshold,
+                    permute=self.permute, min_seq_len=self.min_seq_len, estimator=self.estimator,
+                    threshold_mass=self.threshold_mass, vertical_keys=self.vertical_keys)
 
 
 @dataclass

@@ -132,8 +132,8 @@ def chunk_case(bench, wl, n: int, chunk: int) -> SeqLenResult:
             result.methods.append(MethodResult("varlen-flash", UNAVAILABLE, note=_NO_VARLEN))
         del kp, vp
     bench.progress(desc, 2, 5)
-    knobs = dict(block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
-                 permute=cfg.permute, scale=scale, backend=bench.backend)
+    # min_seq_len 0: the sparse path at every length, as the whole-prompt "pbs" row
+    knobs = dict(cfg.runtime_kwargs(), min_seq_len=0, scale=scale, backend=bench.backend)
     # The steady state: the cache holds the order of the segments the earlier chunks completed,
     # from the previous chunk's call (untimed).
     warm = PbsPrefixCache()
@@ -196,8 +196,7 @@ def varlen_case(bench, lengths: list[int], make) -> SeqLenResult:
     else:
         result.methods.append(MethodResult("varlen-flash", UNAVAILABLE, note=_NO_VARLEN))
     bench.progress(desc, 2, 4)
-    knobs = dict(block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
-                 permute=cfg.permute, min_seq_len=cfg.min_seq_len, scale=scale, backend=bench.backend)
+    knobs = dict(cfg.runtime_kwargs(), scale=scale, backend=bench.backend)
     _, stats = pbs_attention_varlen(q, k, v, cu, cu, longest, longest, return_stats=True, **knobs)
     tiles = sum(st.density * n * n for st, n in zip(stats, lengths))
     row = _row(bench, "pbs-varlen", lambda: pbs_attention_varlen(q, k, v, cu, cu, longest, longest, **knobs), ref,

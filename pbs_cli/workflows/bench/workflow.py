@@ -84,6 +84,15 @@ def tile_flops(tiles: int, block_size: int, head_dim: int) -> float:
     return 4.0 * block_size * block_size * head_dim * tiles
 
 
+def plan_flops(blocks, head_dim: int, segment_size: int, vertical_keys: int) -> float:
+    """Work of a plan: its computed tiles, plus 4 * b * D flops per (query row, vertical key)."""
+    b = blocks.block_size
+    flops = tile_flops(int(blocks.tiles_per_head().sum()), b, head_dim)
+    if vertical_keys:
+        flops += 4.0 * b * head_dim * float(blocks.vertical_keys_per_head(segment_size, vertical_keys).sum())
+    return flops
+
+
 def check_blocks(num_blocks: int, block_size: int, segment_size: int, count: int = N_CHECK_BLOCKS) -> list[int]:
     """Query blocks sampled for kernel_error: spread over the sequence, the last one included
     (it keeps the most tiles), none in the first segment (dense there anyway)."""
@@ -171,7 +180,7 @@ def pbs_config(profile_path: Optional[str], layer: Optional[int]) -> tuple[PbsCo
                      f"{cfg.min_seq_len} tokens 'pbs-auto' times what a model runs there (pbs_attention's dense "
                      "fallback)")
     return PbsConfig(cfg.block_size, cfg.segment_size, float(cfg.threshold), bool(cfg.permute), source,
-                     int(cfg.min_seq_len), cfg.estimator, cfg.threshold_mass), notes
+                     int(cfg.min_seq_len), cfg.estimator, cfg.threshold_mass, int(cfg.vertical_keys)), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,22 +359,22 @@ class _Bench:
         D = q.shape[3]
         knobs = {"block_size": b, "segment_size": S, "scale": scale, "backend": be}
         rule = {"estimator": cfg.estimator, "threshold_mass": cfg.threshold_mass}
+        vk = cfg.vertical_keys
 
         # The stages one by one (each is timed alone below), as pbs_plan chains them; a second
         # selection at threshold 1.0 on the same keys gives the full-softmax lse recall needs.
         keys = permute_stage(q, k, v, permute=cfg.permute, **knobs)
         blocks = select_stage(q, keys, threshold=tau, **knobs, **rule)
-        plan = PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, b, S, tau, keys.permuted, **rule)
+        plan = PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, b, S, tau, keys.permuted, **rule, vertical_keys=vk)
         out, lse = plan.attend(q, return_lse=True)
         full = dataclasses.replace(plan, blocks=select_stage(q, keys, threshold=1.0, **knobs), threshold=1.0)
         _, lse_full = full.attend(q, return_lse=True)
         del full, _
         k_p, v_p, pos = plan.k, plan.v, plan.pos
         qblocks = check_blocks(blocks.num_blocks, b, S)
-        ref_rows, rows = tile_reference(q, k_p, v_p, pos, blocks, qblocks, scale)
+        ref_rows, rows = tile_reference(q, k_p, v_p, pos, blocks, qblocks, scale, vk, S)
 
-        tiles = int(blocks.tiles_per_head().sum())
-        flops = tile_flops(tiles, b, D)
+        flops = plan_flops(blocks, D, S, vk)
         density = float(blocks.density_per_head().mean())
         pbs = MethodResult("pbs", OK, flops=flops, density=density, recall=recall_of(lse, lse_full),
                            error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows))
@@ -373,7 +382,7 @@ class _Bench:
         pbs.selection_efficiency = self._efficiency(q, k, scale)
         pbs.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau,
                                                  permute=cfg.permute, min_seq_len=0, scale=scale, backend=be,
-                                                 **rule), N)
+                                                 vertical_keys=vk, **rule), N)
         if cfg.permute:
             t_perm = self.time(lambda: permute_stage(q, k, v, permute=True, **knobs), N)
             perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
@@ -392,7 +401,10 @@ class _Bench:
         rows_out = [pbs, perm_row, sel_row, att_row]
         if cfg.min_seq_len and N < cfg.min_seq_len:
             rows_out.append(self._auto(q, k, v, scale, ref))
-        if "flex" in want:
+        if "flex" in want and vk:
+            rows_out.append(MethodResult("flex", SKIPPED, note="FlexAttention runs the tiles only; "
+                                                               "the profile adds vertical keys"))
+        elif "flex" in want:
             rows_out += self._flex_rows(q, k_p, v_p, pos, blocks, scale, ref, ref_rows, rows, flops, density,
                                         pbs.recall, t_perm, t_sel)
             step()
@@ -419,10 +431,7 @@ class _Bench:
         cfg, N = self.cfg, q.shape[2]
 
         def call():
-            return pbs_attention(q, k, v, block_size=cfg.block_size, segment_size=cfg.segment_size,
-                                 threshold=cfg.threshold, permute=cfg.permute, min_seq_len=cfg.min_seq_len,
-                                 scale=scale, backend=self.backend, estimator=cfg.estimator,
-                                 threshold_mass=cfg.threshold_mass)
+            return pbs_attention(q, k, v, scale=scale, backend=self.backend, **cfg.runtime_kwargs())
 
         out = call()
         row = MethodResult("pbs-auto", OK, flops=causal_flops(*q.shape[:2], q.shape[3], N), density=1.0,
@@ -500,19 +509,21 @@ class _Bench:
         b, S, tau = cfg.block_size, cfg.segment_size, cfg.threshold
         rule = {"estimator": cfg.estimator, "threshold_mass": cfg.threshold_mass}
         plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False, scale=scale, backend=be,
-                        **rule)
+                        vertical_keys=cfg.vertical_keys, **rule)
         blocks = plan.blocks
         out, lse = plan.attend(q, return_lse=True)
-        ref_rows, rows = tile_reference(q, plan.k, plan.v, plan.pos, blocks, check_blocks(blocks.num_blocks, b, S), scale)
+        ref_rows, rows = tile_reference(q, plan.k, plan.v, plan.pos, blocks, check_blocks(blocks.num_blocks, b, S), scale,
+                                        cfg.vertical_keys, S)
         row = MethodResult(
-            "pbs-noperm", OK, flops=tile_flops(int(blocks.tiles_per_head().sum()), b, D),
+            "pbs-noperm", OK, flops=plan_flops(blocks, D, S, cfg.vertical_keys),
             density=float(blocks.density_per_head().mean()),
             # The full-density lse is a sum over the same keys in any order: reuse the permuted one.
             recall=recall_of(lse, lse_full), error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows),
         )
         del out, lse, blocks, plan, ref_rows
         row.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False,
-                                                 min_seq_len=0, scale=scale, backend=be, **rule), N)
+                                                 min_seq_len=0, scale=scale, backend=be,
+                                                 vertical_keys=cfg.vertical_keys, **rule), N)
         return self.gate(row)
 
 

@@ -101,23 +101,22 @@ class LayerEvaluator:
                                 time_ms=self.dense_ms, density_per_head=[1.0] * cap.q.shape[1])
         q, k, v, scale = cap.q, cap.k, cap.v, cap.scale
         be = self.backend
-        b, S = config.block_size, config.segment_size
-        knobs = dict(estimator=config.estimator, threshold_mass=config.threshold_mass)
-        plan = pbs_plan(q, k, v, block_size=b, segment_size=S, threshold=config.threshold, permute=config.permute,
-                        scale=scale, backend=be, **knobs)
+        b = config.block_size
+        plan = pbs_plan(q, k, v, scale=scale, backend=be, **config.plan_kwargs())
         out, lse = plan.attend(q, return_lse=True)
         error = output_error(out, self.ref_out)
         recall = recall_from_lse(lse, self.ref_lse)
         per_head = plan.density_per_head().float().cpu()
         density = float(per_head.mean())
+        # The vertical keys are work too (at most vertical_keys / segment_size of dense).
+        work = density + plan.vertical_density()
         del out, lse, plan
-        predicted = predicted_cost(block_size=b, permute=config.permute, density=density, n_tokens=self.n_tokens)
+        predicted = predicted_cost(block_size=b, permute=config.permute, density=work, n_tokens=self.n_tokens)
         time = None
         cost = predicted
         if self.cost_model == "measured":
             time = kernel_time_ms(
-                lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=config.threshold,
-                                      permute=config.permute, scale=scale, backend=be, **knobs),
+                lambda: pbs_attention(q, k, v, scale=scale, backend=be, **config.plan_kwargs()),
                 quick=True,
             )
             cost = time / self.dense_ms

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from pbs_kernels.limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS
+from pbs_kernels.limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS, VERTICAL_KEYS
 
 from ..errors import (PbsError, SeqLenTooShort, StorageDriverMissing, StorageInvalid, StorageUnwritable,
                       StudyMismatchError)
@@ -51,7 +51,8 @@ __all__ = [
     "trial_point",
 ]
 
-SPACE_VERSION = 2  # 2: estimator and threshold_mass searched (studies of version 1 are not resumed)
+# 2: estimator and threshold_mass searched; 3: vertical_keys searched (older studies are not resumed)
+SPACE_VERSION = 3
 # A layer setting whose output is off by more than this fraction of the output's norm is not a
 # candidate at any speed: the model would be broken there (typical chosen settings: 0.01-0.1).
 MAX_LAYER_ERROR = 0.35
@@ -106,7 +107,7 @@ class SearchSpace:
         }
 
     def config(self, block_size: int, segment_blocks: int, threshold: float, permute: bool,
-               estimator: str = "mean", threshold_mass: str = "earlier") -> LayerConfig:
+               estimator: str = "mean", threshold_mass: str = "earlier", vertical_keys: int = 0) -> LayerConfig:
         from pbs_kernels.profile import LayerConfig
 
         most = max(1, (self.n_tokens // 2) // block_size)
@@ -118,6 +119,7 @@ class SearchSpace:
             min_seq_len=self.min_seq_len,
             estimator=estimator,
             threshold_mass=threshold_mass,
+            vertical_keys=vertical_keys,
         )
 
     def suggest(self, trial: optuna.Trial) -> LayerConfig:
@@ -128,9 +130,11 @@ class SearchSpace:
         # Neither estimator nor threshold rule wins on every layer (BENCHMARKS.md, section 8).
         estimator = trial.suggest_categorical("estimator", list(ESTIMATORS))
         mass = trial.suggest_categorical("threshold_mass", list(THRESHOLD_MASS))
+        # Scattered keys every query needs are cheap to keep exactly (BENCHMARKS.md, section 11).
+        vertical = trial.suggest_categorical("vertical_keys", list(VERTICAL_KEYS))  # all <= the smallest block
         # Four decimals: what a profile shows, and finer than selection can tell apart.
         threshold = min(round(1.0 - tail, 4), 1.0 - MIN_TAIL)
-        return self.config(b, m, threshold, permute, estimator, mass)
+        return self.config(b, m, threshold, permute, estimator, mass, vertical)
 
     def params(self, config: LayerConfig) -> dict[str, Any]:
         """Trial parameters that reproduce `config` (for enqueue_trial)."""
@@ -138,7 +142,8 @@ class SearchSpace:
         blocks = config.segment_size // config.block_size
         m = min(self.segment_blocks, key=lambda s: (abs(s - blocks), s))
         return {"block_size": config.block_size, "segment_blocks": m, "tail": tail, "permute": config.permute,
-                "estimator": config.estimator, "threshold_mass": config.threshold_mass}
+                "estimator": config.estimator, "threshold_mass": config.threshold_mass,
+                "vertical_keys": min(VERTICAL_KEYS, key=lambda n: (abs(n - config.vertical_keys), n))}
 
 
 def seed_configs(space: SearchSpace, analysis: LayerAnalysis | None) -> list[LayerConfig]:
@@ -169,6 +174,8 @@ def seed_configs(space: SearchSpace, analysis: LayerAnalysis | None) -> list[Lay
         seeds.append(space.config(b, m, 0.9, not permute))
     # The estimator that sees lone strong keys, at the first threshold (section 8 of BENCHMARKS.md).
     seeds.append(space.config(b, m, thresholds[0], permute, "top"))
+    # Each segment's two strongest keys kept exactly (scattered "vertical" keys; section 11).
+    seeds.append(space.config(b, m, thresholds[0], permute, "mean", "earlier", 2))
     return seeds
 
 

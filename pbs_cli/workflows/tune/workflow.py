@@ -521,10 +521,8 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
         if cost_model == "measured":
             if key not in dense_ms:
                 dense_ms[key] = dense_time_ms(cap.q, cap.k, cap.v, scale=cap.scale)[0]
-            time_ms = kernel_time_ms(lambda: pbs_attention(
-                cap.q, cap.k, cap.v, block_size=cfg.block_size, segment_size=cfg.segment_size,
-                threshold=cfg.threshold, permute=cfg.permute, scale=cap.scale, estimator=cfg.estimator,
-                threshold_mass=cfg.threshold_mass))
+            time_ms = kernel_time_ms(lambda: pbs_attention(cap.q, cap.k, cap.v, scale=cap.scale,
+                                                           **cfg.plan_kwargs()))
             cost = time_ms / dense_ms[key]
         lr.heldout = {"error": m.error, "recall": m.recall, "density": m.density, "cost": cost,
                       "predicted_cost": m.predicted_cost, "time_ms": time_ms,

@@ -10,7 +10,9 @@ prefill): queries that are the last M of N positions (QOFF = N - M, the program'
 counted among the key blocks from QOFF // BLOCK_SIZE), a sliding window (WINDOW: the masked loop
 also drops keys at or before q_pos - W; selection puts window-straddling tiles in that loop and
 never keeps tiles wholly outside), learned sinks (HAS_SINK: one logit per head added to the
-softmax denominator) and logit soft-capping (SOFTCAP: tanh on each score tile).
+softmax denominator), logit soft-capping (SOFTCAP: tanh on each score tile) and vertical keys
+(TOPK > 0: after the tiles, the first TOPK slots of every earlier segment whose first block the
+row did not keep, gathered BLOCK_N at a time with a per-(row, segment) mask).
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 @triton.jit
 def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER,
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -76,11 +78,12 @@ def _attend_fwd_kernel(
     stride_pb, stride_ph,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
-    N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out,
+    stride_sb, stride_sh, stride_sq,
+    N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     # i_l: row of the block list; i_m: the query block's index among the key blocks.
@@ -165,6 +168,29 @@ def _attend_fwd_kernel(
             m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA,
                                          SOFTCAP, cap_in, cap_out)
 
+    if TOPK > 0:
+        # Vertical keys: slot g * SEG + r (r < TOPK) of each earlier segment g that VSEG marks
+        # (its first block not kept by this row). Pointer loads: the slots are strided, so
+        # tensor descriptors do not fit; KR / VR are the raw K / V.
+        n_c = (i_m * BLOCK_SIZE // SEG) * TOPK
+        p_seg = VSEG + i_b * stride_sb + i_hq * stride_sh + i_l * stride_sq
+        p_kr = KR + i_b * stride_kb + i_h * stride_kh
+        p_vr = VR + i_b * stride_vb + i_h * stride_vh
+        for c0 in range(0, n_c, BLOCK_N):
+            o_c = c0 + tl.arange(0, BLOCK_N)
+            o_g = o_c // TOPK
+            o_n = (o_g * SEG + o_c % TOPK).to(tl.int64)
+            m_c = o_c < n_c
+            m_c = m_c & (tl.load(p_seg + o_g, mask=m_c, other=0) != 0) & (o_n < N)
+            b_pos = tl.load(p_pos + o_n, mask=m_c, other=2147483647)
+            b_k = tl.load(p_kr + o_n[None, :] * stride_kn + o_d[:, None], mask=m_c[None, :], other=0.0)
+            b_v = tl.load(p_vr + o_n[:, None] * stride_vn + o_d[None, :], mask=m_c[:, None], other=0.0)
+            m_allow = m_c[None, :] & (b_pos[None, :] <= o_m[:, None])
+            if WINDOW:
+                m_allow = m_allow & (b_pos[None, :] > o_m[:, None] - W)
+            m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA,
+                                         SOFTCAP, cap_in, cap_out)
+
     if HAS_SINK:
         # The sink is one more logit in the denominator with no value: rescale to the larger max.
         b_sink = tl.load(SINKS + i_hq).to(tl.float32) * 1.4426950408889634
@@ -224,7 +250,8 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
-                  softcap: float | None = None, packed=None):
+                  softcap: float | None = None, packed=None, vertical_keys: int = 0,
+                  segment_size: int | None = None):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
     see `attend_packed_triton`."""
@@ -232,6 +259,8 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         _check(q, k_perm, v_perm, pos, blocks)
     elif return_lse:
         raise ValueError("attend: a packed batch returns no LSE")
+    if packed is not None and vertical_keys:
+        raise ValueError("attend: a packed batch has no vertical keys (earlier segments may be another sequence's)")
     B, HQ, M, D = q.shape
     N = k_perm.shape[2]
     H = k_perm.shape[1]
@@ -268,13 +297,17 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         cap_in, cap_out, qk_scale, fma_softmax = scale / softcap, softcap * LOG2E, 1.0, False
     else:
         cap_in = cap_out = 1.0
+    if vertical_keys:
+        vseg = blocks.vertical_segments(segment_size).to(torch.uint8)
+    else:
+        vseg, segment_size = blocks.n_total[..., None], b  # unused (TOPK = 0)
     grid = (nqb, B * HQ)
     if packed is not None:
         grid = (packed.attend_order.numel(), B * HQ)
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         sinks if sinks is not None else lse,
-        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order,
+        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, k_perm, v_perm, vseg,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -282,12 +315,13 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         pos.stride(0), pos.stride(1),
         blocks.idx.stride(0), blocks.idx.stride(1), blocks.idx.stride(2),
         blocks.n_off.stride(0), blocks.n_off.stride(1),
-        N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out),
+        vseg.stride(0), vseg.stride(1), vseg.stride(2),
+        N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        PACKED=packed is not None, num_warps=num_warps, num_stages=num_stages,
+        PACKED=packed is not None, TOPK=int(vertical_keys), num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
 

@@ -7,6 +7,10 @@ Serving shapes (docs/serving.md): q may hold only the last M of the N key positi
 against its cached prefix, bottom-right causal alignment); `window` keeps keys with
 q_pos - window < k_pos <= q_pos; `sinks` [HQ] adds one learned logit per head to every softmax
 denominator; `softcap` maps scores s to softcap * tanh(s / softcap) before the softmax.
+
+Vertical keys (`vertical_keys` = n > 0, with `segment_size`): a query block also attends to the
+first n slots of every earlier segment whose first block it did not keep
+(`BlockList.vertical_segments`): after permutation, each segment's strongest keys.
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ from ...blocks import BlockList
 
 def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks: Iterable[int], *, scale: float,
                         window: int | None = None, sinks: torch.Tensor | None = None,
-                        softcap: float | None = None):
-    """Exact fp32 attention over the kept tiles, for the query blocks `query_blocks` only
-    (indices among the key blocks, q_block0 .. NB - 1).
+                        softcap: float | None = None, vertical_keys: int = 0, segment_size: int | None = None):
+    """Exact fp32 attention over the kept tiles (and the vertical keys), for the query blocks
+    `query_blocks` only (indices among the key blocks, q_block0 .. NB - 1).
 
     Returns (out [B, HQ, R, D] fp32, lse [B, HQ, R] fp32 natural log (the sink included),
     rows [R] long: the query positions of those R rows). K/V rows are gathered from each query
@@ -35,6 +39,12 @@ def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks:
     dev = q.device
     bi = torch.arange(B, device=dev)[:, None, None]
     hi = (torch.arange(HQ, device=dev) // G)[None, :, None]
+    vert = None
+    if vertical_keys:
+        vert = blocks.vertical_segments(segment_size)  # [B, HQ, NQB, NSEG]
+        # slot of each (segment, r < n): the segment's first slots
+        vslot = (torch.arange(vert.shape[-1], device=dev)[:, None] * segment_size
+                 + torch.arange(vertical_keys, device=dev)).reshape(-1)
     outs, lses, rows = [], [], []
     for i in query_blocks:
         r0, r1 = max(i * b, q_off), min(N, (i + 1) * b)
@@ -45,6 +55,10 @@ def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks:
         slot = (ids[..., None] * b + torch.arange(b, device=dev)).reshape(B, HQ, w * b)
         ok = torch.arange(w, device=dev)[None, None, :, None] < cnt[..., None, None]
         ok = ok.expand(B, HQ, w, b).reshape(B, HQ, w * b) & (slot < N)
+        if vert is not None:
+            vok = vert[:, :, li].repeat_interleave(vertical_keys, dim=-1) & (vslot < N)
+            slot = torch.cat([slot, vslot.expand(B, HQ, -1)], dim=-1)
+            ok = torch.cat([ok, vok], dim=-1)
         slot = torch.where(ok, slot, 0)
         kk = k_perm[bi, hi, slot].float()  # [B, HQ, w*b, D]
         vv = v_perm[bi, hi, slot].float()
@@ -70,12 +84,14 @@ def attend_blocks_naive(q, k_perm, v_perm, pos, blocks: BlockList, query_blocks:
 
 
 def attend_naive(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
-                 window: int | None = None, sinks: torch.Tensor | None = None, softcap: float | None = None):
+                 window: int | None = None, sinks: torch.Tensor | None = None, softcap: float | None = None,
+                 vertical_keys: int = 0, segment_size: int | None = None):
     """q: [B, HQ, M, D] (the last M of N positions); k_perm, v_perm: [B, H, N, D]; pos: [B, H, N]
     original position of each permuted slot. Returns o [B, HQ, M, D] in q's dtype (and lse
     [B, HQ, M] float32, natural log)."""
     out, lse, _ = attend_blocks_naive(q, k_perm, v_perm, pos, blocks, range(blocks.q_block0, blocks.num_blocks),
-                                      scale=scale, window=window, sinks=sinks, softcap=softcap)
+                                      scale=scale, window=window, sinks=sinks, softcap=softcap,
+                                      vertical_keys=vertical_keys, segment_size=segment_size)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
