@@ -59,10 +59,13 @@ def test_vertical_keys_match_token_mask(N, M, HQ, H, D, dtype, n, window, tol):
     ref = masked_ref(q, plan.k, plan.v, mask | extra, plan.scale)
     kw = dict(scale=plan.scale, window=window, vertical_keys=n, segment_size=S)
     naive = attend_naive(q, plan.k, plan.v, plan.pos, plan.blocks, **kw)
-    out = torch.full_like(q, float("nan"))
-    attend_triton(q, plan.k, plan.v, plan.pos, plan.blocks, out=out, **kw)
-    assert not torch.isnan(out).any(), "some output rows were never written"
-    for got in (naive, out):
+    outs = []
+    for compact in (True, False):  # the slots gathered contiguous first, or read in place
+        out = torch.full_like(q, float("nan"))
+        attend_triton(q, plan.k, plan.v, plan.pos, plan.blocks, out=out, vertical_compact=compact, **kw)
+        assert not torch.isnan(out).any(), "some output rows were never written"
+        outs.append(out)
+    for got in (naive, *outs):
         assert rel_err(got, ref) < tol, f"rel {rel_err(got, ref):.2e}"
     without = attend_naive(q, plan.k, plan.v, plan.pos, plan.blocks, scale=plan.scale, window=window)
     assert rel_err(without, ref) > 10 * tol, "the vertical keys changed nothing"
@@ -94,3 +97,19 @@ def test_vertical_keys_bad_value(bad):
     q, k, v = rand_qkv(1, 2, 2, 300, 64)
     with pytest.raises(ValueError, match="vertical_keys"):
         pbs_attention(q, k, v, block_size=32, segment_size=64, vertical_keys=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compact", [True, False])
+def test_vertical_keys_on_the_gpu_bf16(compact):
+    N, M = 5003, 3001
+    q, k, v = rand_qkv(1, 8, 2, N, 128, torch.bfloat16, device="cuda")
+    q = q[:, :, N - M:].contiguous()
+    plan = pbs_plan(q, k, v, threshold=0.6, backend="triton", vertical_keys=4, window=2500)
+    assert plan.vertical_density() > 0
+    want = attend_naive(q.float(), plan.k.float(), plan.v.float(), plan.pos, plan.blocks, scale=plan.scale,
+                        window=2500, vertical_keys=4, segment_size=plan.segment_size)
+    got = attend_triton(q, plan.k, plan.v, plan.pos, plan.blocks, scale=plan.scale, window=2500, vertical_keys=4,
+                        segment_size=plan.segment_size, vertical_compact=compact)
+    assert rel_err(got, want) < 1e-2

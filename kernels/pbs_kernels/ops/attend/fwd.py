@@ -70,7 +70,7 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 @triton.jit
 def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG,
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -79,11 +79,12 @@ def _attend_fwd_kernel(
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
     stride_sb, stride_sh, stride_sq,
+    stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
     N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
-    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0,
+    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
 ):
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     # i_l: row of the block list; i_m: the query block's index among the key blocks.
@@ -170,21 +171,32 @@ def _attend_fwd_kernel(
 
     if TOPK > 0:
         # Vertical keys: slot g * SEG + r (r < TOPK) of each earlier segment g that VSEG marks
-        # (its first block not kept by this row). Pointer loads: the slots are strided, so
-        # tensor descriptors do not fit; KR / VR are the raw K / V.
+        # (its first block not kept by this row). VCOMPACT: KR / VR / VPOS hold just those slots,
+        # row c = g * TOPK + r, contiguous; else KR / VR are the raw K / V, read at the slots.
         n_c = (i_m * BLOCK_SIZE // SEG) * TOPK
         p_seg = VSEG + i_b * stride_sb + i_hq * stride_sh + i_l * stride_sq
-        p_kr = KR + i_b * stride_kb + i_h * stride_kh
-        p_vr = VR + i_b * stride_vb + i_h * stride_vh
+        if VCOMPACT:
+            p_kr = KR + i_b * stride_rb + i_h * stride_rh
+            p_vr = VR + i_b * stride_rb + i_h * stride_rh
+            p_pr = VPOS + i_b * stride_prb + i_h * stride_prh
+        else:
+            p_kr = KR + i_b * stride_kb + i_h * stride_kh
+            p_vr = VR + i_b * stride_vb + i_h * stride_vh
         for c0 in range(0, n_c, BLOCK_N):
             o_c = c0 + tl.arange(0, BLOCK_N)
             o_g = o_c // TOPK
             o_n = (o_g * SEG + o_c % TOPK).to(tl.int64)
             m_c = o_c < n_c
             m_c = m_c & (tl.load(p_seg + o_g, mask=m_c, other=0) != 0) & (o_n < N)
-            b_pos = tl.load(p_pos + o_n, mask=m_c, other=2147483647)
-            b_k = tl.load(p_kr + o_n[None, :] * stride_kn + o_d[:, None], mask=m_c[None, :], other=0.0)
-            b_v = tl.load(p_vr + o_n[:, None] * stride_vn + o_d[None, :], mask=m_c[:, None], other=0.0)
+            if VCOMPACT:
+                o_r64 = o_c.to(tl.int64)
+                b_pos = tl.load(p_pr + o_r64, mask=m_c, other=2147483647)
+                b_k = tl.load(p_kr + o_r64[None, :] * stride_rn + o_d[:, None], mask=m_c[None, :], other=0.0)
+                b_v = tl.load(p_vr + o_r64[:, None] * stride_rn + o_d[None, :], mask=m_c[:, None], other=0.0)
+            else:
+                b_pos = tl.load(p_pos + o_n, mask=m_c, other=2147483647)
+                b_k = tl.load(p_kr + o_n[None, :] * stride_kn + o_d[:, None], mask=m_c[None, :], other=0.0)
+                b_v = tl.load(p_vr + o_n[:, None] * stride_vn + o_d[None, :], mask=m_c[:, None], other=0.0)
             m_allow = m_c[None, :] & (b_pos[None, :] <= o_m[:, None])
             if WINDOW:
                 m_allow = m_allow & (b_pos[None, :] > o_m[:, None] - W)
@@ -251,7 +263,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
                   softcap: float | None = None, packed=None, vertical_keys: int = 0,
-                  segment_size: int | None = None):
+                  segment_size: int | None = None, vertical_compact: bool = True):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
     see `attend_packed_triton`."""
@@ -297,8 +309,16 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         cap_in, cap_out, qk_scale, fma_softmax = scale / softcap, softcap * LOG2E, 1.0, False
     else:
         cap_in = cap_out = 1.0
+    kr, vr, vpos = k_perm, v_perm, pos
     if vertical_keys:
         vseg = blocks.vertical_segments(segment_size).to(torch.uint8)
+        if vertical_compact:
+            # The vertical slots, contiguous: [B, H, NSEG * n, D] (2 MiB at 128K, n = 2, H = 8)
+            nseg = vseg.shape[-1]
+            slots = (torch.arange(nseg, device=q.device)[:, None] * segment_size
+                     + torch.arange(vertical_keys, device=q.device)).flatten().clamp(max=N - 1)
+            kr, vr = k_perm.index_select(2, slots), v_perm.index_select(2, slots)
+            vpos = pos.index_select(2, slots)
     else:
         vseg, segment_size = blocks.n_total[..., None], b  # unused (TOPK = 0)
     grid = (nqb, B * HQ)
@@ -307,7 +327,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         sinks if sinks is not None else lse,
-        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, k_perm, v_perm, vseg,
+        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -316,12 +336,13 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         blocks.idx.stride(0), blocks.idx.stride(1), blocks.idx.stride(2),
         blocks.n_off.stride(0), blocks.n_off.stride(1),
         vseg.stride(0), vseg.stride(1), vseg.stride(2),
+        kr.stride(0), kr.stride(1), kr.stride(2), vpos.stride(0), vpos.stride(1),
         N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        PACKED=packed is not None, TOPK=int(vertical_keys), num_warps=num_warps, num_stages=num_stages,
+        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
 
