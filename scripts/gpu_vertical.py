@@ -32,7 +32,7 @@ SWEEP = {  # workload -> [(estimator, threshold, vertical_keys)]
     "vertical": [(e, t, n) for e in ("mean", "top") for t in (0.8, 0.9, 0.95, 0.98) for n in (0, 2, 8)],
     "synthetic": [(e, t, n) for e in ("mean",) for t in (0.8, 0.9) for n in (0, 2, 8)],
     # run 2: lower thresholds with the mean estimate, where the vertical keys carry the error
-    "vertical-fine": [("mean", t, n) for t in (0.6, 0.7, 0.75) for n in (0, 1, 2)],
+    "vertical-fine": [("mean", t, n) for t in (0.6, 0.7, 0.75, 0.8) for n in (0, 1, 2)],
 }
 COMPACT = [("mean", 0.8, 2), ("top", 0.8, 2)]  # attend with the vertical slots gathered vs read in place
 

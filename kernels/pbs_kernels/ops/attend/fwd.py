@@ -190,15 +190,18 @@ def _attend_fwd_kernel(
             m_c = m_c & (tl.load(p_seg + o_g, mask=m_c, other=0) != 0) & (o_n < N)
             if VCOMPACT:
                 o_r64 = o_c.to(tl.int64)
-                b_pos = tl.load(p_pr + o_r64, mask=m_c, other=2147483647)
                 b_k = tl.load(p_kr + o_r64[None, :] * stride_rn + o_d[:, None], mask=m_c[None, :], other=0.0)
                 b_v = tl.load(p_vr + o_r64[:, None] * stride_rn + o_d[None, :], mask=m_c[:, None], other=0.0)
             else:
-                b_pos = tl.load(p_pos + o_n, mask=m_c, other=2147483647)
                 b_k = tl.load(p_kr + o_n[None, :] * stride_kn + o_d[:, None], mask=m_c[None, :], other=0.0)
                 b_v = tl.load(p_vr + o_n[:, None] * stride_vn + o_d[None, :], mask=m_c[:, None], other=0.0)
-            m_allow = m_c[None, :] & (b_pos[None, :] <= o_m[:, None])
+            # Keys of earlier segments are all in every query's past: only a window needs positions.
+            m_allow = m_c[None, :] & (o_m[:, None] >= 0)
             if WINDOW:
+                if VCOMPACT:
+                    b_pos = tl.load(p_pr + o_r64, mask=m_c, other=2147483647)
+                else:
+                    b_pos = tl.load(p_pos + o_n, mask=m_c, other=2147483647)
                 m_allow = m_allow & (b_pos[None, :] > o_m[:, None] - W)
             m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA,
                                          SOFTCAP, cap_in, cap_out)
@@ -318,7 +321,8 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
             slots = (torch.arange(nseg, device=q.device)[:, None] * segment_size
                      + torch.arange(vertical_keys, device=q.device)).flatten().clamp(max=N - 1)
             kr, vr = k_perm.index_select(2, slots), v_perm.index_select(2, slots)
-            vpos = pos.index_select(2, slots)
+            if window is not None:
+                vpos = pos.index_select(2, slots)
     else:
         vseg, segment_size = blocks.n_total[..., None], b  # unused (TOPK = 0)
     grid = (nqb, B * HQ)
