@@ -18,8 +18,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
-from triton.testing import do_bench
 
 from pbs_kernels import pbs_attention
 from pbs_kernels.attention import pbs_plan
@@ -28,6 +26,8 @@ from pbs_kernels.ops.attend import attend_naive
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_vertical_slash, make_workload
 
+from gpu_select_dev import cudnn_fn, med  # scripts/ is on the path when run as a script
+
 SWEEP = {  # workload -> [(estimator, threshold, vertical_keys)]
     "vertical": [(e, t, n) for e in ("mean", "top") for t in (0.8, 0.9, 0.95, 0.98) for n in (0, 2, 8)],
     "synthetic": [(e, t, n) for e in ("mean",) for t in (0.8, 0.9) for n in (0, 2, 8)],
@@ -35,21 +35,6 @@ SWEEP = {  # workload -> [(estimator, threshold, vertical_keys)]
     "vertical-fine": [("mean", t, n) for t in (0.6, 0.7, 0.75, 0.8) for n in (0, 1, 2)],
 }
 COMPACT = [("mean", 0.8, 2), ("top", 0.8, 2)]  # attend with the vertical slots gathered vs read in place
-
-
-def med(fn):
-    return do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def cudnn_fn(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    G = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-
-    def run():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
-    return run
 
 
 def check():

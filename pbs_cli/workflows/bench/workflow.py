@@ -380,9 +380,8 @@ class _Bench:
                            error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows))
         del out, lse
         pbs.selection_efficiency = self._efficiency(q, k, scale)
-        pbs.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau,
-                                                 permute=cfg.permute, min_seq_len=0, scale=scale, backend=be,
-                                                 vertical_keys=vk, **rule), N)
+        sparse = dict(cfg.runtime_kwargs(), min_seq_len=0)  # the sparse path at every length
+        pbs.ms = self.time(lambda: pbs_attention(q, k, v, scale=scale, backend=be, **sparse), N)
         if cfg.permute:
             t_perm = self.time(lambda: permute_stage(q, k, v, permute=True, **knobs), N)
             perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
@@ -521,9 +520,8 @@ class _Bench:
             recall=recall_of(lse, lse_full), error=rel_error(out, ref), kernel_error=kernel_error(out, ref_rows, rows),
         )
         del out, lse, blocks, plan, ref_rows
-        row.ms = self.time(lambda: pbs_attention(q, k, v, block_size=b, segment_size=S, threshold=tau, permute=False,
-                                                 min_seq_len=0, scale=scale, backend=be,
-                                                 vertical_keys=cfg.vertical_keys, **rule), N)
+        noperm = dict(cfg.runtime_kwargs(), min_seq_len=0, permute=False)
+        row.ms = self.time(lambda: pbs_attention(q, k, v, scale=scale, backend=be, **noperm), N)
         return self.gate(row)
 
 

@@ -27,6 +27,33 @@ _TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _chunk(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
+    """Program i_c's key tiles [t0, t1), its sequence's length and query offset, the packed rows
+    of its key 0 and query 0, its score column and its sequence. A packed batch
+    (`pbs_kernels.packing`) reads them from the chunk table's row (columns C_T0 .. C_SEQ)."""
+    if PACKED:
+        p_c = CHUNKS + i_c * 8
+        t0 = tl.load(p_c)
+        t1 = tl.load(p_c + 1)
+        n_len = tl.load(p_c + 2)
+        q_off = tl.load(p_c + 3)
+        k_row0 = tl.load(p_c + 4).to(tl.int64)
+        q_row0 = tl.load(p_c + 5).to(tl.int64)
+        s_col0 = tl.load(p_c + 6).to(tl.int64)
+        i_seq = tl.load(p_c + 7)
+    else:
+        t0 = i_c * TILES_PER_CHUNK
+        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
+        n_len = N
+        q_off = QOFF
+        k_row0 = tl.zeros([], dtype=tl.int64)
+        q_row0 = tl.zeros([], dtype=tl.int64)
+        s_col0 = tl.zeros([], dtype=tl.int64)
+        i_seq = 0
+    return t0, t1, n_len, q_off, k_row0, q_row0, s_col0, i_seq
+
+
+@triton.jit
 def _lse_pass(
     Q, K, MPART, LPART, CHUNKS,
     stride_qb, stride_qh, stride_qn,
@@ -40,23 +67,7 @@ def _lse_pass(
     i_b = (i_bhq // HQ).to(tl.int64)
     i_hq = (i_bhq % HQ).to(tl.int64)
     i_h = i_hq // G
-    if PACKED:
-        # A packed batch (`pbs_kernels.packing`): the chunk table's row (columns C_T0 .. C_SEQ)
-        # gives the tile range, the sequence's length and query offset and its packed rows.
-        p_c = CHUNKS + i_c * 8
-        t0 = tl.load(p_c)
-        t1 = tl.load(p_c + 1)
-        n_len = tl.load(p_c + 2)
-        q_off = tl.load(p_c + 3)
-        k_row0 = tl.load(p_c + 4).to(tl.int64)
-        q_row0 = tl.load(p_c + 5).to(tl.int64)
-    else:
-        t0 = i_c * TILES_PER_CHUNK
-        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
-        n_len = N
-        q_off = QOFF
-        k_row0 = 0
-        q_row0 = 0
+    t0, t1, n_len, q_off, k_row0, q_row0, _, _ = _chunk(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK, BLOCK_N, PACKED)
 
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
@@ -114,27 +125,8 @@ def _sum_pass(
     i_b = (i_bhq // HQ).to(tl.int64)
     i_hq = (i_bhq % HQ).to(tl.int64)
     i_h = i_hq // G
-    if PACKED:
-        # A packed batch (`pbs_kernels.packing`): the chunk table's row (columns C_T0 .. C_SEQ)
-        # gives the tile range, the sequence's length and query offset and its packed rows.
-        p_c = CHUNKS + i_c * 8
-        t0 = tl.load(p_c)
-        t1 = tl.load(p_c + 1)
-        n_len = tl.load(p_c + 2)
-        q_off = tl.load(p_c + 3)
-        k_row0 = tl.load(p_c + 4).to(tl.int64)
-        q_row0 = tl.load(p_c + 5).to(tl.int64)
-        s_col0 = tl.load(p_c + 6).to(tl.int64)
-        i_seq = tl.load(p_c + 7)
-    else:
-        t0 = i_c * TILES_PER_CHUNK
-        t1 = tl.minimum(t0 + TILES_PER_CHUNK, tl.cdiv(N, BLOCK_N))
-        n_len = N
-        q_off = QOFF
-        k_row0 = 0
-        q_row0 = 0
-        s_col0 = 0
-        i_seq = 0
+    t0, t1, n_len, q_off, k_row0, q_row0, s_col0, i_seq = _chunk(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK, BLOCK_N,
+                                                                 PACKED)
 
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
