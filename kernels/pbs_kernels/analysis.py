@@ -9,9 +9,17 @@
   own permuted order (`permute_stage`). Lower is sparser; the gap says what permuting buys.
 * PBS's estimated selection at `threshold` (`select_stage`), with and without permutation: its
   density (docs/design.md, "Metrics") and recall (true softmax mass on the kept tiles, mean over queries).
+  With `vertical_keys` n > 0 the recall also counts the true mass on the n vertical slots of every
+  earlier segment whose first block a query block did not keep (`BlockList.vertical_segments`,
+  the keys `pbs_attention(..., vertical_keys=n)` attends to exactly), and those keys are work too
+  (`pbs_vertical_density`: keys x queries in tiles of block_size^2, as `PbsPlan.vertical_density`).
+  The figures without permutation are those of `pbs_attention(..., permute=False,
+  vertical_keys=n)`: its slots are the keys in original order, so its vertical slots are each
+  segment's first n keys.
 * selection efficiency: the fewest tiles an oracle that knows every tile's true mass (keys in
-  PBS's permuted order) needs to reach PBS's recall, over the tiles PBS computes
-  (`metrics.oracle_tiles_at_recall`, `metrics.selection_efficiency`); per head and for the layer.
+  PBS's permuted order) needs to reach PBS's recall, over the tiles PBS computes, its vertical
+  keys included (`metrics.oracle_tiles_at_recall`, `metrics.selection_efficiency`); per head and
+  for the layer.
 * sink mass: mass on the first key block (token 0 and its neighbours), mean over the queries past
   the first block; local mass: mass on the query's own and the previous key block, mean over
   queries.
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import permute_stage, select_stage
+from .attention import check_vertical_keys, permute_stage, select_stage
 from .limits import HEAD_DIMS
 from .metrics import oracle_tiles_at_recall, selection_efficiency
 from .ops._common import cdiv, default_scale, resolve_backend
@@ -59,10 +67,16 @@ class LayerAnalysis:
     sink_mass: torch.Tensor
     local_mass: torch.Tensor
     oracle_density_at_recall: torch.Tensor | None = None  # [HQ] oracle tiles at PBS's recall / causal tiles
-    pbs_work: torch.Tensor | None = None  # [HQ] tiles PBS computes (extra own-segment ones included) / causal tiles
+    # [HQ] tiles PBS computes (extra own-segment ones and vertical keys included) / causal tiles
+    pbs_work: torch.Tensor | None = None
     selection_efficiency: float = float("nan")  # oracle tiles at PBS's recall / PBS's computed tiles, all heads
     estimator: str = "mean"
     threshold_mass: str = "earlier"
+    vertical_keys: int = 0
+    # [HQ] keys attended through vertical keys, in tiles of block_size^2 pairs / causal tiles
+    # (zeros when off), with and without permutation.
+    pbs_vertical_density: torch.Tensor | None = None
+    pbs_vertical_density_noperm: torch.Tensor | None = None
     block_mass: torch.Tensor | None = None
     block_mass_perm: torch.Tensor | None = None
 
@@ -102,6 +116,7 @@ def analyze_layer(
     chunk_bytes: int | None = None,
     estimator: str = "mean",
     threshold_mass: str = "earlier",
+    vertical_keys: int = 0,
 ) -> LayerAnalysis:
     """Sparsity figures of one layer (see the module docstring).
 
@@ -109,6 +124,7 @@ def analyze_layer(
     apply the model's soft-capping and window to the true attention (PBS itself implements
     neither). backend: for PBS's permutation and selection ("auto": Triton on CUDA, torch on CPU).
     chunk_bytes: memory for the exact-softmax chunks (default 32 MiB on CPU, 1 GiB on CUDA).
+    vertical_keys: pbs_attention's knob (0 to block_size): recall and work count the vertical keys.
     """
     B, HQ, N, D = q.shape
     H = k.shape[1]
@@ -118,6 +134,8 @@ def analyze_layer(
         raise ValueError(f"analyze_layer: segment_size {segment_size} is not a multiple of block_size {block_size}")
     if not 0.0 < coverage <= 1.0 or not 0.0 < threshold <= 1.0:
         raise ValueError("analyze_layer: coverage and threshold must be in (0, 1]")
+    check_vertical_keys("analyze_layer", vertical_keys, block_size)
+    n_vert = int(vertical_keys)
     G = HQ // H
     bs = block_size
     nb = cdiv(N, bs)
@@ -139,6 +157,9 @@ def analyze_layer(
                           scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass)
     kept_perm = sel.dense_mask()  # [B, HQ, nb, nb]
     kept_orig = sel_np.dense_mask()
+    if n_vert:
+        vert_perm = sel.vertical_segments(segment_size)  # [B, HQ, nb, NSEG]
+        vert_orig = sel_np.vertical_segments(segment_size)
     del keys, plain
 
     count_orig = torch.zeros(B, HQ, dtype=torch.float64, device=dev)
@@ -222,6 +243,16 @@ def analyze_layer(
                     recall_perm[b, heads] += (m_perm * kp).sum((-1, -2)).double()
                     ko = kept_orig[b, heads][:, q_blk, :nbl]
                     recall_orig[b, heads] += (m_orig * ko).sum((-1, -2)).double()
+                    # Vertical keys: the first n slots of each earlier segment whose first block
+                    # the row's query block did not keep (all before the chunk's last segment).
+                    nsv = (i1 - 1) * bs // segment_size
+                    if n_vert and nsv:
+                        vslot = (torch.arange(nsv, device=dev)[:, None] * segment_size
+                                 + torch.arange(n_vert, device=dev)).reshape(-1)
+                        for key_pos, vert, rec in ((pos_bh[vslot], vert_perm, recall_perm),
+                                                   (vslot, vert_orig, recall_orig)):
+                            m_v = e3[:, :, key_pos].view(hc, R, nsv, n_vert).sum(-1) / row_sum.view(hc, R, 1)
+                            rec[b, heads] += (m_v * vert[b, heads][:, q_blk, :nsv]).sum((-1, -2)).double()
                     # Sink (first key block) past the first query block; local window.
                     if N > bs:
                         past_first = (q_pos >= bs).to(m_orig.dtype)
@@ -260,7 +291,11 @@ def analyze_layer(
     for b in range(B):
         for h in range(HQ):
             oracle[b, h] = oracle_tiles_at_recall(tile_mass[b, h], rows, float(recall_perm[b, h]) / N)
-    work = sel.tiles_per_head().double().cpu()  # [B, HQ]
+    # Vertical keys as tile-equivalents: n keys for a query block's b rows are n / b tiles.
+    vert_tiles, vert_tiles_np = (
+        blocks.vertical_keys_per_head(segment_size, n_vert).double().cpu() / bs if n_vert
+        else torch.zeros(B, HQ, dtype=torch.float64) for blocks in (sel, sel_np))  # [B, HQ]
+    work = sel.tiles_per_head().double().cpu() + vert_tiles  # [B, HQ]
     del tile_mass
 
     return LayerAnalysis(
@@ -282,6 +317,9 @@ def analyze_layer(
         selection_efficiency=selection_efficiency(float(oracle.sum()), float(work.sum())),
         estimator=estimator,
         threshold_mass=threshold_mass,
+        vertical_keys=n_vert,
+        pbs_vertical_density=per_head(vert_tiles, causal_tiles),
+        pbs_vertical_density_noperm=per_head(vert_tiles_np, causal_tiles),
         block_mass=maps,
         block_mass_perm=maps_perm,
     )

@@ -193,8 +193,14 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         raise ValueError(f"pbs_attention: sinks must be a tensor of one logit per query head, shape ({HQ},)")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"pbs_attention: softcap {softcap} must be > 0 (or None)")
+    check_vertical_keys("pbs_attention", vertical_keys, block_size)
+
+
+def check_vertical_keys(where: str, vertical_keys, block_size: int) -> None:
+    """ValueError unless `vertical_keys` is an integer from 0 to block_size (shared by the
+    runtime's checks and the analysis)."""
     if isinstance(vertical_keys, bool) or int(vertical_keys) != vertical_keys or not 0 <= vertical_keys <= block_size:
-        raise ValueError(f"pbs_attention: vertical_keys {vertical_keys} must be an integer from 0 to block_size "
+        raise ValueError(f"{where}: vertical_keys {vertical_keys} must be an integer from 0 to block_size "
                          f"{block_size} (the slots lie in a segment's first block)")
 
 

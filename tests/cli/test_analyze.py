@@ -11,6 +11,7 @@ import pbs_kernels.analysis as analysis
 from pbs_cli.workflows.errors import DeviceError, ModelError, PbsError, UsageError
 from pbs_cli.app import app, main
 from pbs_kernels.analysis import analyze_layer, cover_count
+from pbs_kernels.attention import pbs_plan
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks
 
@@ -104,6 +105,55 @@ def test_figures_match_brute_force(N, bs, S, HQ, H, softcap, window, gather_path
     assert got.selection_efficiency == pytest.approx(
         float(got.oracle_density_at_recall.mean() / got.pbs_work.mean()), rel=1e-5)
     assert torch.all(got.pbs_density > 0) and torch.all(got.pbs_density_noperm > 0)
+
+
+@pytest.mark.parametrize("gather_path", [False, True], ids=["onehot", "gather"])
+def test_vertical_keys_match_the_attend_reference(gather_path, monkeypatch):
+    # Recall with vertical keys = the true softmax mass on the keys the attend reference reads:
+    # exp(LSE over its keys - LSE over all causal keys), per query, from a dense fp64 softmax.
+    if gather_path:
+        monkeypatch.setattr(analysis, "_ONEHOT_MAX_BLOCKS", 0)
+    N, bs, S, HQ, H, n = 700, 32, 64, 4, 2, 3
+    torch.manual_seed(7)
+    q = torch.randn(1, HQ, N, 64) * 1.5
+    k = torch.randn(1, H, N, 64) * 1.5
+    k[:, :, ::37] *= 3  # scattered strong keys, what vertical keys are for
+    kw = dict(block_size=bs, segment_size=S, threshold=0.6)
+    # 3 query blocks of 2 heads per chunk: chunk edges inside segments.
+    base = analyze_layer(q, k, coverage=0.8, chunk_bytes=1_300_000, **kw)
+    got = analyze_layer(q, k, coverage=0.8, chunk_bytes=1_300_000, vertical_keys=n, **kw)
+    s = (q.double() @ k.repeat_interleave(HQ // H, 1).double().transpose(-1, -2)) / 8.0
+    lse_dense = s.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
+    for permute, la, recall, vdens in ((True, got, got.pbs_recall, got.pbs_vertical_density),
+                                       (False, got, got.pbs_recall_noperm, got.pbs_vertical_density_noperm),
+                                       (True, base, base.pbs_recall, base.pbs_vertical_density)):
+        plan = pbs_plan(q, k, k, permute=permute, vertical_keys=la.vertical_keys, backend="torch", **kw)
+        _, lse = plan.attend(q, return_lse=True)
+        want = torch.exp(lse.double() - lse_dense).mean(-1)[0]
+        err = (recall.double() - want).abs().max().item()
+        assert err < 1e-5, f"permute={permute} vertical_keys={la.vertical_keys}: recall error {err:.2e}"
+        assert float(vdens.mean()) == pytest.approx(plan.vertical_density(), rel=1e-6)
+        if permute:  # work = kept tiles + own-segment extras + vertical keys, per causal tile
+            work = plan.density_per_head() + plan.blocks.extra_density_per_head() + vdens
+            torch.testing.assert_close(la.pbs_work, work)
+    assert got.vertical_keys == n and base.vertical_keys == 0
+    assert torch.all(got.pbs_vertical_density > 0) and torch.all(base.pbs_vertical_density == 0)
+    assert torch.all(got.pbs_recall > base.pbs_recall) and torch.all(got.pbs_recall_noperm > base.pbs_recall_noperm)
+    # Vertical keys change the selection figures only through recall and work.
+    for name in ("oracle_density", "oracle_density_perm", "pbs_density", "pbs_density_noperm", "sink_mass",
+                 "local_mass"):
+        assert torch.equal(getattr(got, name), getattr(base, name)), name
+    assert torch.all(got.oracle_density_at_recall >= base.oracle_density_at_recall)
+    assert got.selection_efficiency == pytest.approx(
+        float(got.oracle_density_at_recall.mean() / got.pbs_work.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [33, -1, 1.5, True])
+def test_vertical_keys_out_of_range(bad):
+    q, k = torch.randn(1, 2, 80, 64), torch.randn(1, 1, 80, 64)
+    with pytest.raises(ValueError, match="vertical_keys .* must be an integer from 0 to block_size 32") as exc:
+        analyze_layer(q, k, block_size=32, segment_size=64, vertical_keys=bad)
+    assert "\n" not in str(exc.value)
 
 
 def test_oracle_finds_scattered_keys_and_permutation_gathers_them():
