@@ -37,6 +37,7 @@ def command(
     threshold: Annotated[float, typer.Option("--threshold", parser=parse_fraction, help="PBS selection threshold to evaluate, in (0, 1].")] = 0.9,
     estimator: Annotated[str, typer.Option("--estimator", help="How PBS's selection estimates a tile's mass: mean or top (a block's top keys too).")] = "mean",
     threshold_mass: Annotated[str, typer.Option("--threshold-mass", help="What --threshold is a share of: earlier (earlier segments' mass) or total (the whole row's).")] = "earlier",
+    vertical_keys: Annotated[int, typer.Option("--vertical-keys", metavar="N", help="PBS also attends to the first N slots of each earlier segment whose first block it skips; recall and work count them. 0 to --block-size.")] = 0,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", callback=_layer_list, help="Layers to analyse, e.g. 0,2,5-7.", show_default="all")] = None,
     no_extend: Annotated[bool, typer.Option("--no-extend", help="Fail if the input is shorter than --seq-len instead of repeating it.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for report.json and the PNGs.", show_default=str(DEFAULT_OUT))] = None,
@@ -60,6 +61,9 @@ def command(
     if threshold_mass not in THRESHOLD_MASS:
         raise typer.BadParameter(f"{threshold_mass!r} is not one of {', '.join(THRESHOLD_MASS)}",
                                  param_hint="'--threshold-mass'")
+    if not 0 <= vertical_keys <= block_size:
+        raise typer.BadParameter(f"{vertical_keys} is not from 0 to --block-size {block_size}",
+                                 param_hint="'--vertical-keys'")
     from ..workflows.outputs import check_out_dir, save_files
 
     out_dir = check_out_dir(out if out is not None else DEFAULT_OUT)  # before minutes of work
@@ -85,13 +89,13 @@ def command(
             output.info(remark)
         output.info(f"analysing {loaded.name} on {loaded.device.type} ({str(loaded.dtype).replace('torch.', '')}), "
                     f"{seq_len} tokens of {'synthetic text' if input is None else input}, block {block_size}, "
-                    f"segment {segment_size}")
+                    f"segment {segment_size}" + (f", vertical keys {vertical_keys}" if vertical_keys else ""))
         with output.progress() as report_progress:
             report = run_analysis(
                 loaded.model, prompt.input_ids, layers=chosen, block_size=block_size,
                 segment_size=segment_size, coverage=coverage, threshold=threshold,
                 model_name=loaded.name, estimator=estimator, threshold_mass=threshold_mass,
-                progress=report_progress,
+                vertical_keys=vertical_keys, progress=report_progress,
             )
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(
@@ -135,7 +139,8 @@ def _print_tables(output, report) -> None:
 
     ranked = report.ranked_layers()
     title = (f"{report.model}: {report.seq_len} tokens, coverage {report.coverage:g}, "
-             f"PBS threshold {report.threshold:g}, block {report.block_size}, segment {report.segment_size}")
+             f"PBS threshold {report.threshold:g}, block {report.block_size}, segment {report.segment_size}"
+             + (f", vertical keys {report.vertical_keys}" if report.vertical_keys else ""))
     if len(ranked) <= 12:
         output.table(title + " (sparsest layers first)", columns, [row(lr) for lr in ranked])
     else:
@@ -152,7 +157,9 @@ def _print_tables(output, report) -> None:
         f"mean over {s['heads_analyzed']} heads: oracle density {s['oracle_density']:.3f} -> "
         f"{s['oracle_density_perm']:.3f} with permutation; PBS at threshold {report.threshold:g}: density "
         f"{s['pbs_density']:.3f}, recall {s['pbs_recall']:.3f}, selection efficiency {s['selection_efficiency']:.3f} "
-        f"(estimator {s['estimator']}, threshold over {s['threshold_mass']} mass)"
+        f"(estimator {s['estimator']}, threshold over {s['threshold_mass']} mass"
+        + (f"; {s['vertical_keys']} vertical keys: recall counts them, work +{s['pbs_vertical_density']:.3f}"
+           if s["vertical_keys"] else "") + ")"
     )
     output.info(f"permutation helps {s['heads_helps']} heads, is neutral for {s['heads_neutral']}, "
                 f"hurts {s['heads_hurts']} (margin {report.verdict_margin:.0%} of the oracle density)")

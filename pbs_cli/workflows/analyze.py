@@ -48,8 +48,11 @@ class HeadReport:
     the first key block (queries past the first block); local_mass: mass on the query's own and
     previous key block. oracle_density_at_recall: the fewest tiles (permuted order) an oracle
     that knows every tile's mass needs for PBS's recall; pbs_work: tiles PBS computes (own-segment
-    tiles above the diagonal included); their ratio is the selection efficiency. verdict: "helps" when permuting lowers the oracle density by more than the
-    margin (relative), "hurts" when it raises it by more, else "neutral".
+    tiles above the diagonal and vertical keys included); their ratio is the selection efficiency.
+    With vertical keys on, pbs_recall[_noperm] count their mass too, and
+    pbs_vertical_density[_noperm] is their work in tiles per causal tile (analysis.analyze_layer).
+    verdict: "helps" when permuting lowers the oracle density by more than the margin (relative),
+    "hurts" when it raises it by more, else "neutral".
     """
 
     head: int
@@ -65,6 +68,8 @@ class HeadReport:
     verdict: str
     oracle_density_at_recall: float = float("nan")
     pbs_work: float = float("nan")
+    pbs_vertical_density: float = 0.0
+    pbs_vertical_density_noperm: float = 0.0
 
 
 @dataclass
@@ -86,6 +91,7 @@ class LayerReport:
     pbs_fallback: str | None
     heads: list[HeadReport]
     selection_efficiency: float = float("nan")  # oracle tiles at PBS's recall / PBS's tiles
+    pbs_vertical_density: float = 0.0
 
 
 @dataclass
@@ -121,6 +127,7 @@ class AnalysisReport:
     device: str = ""
     dtype: str = ""
     input: str = "synthetic"
+    vertical_keys: int = 0  # pbs_attention's knob, applied to PBS's selection figures
     peak_gpu_memory_gib: float | None = None  # torch's peak allocation during the analysis (CUDA only)
     notes: list[str] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)
@@ -199,18 +206,23 @@ def run_analysis(
     chunk_bytes: int | None = None,
     estimator: str = "mean",
     threshold_mass: str = "earlier",
+    vertical_keys: int = 0,
     progress: ProgressFn = no_progress,
 ) -> AnalysisReport:
     """Analyse `model`'s attention on one prompt (`input_ids` [1, N]).
 
     layers: layer indices to analyse (None: all). The forward pass stops after the last one.
+    vertical_keys: PBS's figures with that many vertical keys (0 to block_size).
     Raises the capture's errors (workflows.capture.capture_prefill) when nothing can be captured.
     """
     import torch
 
     from pbs_kernels.analysis import analyze_layer
+    from pbs_kernels.attention import check_vertical_keys
 
     from .capture import model_layers
+
+    check_vertical_keys("run_analysis", vertical_keys, block_size)  # before the forward pass
 
     t0 = time.perf_counter()
     on_cuda = input_ids.is_cuda
@@ -238,7 +250,7 @@ def run_analysis(
             scale=layer.scale, softcap=layer.softcap,
             sliding_window=window if window is not None and window < N else None,
             backend=backend, return_maps=True, chunk_bytes=chunk_bytes, estimator=estimator,
-            threshold_mass=threshold_mass,
+            threshold_mass=threshold_mass, vertical_keys=vertical_keys,
         )
         shapes.update(num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[3])
         fallbacks[layer.layer] = layer.fallback
@@ -263,6 +275,8 @@ def run_analysis(
                 sink_mass=float(la.sink_mass[h]), local_mass=float(la.local_mass[h]),
                 verdict=_verdict(d0, d1, verdict_margin),
                 oracle_density_at_recall=float(la.oracle_density_at_recall[h]), pbs_work=float(la.pbs_work[h]),
+                pbs_vertical_density=float(la.pbs_vertical_density[h]),
+                pbs_vertical_density_noperm=float(la.pbs_vertical_density_noperm[h]),
             ))
         layer_reports.append(LayerReport(
             layer=idx,
@@ -278,6 +292,7 @@ def run_analysis(
             pbs_fallback=fallbacks.get(idx),
             heads=heads,
             selection_efficiency=la.selection_efficiency,
+            pbs_vertical_density=_mean(h.pbs_vertical_density for h in heads),
         ))
 
     all_heads = [(lr.layer, h) for lr in layer_reports for h in lr.heads]
@@ -295,6 +310,8 @@ def run_analysis(
         / max(_mean(h.pbs_work for _, h in all_heads), 1e-12),
         "estimator": estimator,
         "threshold_mass": threshold_mass,
+        "vertical_keys": int(vertical_keys),
+        "pbs_vertical_density": _mean(h.pbs_vertical_density for _, h in all_heads),
         "sink_mass": _mean(h.sink_mass for _, h in all_heads),
         "local_mass": _mean(h.local_mass for _, h in all_heads),
         "heads_helps": sum(h.verdict == "helps" for _, h in all_heads),
@@ -324,6 +341,7 @@ def run_analysis(
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         peak_gpu_memory_gib=torch.cuda.max_memory_allocated(input_ids.device) / 2**30 if on_cuda else None,
         heatmaps=[extremes[k] for k in ("most sparse", "least sparse") if k in extremes],
+        vertical_keys=int(vertical_keys),
     )
 
 

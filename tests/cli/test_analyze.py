@@ -255,6 +255,27 @@ def test_no_model_uses_demo(tiny, tmp_path, monkeypatch):
     assert json.loads(r.stdout)["model"] == "pbs-demo"
 
 
+def test_vertical_keys_option(tiny, tmp_path, monkeypatch):
+    import pbs_kernels.demo
+
+    monkeypatch.setattr(pbs_kernels.demo, "demo_model_path", lambda: tiny)
+    r = invoke("analyze", *FAST, "--out", tmp_path, "--format", "json", "--layers", "1", "--vertical-keys", "2")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["vertical_keys"] == 2 and doc["summary"]["vertical_keys"] == 2
+    head = doc["layers"][0]["heads"][0]
+    # Work counts the vertical keys on top of the kept tiles.
+    assert head["pbs_vertical_density"] > 0 and head["pbs_work"] >= head["pbs_density"] + head["pbs_vertical_density"]
+    assert json.loads((tmp_path / "report.json").read_text())["vertical_keys"] == 2
+    r = invoke("analyze", *FAST, "--out", tmp_path / "t", "--layers", "1", "--vertical-keys", "2")
+    assert r.exit_code == 0 and "vertical keys 2" in r.stderr, r.output
+
+    r = invoke("analyze", *FAST, "--out", tmp_path / "bad", "--vertical-keys", "999")
+    assert r.exit_code == 2, r.output
+    assert "999 is not from 0 to --block-size 32" in " ".join(r.stderr.split()) and r.stdout == ""
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
 def test_short_input_is_repeated_or_refused(tiny, tmp_path):
     text = tmp_path / "prompt.txt"
     text.write_text("put k0001 v002 ; the cat sees a dog . get k0001 v002 ;")
