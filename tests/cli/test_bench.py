@@ -404,6 +404,8 @@ def test_vertical_keys_from_the_profile(tmp_path):
     assert docs[2]["pbs"]["vertical_keys"] == 2
     off, on = (next(m for m in docs[n]["results"][0]["methods"] if m["method"] == "pbs") for n in (0, 2))
     assert on["density"] == off["density"] and on["flops"] > off["flops"]
+    # The efficiency counts the vertical keys' mass and work (analyze_layer(vertical_keys=)).
+    assert on["selection_efficiency"] != off["selection_efficiency"]
     assert on["kernel_error"] < 1e-4 and on["error"] < 0.7 * off["error"], (on["error"], off["error"])
     flex = next(m for m in docs[2]["results"][0]["methods"] if m["method"] == "flex")
     assert flex["status"] == "skipped" and "vertical keys" in flex["note"]

@@ -411,8 +411,8 @@ class _Bench:
 
     def _efficiency(self, q, k, scale) -> Optional[float]:
         """Selection efficiency of the benched knobs (`pbs_kernels.analysis.analyze_layer`: the
-        exact block masses, chunked, never N x N); None when permutation is off (the analysis
-        measures the permuted selection)."""
+        exact block masses, chunked, never N x N; vertical keys counted in recall and work); None
+        when permutation is off (the analysis measures the permuted selection)."""
         from pbs_kernels.analysis import analyze_layer
 
         cfg = self.cfg
@@ -420,7 +420,7 @@ class _Bench:
             return None
         a = analyze_layer(q, k, block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
                           scale=scale, backend=self.backend, estimator=cfg.estimator,
-                          threshold_mass=cfg.threshold_mass)
+                          threshold_mass=cfg.threshold_mass, vertical_keys=cfg.vertical_keys)
         return a.selection_efficiency
 
     def _auto(self, q, k, v, scale, ref) -> MethodResult:
