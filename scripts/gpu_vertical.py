@@ -33,6 +33,9 @@ SWEEP = {  # workload -> [(estimator, threshold, vertical_keys)]
     "synthetic": [(e, t, n) for e in ("mean",) for t in (0.8, 0.9) for n in (0, 2, 8)],
     # run 2: lower thresholds with the mean estimate, where the vertical keys carry the error
     "vertical-fine": [("mean", t, n) for t in (0.6, 0.7, 0.75, 0.8) for n in (0, 1, 2)],
+    # 2026-12-02: more vertical keys at lower thresholds, for margin under the 2% gate
+    "vertical-margin": [("mean", 0.75, 2)] + [("mean", t, n) for t in (0.7, 0.75) for n in (4, 8)]
+                       + [("top", t, n) for t in (0.7, 0.8) for n in (2, 4)],
 }
 COMPACT = [("mean", 0.8, 2), ("top", 0.8, 2)]  # attend with the vertical slots gathered vs read in place
 
@@ -112,7 +115,8 @@ def main():
     if not check():
         raise SystemExit("correctness check failed; not timing")
     rows = []
-    makers = {"vertical": make_vertical_slash, "synthetic": make_workload, "vertical-fine": make_vertical_slash}
+    makers = {"vertical": make_vertical_slash, "synthetic": make_workload, "vertical-fine": make_vertical_slash,
+              "vertical-margin": make_vertical_slash}
     for name in a.workloads.split(","):
         sweep(name, makers[name], a.len, rows)
     with open(os.path.join(a.out, "rows.json"), "w") as f:

@@ -70,7 +70,7 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 @triton.jit
 def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS, ROWS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -85,10 +85,33 @@ def _attend_fwd_kernel(
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
     PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
+    BLOCK_M: tl.constexpr = 0, ROW_ORDER: tl.constexpr = 0,
 ):
-    # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
+    # BLOCK_M < BLOCK_SIZE: a query block's rows are split over BLOCK_SIZE // BLOCK_M programs,
+    # adjacent in launch order, that walk the same tile list.
+    # ROW_ORDER 0: grid (query blocks x splits, batch x query heads), later query blocks first
+    # (they keep more tiles, so the tail of the grid is short). 1: a 1-D grid where the G query
+    # heads of one KV head and query block run next to each other (they read the same K/V, often
+    # the same tiles). 2: a 1-D grid in the order ROWS lists (i_bh * NQB + i_l, most tiles first).
     # i_l: row of the block list; i_m: the query block's index among the key blocks.
-    i_bh = tl.program_id(1)
+    NSPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    if ROW_ORDER == 0:
+        i_bh = tl.program_id(1)
+        i_sp = tl.program_id(0) % NSPLIT
+        i_l = NQB - 1 - tl.program_id(0) // NSPLIT
+    elif ROW_ORDER == 1:
+        pid = tl.program_id(0)
+        i_sp = pid % NSPLIT
+        pid = pid // NSPLIT
+        n_kv = tl.num_programs(0) // (NSPLIT * NQB * G)  # batch x KV heads
+        i_bh = (pid // G) % n_kv * G + pid % G
+        i_l = NQB - 1 - pid // (G * n_kv)
+    else:
+        pid = tl.program_id(0)
+        i_sp = pid % NSPLIT
+        i_row = tl.load(ROWS + pid // NSPLIT)
+        i_bh = i_row // NQB
+        i_l = i_row % NQB
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = (i_bh % HQ).to(tl.int64)
     i_h = i_hq // G
@@ -97,21 +120,20 @@ def _attend_fwd_kernel(
         # A packed batch (`pbs_kernels.packing`): ORDER lists the query blocks holding a query,
         # most tiles first; BLK's rows give each block's queries (first and last virtual
         # position) and the offset from virtual position to packed row of q and o.
-        i_l = tl.load(ORDER + tl.program_id(0))
+        i_l = tl.load(ORDER + tl.program_id(0) // NSPLIT)
         i_m = i_l
         NB_ALL = NQB
-        o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        o_m = i_m * BLOCK_SIZE + i_sp * BLOCK_M + tl.arange(0, BLOCK_M)
         m_m = (o_m >= tl.load(BLK + 3 * NB_ALL + i_l)) & (o_m <= tl.load(BLK + 4 * NB_ALL + i_l))
         o_r = (o_m + tl.load(BLK + 5 * NB_ALL + i_l)).to(tl.int64)
     else:
-        i_l = NQB - 1 - tl.program_id(0)
         i_m = QOFF // BLOCK_SIZE + i_l
-        o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        o_m = i_m * BLOCK_SIZE + i_sp * BLOCK_M + tl.arange(0, BLOCK_M)
         m_m = (o_m >= QOFF) & (o_m < N)
         o_r = o_m - QOFF  # row of q / o (queries are the last M of the N positions)
 
     p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_r[:, None] * stride_qn + o_d[None, :]
-    # [BLOCK_SIZE, HEAD_DIM]
+    # [BLOCK_M, HEAD_DIM]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     i_kv = (i_b * (HQ // G) + i_h).to(tl.int32)
     if USE_TMA:
@@ -125,9 +147,9 @@ def _attend_fwd_kernel(
     n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_l)
     n_tot = tl.load(NTOT + i_b * stride_cb + i_hq * stride_ch + i_l)
 
-    m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # Tiles of earlier segments: full blocks, all keys in the past, no mask.
     for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
@@ -162,7 +184,7 @@ def _attend_fwd_kernel(
             else:
                 b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :], other=0.0)
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
-            # [BLOCK_SIZE, BLOCK_N]
+            # [BLOCK_M, BLOCK_N]
             m_allow = b_pos[None, :] <= o_m[:, None]
             if WINDOW:
                 m_allow = m_allow & (b_pos[None, :] > o_m[:, None] - W)
@@ -266,10 +288,14 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
                   softcap: float | None = None, packed=None, vertical_keys: int = 0,
-                  segment_size: int | None = None, vertical_compact: bool = True):
+                  segment_size: int | None = None, vertical_compact: bool = True, block_m: int | None = None,
+                  row_order: str = "block", maxnreg: int | None = None):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
-    see `attend_packed_triton`."""
+    see `attend_packed_triton`. block_m: query rows per program (a divisor of the block size;
+    default the whole block). row_order: "block" (later query blocks first, each head in turn),
+    "group" (a KV head's query heads side by side) or "tiles" (rows sorted by kept tiles).
+    maxnreg: a register cap per thread (so that two programs fit on one SM)."""
     if packed is None:
         _check(q, k_perm, v_perm, pos, blocks)
     elif return_lse:
@@ -289,7 +315,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     if block_n is None:
         block_n = b if wide else min(b, 64)
     if num_warps is None:
-        num_warps = 8 if b * D >= 128 * 128 else 4
+        num_warps = 8 if (block_m or b) * D >= 128 * 128 else 4
     if use_tma is None:
         use_tma = _tma_default(q, k_perm, v_perm)
     if num_stages is None:
@@ -325,13 +351,28 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                 vpos = pos.index_select(2, slots)
     else:
         vseg, segment_size = blocks.n_total[..., None], b  # unused (TOPK = 0)
-    grid = (nqb, B * HQ)
+    if block_m is None:
+        block_m = b
+    if b % block_m or block_m < 16:
+        raise ValueError(f"attend: block_m {block_m} must divide the block size {b} and be at least 16")
+    nsplit = b // block_m
+    orders = {"block": 0, "group": 1, "tiles": 2}
+    if row_order not in orders or (packed is not None and row_order != "block"):
+        raise ValueError(f"attend: row_order {row_order!r} is not one of {sorted(orders)} (a packed batch: 'block')")
+    rows = lse
+    grid = (nqb * nsplit, B * HQ)
     if packed is not None:
-        grid = (packed.attend_order.numel(), B * HQ)
+        grid = (packed.attend_order.numel() * nsplit, B * HQ)
+    elif row_order == "group":
+        grid = (nqb * nsplit * B * HQ,)
+    elif row_order == "tiles":
+        # Longest rows first over all heads: one argsort of B * HQ * NQB tile counts.
+        rows = torch.argsort(blocks.n_total.reshape(-1), descending=True, stable=True).to(torch.int32)
+        grid = (rows.numel() * nsplit,)
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         sinks if sinks is not None else lse,
-        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos,
+        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos, rows,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -346,7 +387,8 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, num_warps=num_warps, num_stages=num_stages,
+        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, BLOCK_M=block_m, ROW_ORDER=orders[row_order],
+        num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return (o, lse) if return_lse else o
 
