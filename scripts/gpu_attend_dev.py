@@ -2,10 +2,10 @@
 
     python scripts/gpu_attend_dev.py [--lens 32768,131072] [--out DIR]
 
-Variants are `attend_triton` knobs: `block_m` (query rows per program: half a block gives two
-programs per query block that fit two to an SM, so one's loads and epilogue overlap the other's
-matrix products), `block_n`, warps, stages and `row_order` ("group": a KV head's query heads side
-by side so they share K/V tile reads in L2; "tiles": rows sorted by kept tiles over all heads).
+Variants are `attend_triton` knobs: `persistent` (a fixed grid whose programs walk the rows in
+launch order) with `flatten` (the compiler pipelines a row's first loads behind the previous
+row's last tiles), stages and pointer loads. Runs 1 and 2 of BENCHMARKS section 12 timed other
+knobs (row splits, row orders, register caps), since removed: `git show 2bd3945:scripts/gpu_attend_dev.py`.
 
 1. Correctness on fresh random bf16 data (odd length, whole prompt, chunk, window, vertical keys):
    every variant equals the fp32 torch reference (`attend_naive`).
@@ -34,25 +34,20 @@ from pbs_kernels.workloads import make_vertical_slash, make_workload
 
 from gpu_select_dev import cudnn_fn, med  # scripts/ is on the path when run as a script
 
-VARIANTS = {  # run 1: every variant on every workload; run 2 (--run 2): two programs per SM
-    "base (m128 n128 w8 s2)": {},
-    "group": dict(row_order="group"),
-    "tiles": dict(row_order="tiles"),
-    "m64 n128 w4 s2": dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
-    "m64 n64 w4 s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-    "m64 n64 w4 s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    "m64 n64 w4 s4": dict(block_m=64, block_n=64, num_warps=4, num_stages=4),
-    "m64 n128 w4 s2 group": dict(block_m=64, block_n=128, num_warps=4, num_stages=2, row_order="group"),
-    "m64 n64 w4 s3 group": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, row_order="group"),
-    "m128 n64 w8 s3": dict(block_n=64, num_stages=3),
-    "m128 n64 w8 s3 group": dict(block_n=64, num_stages=3, row_order="group"),
+SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+VARIANTS = {  # run 4 (run 3: these but the counter, plus VARIANTS_3); runs 1 and 2 (row splits, row orders, register caps): commit 2bd3945
+    "base (one program per row)": {},
+    "persistent, 1 per SM": dict(persistent=SMS),
+    "persistent, 1 per SM, flatten": dict(persistent=SMS, flatten=True),
+    "persistent, 1 per SM, rows from a counter": dict(persistent=SMS, steal=True),
+    "persistent, 2 per SM, rows from a counter": dict(persistent=2 * SMS, steal=True),
 }
-VARIANTS_2 = {  # 96 KiB of shared memory per program; 128 registers a thread lets two share an SM
-    "base (m128 n128 w8 s2)": {},
-    "m128 n64 w8 s2": dict(block_n=64, num_stages=2),
-    "m128 n64 w8 s2 maxnreg 128": dict(block_n=64, num_stages=2, maxnreg=128),
-    "m128 n64 w8 s1 maxnreg 128": dict(block_n=64, num_stages=1, maxnreg=128),
-    "m64 n64 w4 s2 maxnreg 128": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, maxnreg=128),
+VARIANTS_3 = {  # run 3 only (the static share lost by 16-33% on sparse rows)
+    "persistent, 2 per SM, flatten": dict(persistent=2 * SMS, flatten=True),
+    "persistent, 1 per SM, flatten, 3 stages": dict(persistent=SMS, flatten=True, num_stages=3),
+    "persistent, 1 per SM, flatten, pointer loads 3 stages": dict(persistent=SMS, flatten=True, use_tma=False,
+                                                                   num_stages=3),
+    "pointer loads 3 stages": dict(use_tma=False, num_stages=3),
 }
 WORKLOADS = [  # (name, maker, plan kwargs, lengths it runs at ("all" = every --lens))
     ("synthetic", make_workload, dict(threshold=0.9), "all"),
@@ -128,12 +123,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,131072")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/pbs-attend"))
-    ap.add_argument("--run", type=int, default=1)
+    ap.add_argument("--no-overlap", action="store_true")
     a = ap.parse_args()
-    if a.run == 2:
-        VARIANTS.clear()
-        VARIANTS.update(VARIANTS_2)
-        WORKLOADS[:] = WORKLOADS[:1]
     os.makedirs(a.out, exist_ok=True)
     import triton
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16, "
@@ -171,7 +162,7 @@ def main():
                       f"(diff {diff:.1e}) |", flush=True)
             del plan, q, k, v, base
             torch.cuda.empty_cache()
-    if a.run == 1:
+    if not a.no_overlap:
         overlap(N, rows)
     with open(os.path.join(a.out, "rows.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -53,10 +53,11 @@ def test_attend_lse_gives_recall():
     assert (recall <= 1 + 1e-5).all() and recall.mean() < 1
 
 
-@pytest.mark.parametrize("block_m,row_order", [(32, "block"), (64, "group"), (32, "tiles"), (64, "tiles")])
-def test_attend_row_splits_and_orders_equal_the_reference(block_m, row_order):
-    # Launch knobs only reorder or split the work: every row must come out as the reference's,
-    # including the last M of N positions, a window and vertical keys (each uses the row index).
+@pytest.mark.parametrize("persistent,flatten,steal", [(3, False, False), (5, True, False), (10_000, False, False),
+                                                      (4, False, True)])
+def test_persistent_programs_equal_one_program_per_row(persistent, flatten, steal):
+    # A persistent grid only changes which program computes a row: every row must come out as
+    # with one program per row, for the last M of N positions, a window and vertical keys too.
     N, M = 777, 300
     q, k, v = rand_qkv(2, 4, 2, N, 64)
     q = q[:, :, N - M:].contiguous()
@@ -66,16 +67,6 @@ def test_attend_row_splits_and_orders_equal_the_reference(block_m, row_order):
         want, lse_want = attend_triton(q, kp, vp, pos, blocks, scale=0.125, return_lse=True, **kw)
         out = torch.full_like(q, float("nan"))
         _, lse = attend_triton(q, kp, vp, pos, blocks, scale=0.125, out=out, return_lse=True,
-                               block_m=block_m, row_order=row_order, **kw)
+                               persistent=persistent, flatten=flatten, steal=steal, **kw)
         assert not torch.isnan(out).any(), f"{kw}: some rows were never written"
         assert rel_err(out, want) < 1e-5 and torch.allclose(lse, lse_want, atol=1e-5), kw
-
-
-def test_attend_rejects_bad_launch_knobs():
-    q, k, v = rand_qkv(1, 2, 1, 256, 64)
-    kp, vp, pos = permute_keys(q, k, v, block_size=64, segment_size=128, scale=0.125)
-    blocks = select_blocks(q, kp, pos, block_size=64, segment_size=128, threshold=0.9, scale=0.125)
-    with pytest.raises(ValueError, match="block_m 48"):
-        attend_triton(q, kp, vp, pos, blocks, scale=0.125, block_m=48)
-    with pytest.raises(ValueError, match="row_order 'random'"):
-        attend_triton(q, kp, vp, pos, blocks, scale=0.125, row_order="random")

@@ -69,8 +69,9 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 
 @triton.jit
-def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS, ROWS,
+def _attend_row(
+    i_p, i_bh,
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -84,34 +85,12 @@ def _attend_fwd_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
-    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
-    BLOCK_M: tl.constexpr = 0, ROW_ORDER: tl.constexpr = 0,
+    PACKED: tl.constexpr, TOPK: tl.constexpr, VCOMPACT: tl.constexpr,
 ):
-    # BLOCK_M < BLOCK_SIZE: a query block's rows are split over BLOCK_SIZE // BLOCK_M programs,
-    # adjacent in launch order, that walk the same tile list.
-    # ROW_ORDER 0: grid (query blocks x splits, batch x query heads), later query blocks first
-    # (they keep more tiles, so the tail of the grid is short). 1: a 1-D grid where the G query
-    # heads of one KV head and query block run next to each other (they read the same K/V, often
-    # the same tiles). 2: a 1-D grid in the order ROWS lists (i_bh * NQB + i_l, most tiles first).
-    # i_l: row of the block list; i_m: the query block's index among the key blocks.
-    NSPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_M
-    if ROW_ORDER == 0:
-        i_bh = tl.program_id(1)
-        i_sp = tl.program_id(0) % NSPLIT
-        i_l = NQB - 1 - tl.program_id(0) // NSPLIT
-    elif ROW_ORDER == 1:
-        pid = tl.program_id(0)
-        i_sp = pid % NSPLIT
-        pid = pid // NSPLIT
-        n_kv = tl.num_programs(0) // (NSPLIT * NQB * G)  # batch x KV heads
-        i_bh = (pid // G) % n_kv * G + pid % G
-        i_l = NQB - 1 - pid // (G * n_kv)
-    else:
-        pid = tl.program_id(0)
-        i_sp = pid % NSPLIT
-        i_row = tl.load(ROWS + pid // NSPLIT)
-        i_bh = i_row // NQB
-        i_l = i_row % NQB
+    """One query block of one (batch, query head): the whole forward of its kept tiles."""
+    # i_p: the row's place in launch order (later query blocks first: they keep more tiles, so the
+    # tail of the grid is short); i_l: row of the block list; i_m: the query block's index among
+    # the key blocks.
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = (i_bh % HQ).to(tl.int64)
     i_h = i_hq // G
@@ -120,20 +99,21 @@ def _attend_fwd_kernel(
         # A packed batch (`pbs_kernels.packing`): ORDER lists the query blocks holding a query,
         # most tiles first; BLK's rows give each block's queries (first and last virtual
         # position) and the offset from virtual position to packed row of q and o.
-        i_l = tl.load(ORDER + tl.program_id(0) // NSPLIT)
+        i_l = tl.load(ORDER + i_p)
         i_m = i_l
         NB_ALL = NQB
-        o_m = i_m * BLOCK_SIZE + i_sp * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         m_m = (o_m >= tl.load(BLK + 3 * NB_ALL + i_l)) & (o_m <= tl.load(BLK + 4 * NB_ALL + i_l))
         o_r = (o_m + tl.load(BLK + 5 * NB_ALL + i_l)).to(tl.int64)
     else:
+        i_l = NQB - 1 - i_p
         i_m = QOFF // BLOCK_SIZE + i_l
-        o_m = i_m * BLOCK_SIZE + i_sp * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         m_m = (o_m >= QOFF) & (o_m < N)
         o_r = o_m - QOFF  # row of q / o (queries are the last M of the N positions)
 
     p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_r[:, None] * stride_qn + o_d[None, :]
-    # [BLOCK_M, HEAD_DIM]
+    # [BLOCK_SIZE, HEAD_DIM]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     i_kv = (i_b * (HQ // G) + i_h).to(tl.int32)
     if USE_TMA:
@@ -147,9 +127,9 @@ def _attend_fwd_kernel(
     n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_l)
     n_tot = tl.load(NTOT + i_b * stride_cb + i_hq * stride_ch + i_l)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
 
     # Tiles of earlier segments: full blocks, all keys in the past, no mask.
     for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
@@ -184,7 +164,7 @@ def _attend_fwd_kernel(
             else:
                 b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :], other=0.0)
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
-            # [BLOCK_M, BLOCK_N]
+            # [BLOCK_SIZE, BLOCK_N]
             m_allow = b_pos[None, :] <= o_m[:, None]
             if WINDOW:
                 m_allow = m_allow & (b_pos[None, :] > o_m[:, None] - W)
@@ -248,6 +228,63 @@ def _attend_fwd_kernel(
         tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_m)
 
 
+@triton.jit
+def _attend_fwd_kernel(
+    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS, CNT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_pb, stride_ph,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    stride_sb, stride_sh, stride_sq,
+    stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
+    N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG, NBH,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
+    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
+    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, STEAL: tl.constexpr = False,
+):
+    if STEAL:
+        # A fixed grid of programs that take the next row of the launch order from a counter
+        # (rows differ in length, so a static share leaves some programs idle).
+        r = tl.atomic_add(CNT, 1)
+        while r < NBH * NQB:
+            _attend_row(
+                r % NQB, r // NQB, Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_on, stride_pb, stride_ph, stride_ib, stride_ih, stride_iq,
+                stride_cb, stride_ch, stride_sb, stride_sh, stride_sq, stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
+                N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, RETURN_LSE, IEEE, USE_TMA, WARP_SPEC, FMA, WINDOW, HAS_SINK, SOFTCAP,
+                PACKED, TOPK, VCOMPACT)
+            r = tl.atomic_add(CNT, 1)
+    elif PERSIST:
+        # A fixed grid of programs (one per SM), each walking the rows r = pid, pid + P, ... of
+        # the launch order r = i_bh * NQB + i_p (NBH = batch x query heads). FLATTEN: the
+        # compiler may pipeline a row's first loads behind the previous row's last tiles.
+        for r in tl.range(tl.program_id(0), NBH * NQB, tl.num_programs(0), flatten=FLATTEN):
+            _attend_row(
+                r % NQB, r // NQB, Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_on, stride_pb, stride_ph, stride_ib, stride_ih, stride_iq,
+                stride_cb, stride_ch, stride_sb, stride_sh, stride_sq, stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
+                N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, RETURN_LSE, IEEE, USE_TMA, WARP_SPEC, FMA, WINDOW, HAS_SINK, SOFTCAP,
+                PACKED, TOPK, VCOMPACT)
+    else:
+        _attend_row(
+            tl.program_id(0), tl.program_id(1), Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, stride_pb, stride_ph, stride_ib, stride_ih, stride_iq,
+            stride_cb, stride_ch, stride_sb, stride_sh, stride_sq, stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
+            N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, RETURN_LSE, IEEE, USE_TMA, WARP_SPEC, FMA, WINDOW, HAS_SINK, SOFTCAP,
+            PACKED, TOPK, VCOMPACT)
+
+
 def _check(q, k_perm, v_perm, pos, blocks: BlockList):
     B, HQ, M, D = q.shape
     N = k_perm.shape[2]
@@ -288,14 +325,13 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
                   softcap: float | None = None, packed=None, vertical_keys: int = 0,
-                  segment_size: int | None = None, vertical_compact: bool = True, block_m: int | None = None,
-                  row_order: str = "block", maxnreg: int | None = None):
+                  segment_size: int | None = None, vertical_compact: bool = True, persistent: int = 0,
+                  flatten: bool = False, steal: bool = False):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
-    see `attend_packed_triton`. block_m: query rows per program (a divisor of the block size;
-    default the whole block). row_order: "block" (later query blocks first, each head in turn),
-    "group" (a KV head's query heads side by side) or "tiles" (rows sorted by kept tiles).
-    maxnreg: a register cap per thread (so that two programs fit on one SM)."""
+    see `attend_packed_triton`. persistent: that many programs walk all rows (0: one program per
+    row); flatten: let the compiler pipeline across a persistent program's rows; steal: persistent
+    programs take rows from a shared counter instead of a fixed share."""
     if packed is None:
         _check(q, k_perm, v_perm, pos, blocks)
     elif return_lse:
@@ -315,7 +351,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     if block_n is None:
         block_n = b if wide else min(b, 64)
     if num_warps is None:
-        num_warps = 8 if (block_m or b) * D >= 128 * 128 else 4
+        num_warps = 8 if b * D >= 128 * 128 else 4
     if use_tma is None:
         use_tma = _tma_default(q, k_perm, v_perm)
     if num_stages is None:
@@ -351,28 +387,18 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                 vpos = pos.index_select(2, slots)
     else:
         vseg, segment_size = blocks.n_total[..., None], b  # unused (TOPK = 0)
-    if block_m is None:
-        block_m = b
-    if b % block_m or block_m < 16:
-        raise ValueError(f"attend: block_m {block_m} must divide the block size {b} and be at least 16")
-    nsplit = b // block_m
-    orders = {"block": 0, "group": 1, "tiles": 2}
-    if row_order not in orders or (packed is not None and row_order != "block"):
-        raise ValueError(f"attend: row_order {row_order!r} is not one of {sorted(orders)} (a packed batch: 'block')")
-    rows = lse
-    grid = (nqb * nsplit, B * HQ)
+    grid = (nqb, B * HQ)
     if packed is not None:
-        grid = (packed.attend_order.numel() * nsplit, B * HQ)
-    elif row_order == "group":
-        grid = (nqb * nsplit * B * HQ,)
-    elif row_order == "tiles":
-        # Longest rows first over all heads: one argsort of B * HQ * NQB tile counts.
-        rows = torch.argsort(blocks.n_total.reshape(-1), descending=True, stable=True).to(torch.int32)
-        grid = (rows.numel() * nsplit,)
+        grid = (packed.attend_order.numel(), B * HQ)
+        if persistent:
+            raise ValueError("attend: a packed batch runs one program per row (persistent=0)")
+    elif persistent:
+        grid = (min(int(persistent), nqb * B * HQ), 1)
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         sinks if sinks is not None else lse,
-        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos, rows,
+        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos,
+        torch.zeros(1, device=q.device, dtype=torch.int32) if steal and persistent else vseg,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -383,12 +409,14 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         vseg.stride(0), vseg.stride(1), vseg.stride(2),
         kr.stride(0), kr.stride(1), kr.stride(2), vpos.stride(0), vpos.stride(1),
         N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
+        B * HQ,
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, BLOCK_M=block_m, ROW_ORDER=orders[row_order],
-        num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact,
+        PERSIST=bool(persistent) and packed is None, FLATTEN=bool(flatten),
+        STEAL=bool(steal and persistent) and packed is None, num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
 
