@@ -51,22 +51,3 @@ def test_attend_lse_gives_recall():
     want = (p * token_mask(part, pos, 400)).sum(-1)
     assert torch.allclose(recall, want, atol=1e-4)
     assert (recall <= 1 + 1e-5).all() and recall.mean() < 1
-
-
-@pytest.mark.parametrize("persistent,flatten,steal", [(3, False, False), (5, True, False), (10_000, False, False),
-                                                      (4, False, True)])
-def test_persistent_programs_equal_one_program_per_row(persistent, flatten, steal):
-    # A persistent grid only changes which program computes a row: every row must come out as
-    # with one program per row, for the last M of N positions, a window and vertical keys too.
-    N, M = 777, 300
-    q, k, v = rand_qkv(2, 4, 2, N, 64)
-    q = q[:, :, N - M:].contiguous()
-    kp, vp, pos = permute_keys(q, k, v, block_size=64, segment_size=128, scale=0.125)
-    blocks = select_blocks(q, kp, pos, block_size=64, segment_size=128, threshold=0.7, scale=0.125)
-    for kw in ({}, {"window": 200}, {"vertical_keys": 3, "segment_size": 128}):
-        want, lse_want = attend_triton(q, kp, vp, pos, blocks, scale=0.125, return_lse=True, **kw)
-        out = torch.full_like(q, float("nan"))
-        _, lse = attend_triton(q, kp, vp, pos, blocks, scale=0.125, out=out, return_lse=True,
-                               persistent=persistent, flatten=flatten, steal=steal, **kw)
-        assert not torch.isnan(out).any(), f"{kw}: some rows were never written"
-        assert rel_err(out, want) < 1e-5 and torch.allclose(lse, lse_want, atol=1e-5), kw

@@ -69,8 +69,7 @@ def _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, MASK: tl.constexpr, m_a
 
 
 @triton.jit
-def _attend_row(
-    i_p, i_bh,
+def _attend_fwd_kernel(
     Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -85,12 +84,11 @@ def _attend_row(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
-    PACKED: tl.constexpr, TOPK: tl.constexpr, VCOMPACT: tl.constexpr,
+    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
 ):
-    """One query block of one (batch, query head): the whole forward of its kept tiles."""
-    # i_p: the row's place in launch order (later query blocks first: they keep more tiles, so the
-    # tail of the grid is short); i_l: row of the block list; i_m: the query block's index among
-    # the key blocks.
+    # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
+    # i_l: row of the block list; i_m: the query block's index among the key blocks.
+    i_bh = tl.program_id(1)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = (i_bh % HQ).to(tl.int64)
     i_h = i_hq // G
@@ -99,14 +97,14 @@ def _attend_row(
         # A packed batch (`pbs_kernels.packing`): ORDER lists the query blocks holding a query,
         # most tiles first; BLK's rows give each block's queries (first and last virtual
         # position) and the offset from virtual position to packed row of q and o.
-        i_l = tl.load(ORDER + i_p)
+        i_l = tl.load(ORDER + tl.program_id(0))
         i_m = i_l
         NB_ALL = NQB
         o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         m_m = (o_m >= tl.load(BLK + 3 * NB_ALL + i_l)) & (o_m <= tl.load(BLK + 4 * NB_ALL + i_l))
         o_r = (o_m + tl.load(BLK + 5 * NB_ALL + i_l)).to(tl.int64)
     else:
-        i_l = NQB - 1 - i_p
+        i_l = NQB - 1 - tl.program_id(0)
         i_m = QOFF // BLOCK_SIZE + i_l
         o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         m_m = (o_m >= QOFF) & (o_m < N)
@@ -228,63 +226,6 @@ def _attend_row(
         tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_m)
 
 
-@triton.jit
-def _attend_fwd_kernel(
-    Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS, CNT,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    stride_pb, stride_ph,
-    stride_ib, stride_ih, stride_iq,
-    stride_cb, stride_ch,
-    stride_sb, stride_sh, stride_sq,
-    stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
-    N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG, NBH,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
-    PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
-    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, STEAL: tl.constexpr = False,
-):
-    if STEAL:
-        # A fixed grid of programs that take the next row of the launch order from a counter
-        # (rows differ in length, so a static share leaves some programs idle).
-        r = tl.atomic_add(CNT, 1)
-        while r < NBH * NQB:
-            _attend_row(
-                r % NQB, r // NQB, Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                stride_ob, stride_oh, stride_on, stride_pb, stride_ph, stride_ib, stride_ih, stride_iq,
-                stride_cb, stride_ch, stride_sb, stride_sh, stride_sq, stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
-                N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
-                BLOCK_SIZE, BLOCK_N, HEAD_DIM, RETURN_LSE, IEEE, USE_TMA, WARP_SPEC, FMA, WINDOW, HAS_SINK, SOFTCAP,
-                PACKED, TOPK, VCOMPACT)
-            r = tl.atomic_add(CNT, 1)
-    elif PERSIST:
-        # A fixed grid of programs (one per SM), each walking the rows r = pid, pid + P, ... of
-        # the launch order r = i_bh * NQB + i_p (NBH = batch x query heads). FLATTEN: the
-        # compiler may pipeline a row's first loads behind the previous row's last tiles.
-        for r in tl.range(tl.program_id(0), NBH * NQB, tl.num_programs(0), flatten=FLATTEN):
-            _attend_row(
-                r % NQB, r // NQB, Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                stride_ob, stride_oh, stride_on, stride_pb, stride_ph, stride_ib, stride_ih, stride_iq,
-                stride_cb, stride_ch, stride_sb, stride_sh, stride_sq, stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
-                N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
-                BLOCK_SIZE, BLOCK_N, HEAD_DIM, RETURN_LSE, IEEE, USE_TMA, WARP_SPEC, FMA, WINDOW, HAS_SINK, SOFTCAP,
-                PACKED, TOPK, VCOMPACT)
-    else:
-        _attend_row(
-            tl.program_id(0), tl.program_id(1), Q, K, V, POS, IDX, NOFF, NTOT, O, LSE, SINKS, BLK, ORDER, KR, VR, VSEG, VPOS,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_ob, stride_oh, stride_on, stride_pb, stride_ph, stride_ib, stride_ih, stride_iq,
-            stride_cb, stride_ch, stride_sb, stride_sh, stride_sq, stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
-            N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, RETURN_LSE, IEEE, USE_TMA, WARP_SPEC, FMA, WINDOW, HAS_SINK, SOFTCAP,
-            PACKED, TOPK, VCOMPACT)
-
-
 def _check(q, k_perm, v_perm, pos, blocks: BlockList):
     B, HQ, M, D = q.shape
     N = k_perm.shape[2]
@@ -325,13 +266,10 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
                   softcap: float | None = None, packed=None, vertical_keys: int = 0,
-                  segment_size: int | None = None, vertical_compact: bool = True, persistent: int = 0,
-                  flatten: bool = False, steal: bool = False):
+                  segment_size: int | None = None, vertical_compact: bool = True):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
-    see `attend_packed_triton`. persistent: that many programs walk all rows (0: one program per
-    row); flatten: let the compiler pipeline across a persistent program's rows; steal: persistent
-    programs take rows from a shared counter instead of a fixed share."""
+    see `attend_packed_triton`."""
     if packed is None:
         _check(q, k_perm, v_perm, pos, blocks)
     elif return_lse:
@@ -390,15 +328,10 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     grid = (nqb, B * HQ)
     if packed is not None:
         grid = (packed.attend_order.numel(), B * HQ)
-        if persistent:
-            raise ValueError("attend: a packed batch runs one program per row (persistent=0)")
-    elif persistent:
-        grid = (min(int(persistent), nqb * B * HQ), 1)
     _attend_fwd_kernel[grid](
         q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
         sinks if sinks is not None else lse,
         lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos,
-        torch.zeros(1, device=q.device, dtype=torch.int32) if steal and persistent else vseg,
         q.stride(0), q.stride(1), q.stride(2),
         k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
         v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
@@ -409,14 +342,11 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         vseg.stride(0), vseg.stride(1), vseg.stride(2),
         kr.stride(0), kr.stride(1), kr.stride(2), vpos.stride(0), vpos.stride(1),
         N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
-        B * HQ,
         BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact,
-        PERSIST=bool(persistent) and packed is None, FLATTEN=bool(flatten),
-        STEAL=bool(steal and persistent) and packed is None, num_warps=num_warps, num_stages=num_stages,
+        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, num_warps=num_warps, num_stages=num_stages,
     )
     return (o, lse) if return_lse else o
 
