@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     """
     try:
         app(args=argv, prog_name="pbs")
+    except SystemExit as done:  # typer's standalone mode ends every run this way
+        if done.code in (0, None):
+            from .workflows.distributed import finish
+
+            finish()  # under torchrun: leave the process group together
+        raise
     except Exception as e:
         message = _user_message(e)
         if message is None or os.environ.get("PBS_DEBUG", "") not in ("", "0"):

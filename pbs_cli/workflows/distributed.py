@@ -6,6 +6,8 @@
     check_shardable(name, config)    # NotShardable from the config alone
     start(dev)                       # the process group: gloo on the CPU, nccl on CUDA
     model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs())
+    ...
+    finish()                         # pbs's entry point calls it once the command succeeded
 
 Every rank runs the same code with the same inputs, so every collective (transformers' all-reduce
 in each layer, the barriers and reductions below) is matched on every rank. Only rank 0 prints
@@ -27,7 +29,7 @@ from typing import Sequence
 
 from .errors import CudaUnavailable, DeviceError, NotShardable, TensorParallelDevice
 
-__all__ = ["Ranks", "check_shardable", "is_main", "load_kwargs", "rank_device", "ranks", "slowest", "start",
+__all__ = ["Ranks", "check_shardable", "finish", "is_main", "load_kwargs", "rank_device", "ranks", "slowest", "start",
            "sync_all"]
 
 # transformers' own process group waits up to 2 hours (rank skew while sharded weights load);
@@ -117,6 +119,21 @@ def start(dev) -> None:
             dist.init_process_group("nccl", timeout=PG_TIMEOUT, device_id=dev)
         else:
             dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+
+
+def finish() -> None:
+    """Leave the process group together: a barrier, then destroy it. Without this the ranks exit
+    one by one with gloo's threads still connected, and the later rank can abort in C++
+    ("terminate called without an active exception", SIGABRT: seen once in CI on a 2-rank run
+    whose output was already written). Does nothing where no group was started, and never
+    imports torch for a command that did not."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def check_shardable(name: str, config, world: int | None = None) -> None:

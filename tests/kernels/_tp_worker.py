@@ -32,6 +32,8 @@ def main(folder: str, out: str, threshold: float) -> None:
                       for k, s in stats.items()},
         }, out)
     torch.distributed.barrier()
+    # Leave together: a rank exiting with gloo still connected can abort in C++ (pbs's finish()).
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
