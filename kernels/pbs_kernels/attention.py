@@ -324,7 +324,8 @@ def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: 
                  window: int | None = None) -> BlockList:
     """Step 2: per query block, the fewest earlier-segment key blocks whose estimated attention
     mass reaches `threshold` (of the earlier segments' mass, or with threshold_mass="total" of the
-    whole row's), plus its own segment and the block holding token 0. `estimator`: how a tile's
+    whole row's; with "head" the threshold holds for the mean over the head's query blocks, not
+    for each), plus its own segment and the block holding token 0. `estimator`: how a tile's
     mass is estimated (`pbs_kernels.limits.ESTIMATORS`). With a sliding `window`: only blocks
     inside some query's window, the straddling ones masked."""
     be = resolve_backend(backend, q)
@@ -443,7 +444,7 @@ def pbs_attention(
     3. attend: flash-attention forward over the kept tiles only.
 
     `estimator` ("mean" | "top") is how selection estimates a tile's mass; `threshold_mass`
-    ("earlier" | "total") what the threshold is a share of (`pbs_kernels.limits`).
+    ("earlier" | "total" | "head") what the threshold is a share of (`pbs_kernels.limits`).
     window: sliding window, keys with q_pos - window < k_pos <= q_pos (Mistral, Gemma's local
     layers); tiles wholly outside are never computed. sinks: [HQ] learned logits, one extra term
     per head in every softmax denominator (gpt-oss). softcap: scores become
@@ -659,7 +660,8 @@ def pbs_attention_varlen(
     Batches whose quadratic tables would pass `packing.PACKED_TABLE_BYTES` are cut into
     several packed groups (one launch per op per group). One pbs_attention call per sequence
     instead: with `caches` (one PbsPrefixCache per sequence), with `vertical_keys` (in a packed
-    row the earlier segments may be another sequence's), and by default (`packed=None`) when one
+    row the earlier segments may be another sequence's), with threshold_mass "head" (its cut is
+    per sequence and head), and by default (`packed=None`) when one
     sequence holds at least half of the keys (`_one_dominates`: faster there). `packed=True` /
     `False` forces the choice where both are possible.
 
@@ -686,7 +688,7 @@ def pbs_attention_varlen(
                  min_seq_len=min_seq_len, scale=scale, backend=backend, return_stats=return_stats, window=window,
                  sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass,
                  vertical_keys=vertical_keys)
-    if caches is not None or q.shape[0] == 0 or vertical_keys or packed is False or (
+    if caches is not None or q.shape[0] == 0 or vertical_keys or threshold_mass == "head" or packed is False or (
             packed is None and _one_dominates(bk)):
         return _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs)
     # The per-sequence checks, once, on the shapes every sequence shares.

@@ -15,8 +15,12 @@ BACKENDS = ("auto", "triton", "torch")
 ESTIMATORS = ("mean", "top")
 # What the threshold is a share of: "earlier" = the estimated mass of earlier segments only;
 # "total" = the estimated mass of the whole causal row, own segment included (a local head whose
-# own segment holds most of the mass then keeps few earlier tiles).
-THRESHOLD_MASS = ("earlier", "total")
+# own segment holds most of the mass then keeps few earlier tiles); "head" = the earlier mass of
+# all of a head's query blocks together: tiles are taken by falling estimated share of their
+# row's earlier mass across the whole head until the mean share kept reaches the threshold, so
+# rows whose mass is concentrated keep few tiles and rows whose mass is spread out do not take a
+# tile for every crumb (ops/select/naive.py, `head_keep`).
+THRESHOLD_MASS = ("earlier", "total", "head")
 # Extra exact keys per earlier segment ("vertical" keys): a query block also attends to the top
 # `vertical_keys` slots of every earlier segment whose first block it did not keep. After
 # permutation those slots hold the keys the last query block attends to most, i.e. the

@@ -36,7 +36,7 @@ def command(
     coverage: Annotated[float, typer.Option("--coverage", parser=parse_fraction, help="Attention mass the oracle must cover, in (0, 1].")] = 0.9,
     threshold: Annotated[float, typer.Option("--threshold", parser=parse_fraction, help="PBS selection threshold to evaluate, in (0, 1].")] = 0.9,
     estimator: Annotated[str, typer.Option("--estimator", help="How PBS's selection estimates a tile's mass: mean or top (a block's top keys too).")] = "mean",
-    threshold_mass: Annotated[str, typer.Option("--threshold-mass", help="What --threshold is a share of: earlier (earlier segments' mass) or total (the whole row's).")] = "earlier",
+    threshold_mass: Annotated[str, typer.Option("--threshold-mass", help="What --threshold is a share of: earlier (earlier segments' mass), total (the whole row's) or head (the earlier mass of all the head's rows together).")] = "earlier",
     vertical_keys: Annotated[int, typer.Option("--vertical-keys", metavar="N", help="PBS also attends to the first N slots of each earlier segment whose first block it skips; recall and work count them. 0 to --block-size.")] = 0,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="LIST", callback=_layer_list, help="Layers to analyse, e.g. 0,2,5-7.", show_default="all")] = None,
     no_extend: Annotated[bool, typer.Option("--no-extend", help="Fail if the input is shorter than --seq-len instead of repeating it.")] = False,

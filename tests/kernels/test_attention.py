@@ -32,7 +32,7 @@ def test_threshold_one_equals_dense(B, HQ, H, N, D, dtype, tol, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("estimator,mass", [("top", "earlier"), ("mean", "total"), ("top", "total")])
+@pytest.mark.parametrize("estimator,mass", [("top", "earlier"), ("mean", "total"), ("top", "total"), ("top", "head")])
 def test_threshold_one_equals_dense_for_every_estimator(estimator, mass, backend):
     q, k, v = rand_qkv(1, 4, 2, 451, 64)
     out = pbs_attention(q, k, v, block_size=32, segment_size=64, threshold=1.0, estimator=estimator,

@@ -135,6 +135,9 @@ def test_select_bisection_separates_near_ties(step):
     pytest.param(1000, 64, 256, 0.9, 4, 1, "mean", "total", id="T1000-b64-S256-tau0.9-mean-total"),
     pytest.param(1000, 64, 128, 0.9, 2, 2, "top", "total", id="T1000-b64-S128-tau0.9-top-total"),
     pytest.param(700, 64, 128, 1.0, 2, 2, "top", "total", id="T700-b64-S128-tau1-top-total"),
+    pytest.param(333, 32, 64, 0.5, 4, 2, "top", "head", id="T333-b32-S64-tau0.5-top-head"),
+    pytest.param(1000, 64, 256, 0.9, 4, 1, "mean", "head", id="T1000-b64-S256-tau0.9-mean-head"),
+    pytest.param(1000, 64, 128, 0.97, 2, 2, "top", "head", id="T1000-b64-S128-tau0.97-top-head"),
 ])
 def test_select_estimators_triton_matches_naive(N, b, S, tau, HQ, H, est, mass):
     from pbs_kernels.ops.select import select_blocks_naive
@@ -220,3 +223,74 @@ def test_total_mass_keeps_no_earlier_block_for_a_local_row():
     s = torch.tensor([[0.0, 0.0, 5.0]])
     share = own_segment_share(s, torch.tensor([[True, True, False]]), torch.tensor([[False, False, True]]))
     assert float(share) == pytest.approx(torch.exp(torch.tensor(5.0)) / (2 + torch.exp(torch.tensor(5.0))))
+
+
+def _exact_head_cut(p, tau):
+    """Brute force of the "head" rule without its grid: per (batch, head), the tiles of largest
+    share across all rows until their sum reaches tau x the head's earlier mass."""
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    for b in range(p.shape[0]):
+        for h in range(p.shape[1]):
+            flat = p[b, h].flatten()
+            order = torch.argsort(flat, descending=True)
+            before = torch.cumsum(flat[order], 0) - flat[order]
+            chosen = order[(before < tau * flat.sum()) & (flat[order] > 0)]
+            keep[b, h].view(-1)[chosen] = True
+    return keep
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+def test_head_rule_is_the_exact_cut_up_to_one_grid_bin(tau):
+    from pbs_kernels.ops.select.naive import HEAD_BINS_PER_OCTAVE, head_bins, head_keep
+
+    g = torch.Generator().manual_seed(int(tau * 100))
+    # Rows of different spread: some put their mass on a few tiles, some on many; row 0 has none.
+    logits = torch.randn(2, 3, 12, 40, generator=g) * torch.linspace(0.2, 4.0, 12)[:, None]
+    p = torch.softmax(logits, -1)
+    p[:, :, 0] = 0.0
+    got = head_keep(p, tau)
+    exact = _exact_head_cut(p, tau)
+    assert bool((exact <= got).all())  # never fewer tiles than the exact cut
+    # What it adds lies in the exact cut's last bin: shares within a factor 2^(1/4) of the cut.
+    smallest = torch.where(exact, p, torch.ones_like(p)).flatten(2).amin(-1)[:, :, None, None]
+    extra = got & ~exact
+    assert bool((p[extra.nonzero(as_tuple=True)] * 2 ** (1 / HEAD_BINS_PER_OCTAVE) >=
+                 smallest.expand_as(p)[extra.nonzero(as_tuple=True)]).all())
+    assert bool((head_bins(p)[got] >= 0).all())
+    rows = (p.sum(-1) > 0).sum(-1)
+    kept = (p * got).sum((-1, -2)) / rows
+    assert bool((kept >= tau - 1e-6).all()), kept  # the mean share kept reaches tau, head by head
+    # Unlike the per-row rule, rows differ: the concentrated rows keep fewer tiles than tau of theirs needs.
+    per_row = topp_keep(p, tau)
+    assert int(got.sum()) < int(per_row.sum())
+    assert bool(head_keep(p, 1.0).all())
+
+
+def test_head_rule_cuts_each_batch_element_and_head_alone():
+    from pbs_kernels.ops.select.naive import head_keep
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(2, 2, 8, 30, generator=g) * 3, -1)
+    both = head_keep(p, 0.8)
+    for b in range(2):
+        for h in range(2):
+            assert torch.equal(both[b, h], head_keep(p[b:b + 1, h:h + 1], 0.8)[0, 0])
+
+
+@pytest.mark.parametrize("window, chunk", [(None, 0), (150, 0), (None, 300)], ids=["prefill", "window", "chunk"])
+def test_head_rule_triton_matches_naive_on_windows_and_chunks(window, chunk):
+    from pbs_kernels.ops.select import select_blocks_naive
+    from pbs_kernels.ops.select.fused import select_blocks_triton
+
+    N, b, S = 777, 32, 64
+    q, k, v = rand_qkv(1, 4, 2, N, 64)
+    q[..., :4] += 2.0
+    k[..., :4] += torch.linspace(-1.0, 2.0, N)[:, None]
+    kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)
+    qc = q[:, :, chunk:]
+    kw = dict(block_size=b, segment_size=S, threshold=0.8, scale=0.125, threshold_mass="head", window=window)
+    want = select_blocks_naive(qc, kp, pos, **kw)
+    got = select_blocks_triton(qc, kp, pos, **kw)
+    assert (got.dense_mask() != want.dense_mask()).float().mean() < 0.005
+    row = select_blocks_naive(qc, kp, pos, **{**kw, "threshold_mass": "earlier"})
+    assert int(want.n_total.sum()) < int(row.n_total.sum())  # the same tau buys fewer tiles here

@@ -85,6 +85,7 @@ def _same_as_per_sequence(shapes, tol=1e-5, **kw):
     pytest.param({"estimator": "top"}, id="top"),
     pytest.param({"threshold_mass": "total", "threshold": 0.8}, id="total"),
     pytest.param({"estimator": "top", "threshold_mass": "total", "threshold": 0.5}, id="top-total"),
+    pytest.param({"threshold_mass": "head", "threshold": 0.8}, id="head"),  # cut per sequence, not per batch
     pytest.param({"permute": False}, id="no-permute"),
     pytest.param({"min_seq_len": 300}, id="min300"),
 ])

@@ -51,8 +51,9 @@ __all__ = [
     "trial_point",
 ]
 
-# 2: estimator and threshold_mass searched; 3: vertical_keys searched (older studies are not resumed)
-SPACE_VERSION = 3
+# 2: estimator and threshold_mass searched; 3: vertical_keys searched; 4: threshold_mass "head"
+# (older studies are not resumed)
+SPACE_VERSION = 4
 # A layer setting whose output is off by more than this fraction of the output's norm is not a
 # candidate at any speed: the model would be broken there (typical chosen settings: 0.01-0.1).
 MAX_LAYER_ERROR = 0.35

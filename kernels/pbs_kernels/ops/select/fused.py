@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .._common import cdiv, interpreting
 from ...blocks import BlockList, block_representatives, key_block_max_pos, key_block_stats, pool_query_blocks
+from .naive import HEAD_BINS, HEAD_BINS_PER_OCTAVE, head_cut
 
 MAX_ROW = 8192  # key blocks held in registers per program (1M tokens at b=128)
 
@@ -46,13 +47,20 @@ def _block_logits(S, LOGW, row, i_h, o_k, m_k, NB, scale, NREP: tl.constexpr):
     return b_s
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_K", "NREP", "TOTAL", "PACKED"])
+# RULE: how a row's earlier tiles are cut. 0: its own top-p (bisection); 1 (HEAD_HIST): write the
+# row's mass per grid bin of the "head" rule and nothing else; 2 (HEAD_CUT): keep the bins up to
+# the head's cut (from the summed histograms). Literals in the kernel: Triton reads no plain globals.
+ROW_CUT, HEAD_HIST, HEAD_CUT = 0, 1, 2
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_K", "NREP", "TOTAL", "PACKED", "RULE"])
 @triton.jit
 def _select_kernel(
-    S, LOGW, SINK, MINPOS, MAXPOS, IDX, NOFF, NTOT, BLK,
+    S, LOGW, SINK, MINPOS, MAXPOS, IDX, NOFF, NTOT, BLK, HIST, CUT,
     NB, HQ, G, SPB, N, BS, threshold, scale, Q0, NQB, QOFF, W,
     BLOCK_K: tl.constexpr, SEG_P2: tl.constexpr, KEEP_ALL: tl.constexpr, ITERS: tl.constexpr,
     NREP: tl.constexpr, TOTAL: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr = False,
+    RULE: tl.constexpr = 0, NBINS: tl.constexpr = 96, BINS_PER_OCTAVE: tl.constexpr = 4,
 ):
     # i_q: the query block's index among the key blocks; rows of S and IDX start at QOFF's block
     # (queries that are the last M of N positions; 0 for prefill).
@@ -114,7 +122,22 @@ def _select_kernel(
         # <= 0: the own segment alone reaches the threshold, so no earlier block is needed
         thr = (threshold - p_own) / tl.maximum(1.0 - p_own, 1e-30)
 
-    if KEEP_ALL:
+    if RULE != 0:
+        # The "head" rule's grid bin of each share (naive.head_bins: floor(-log2(p) * 4), clamped);
+        # truncation is the floor here because the value is clamped to >= 0 first.
+        b_x = -tl.log2(tl.maximum(b_p, 1e-38)) * BINS_PER_OCTAVE
+        b_bin = tl.minimum(tl.maximum(b_x, 0.0), NBINS - 1.0).to(tl.int32)
+    if RULE == 1:
+        # Only the bins the row occupies (its spread of shares, typically a few dozen): HIST is zeroed.
+        m_pos = m_earlier & (b_p > 0.0)
+        j_lo = tl.min(tl.where(m_pos, b_bin, NBINS), 0)
+        j_hi = tl.max(tl.where(m_pos, b_bin, -1), 0)
+        for j in range(j_lo, j_hi + 1):
+            tl.store(HIST + row * NBINS + j, tl.sum(tl.where(m_pos & (b_bin == j), b_p, 0.0), 0))
+    elif RULE == 2:
+        cut = tl.load(CUT + i_bh)
+        m_keep = (b_bin <= cut) & (b_p > 0.0) & m_earlier
+    elif KEEP_ALL:
         m_keep = m_earlier
     else:
         # Bisection on the bit patterns: a non-negative float's bits order like its value, so
@@ -132,31 +155,32 @@ def _select_kernel(
         m_keep = (b_bits >= lo) & (b_p > 0.0) & m_earlier
         if TOTAL:
             m_keep = m_keep & ((b_p * 0.0 + thr) > 0.0)  # thr broadcast to the row
-    if PACKED:
-        m_keep = m_keep | (m_earlier & ((o_k * 0 + dense) != 0))  # a dense sequence keeps every causal tile
-        sink = tl.load(SINK + i_h.to(tl.int64) * NB + i_q)
-    else:
-        sink = tl.load(SINK + i_h)
-    m_keep = m_keep | ((o_k == sink) & m_earlier)
+    if RULE != 1:  # the histogram pass writes no list
+        if PACKED:
+            m_keep = m_keep | (m_earlier & ((o_k * 0 + dense) != 0))  # a dense sequence keeps every causal tile
+            sink = tl.load(SINK + i_h.to(tl.int64) * NB + i_q)
+        else:
+            sink = tl.load(SINK + i_h)
+        m_keep = m_keep | ((o_k == sink) & m_earlier)
 
-    p_idx = IDX + row * NB
-    if WINDOW:
-        m_mid = m_keep & (b_mink <= last_q - W)
-        m_keep = m_keep & ~m_mid
-    keep_i = m_keep.to(tl.int32)
-    slot = tl.cumsum(keep_i, 0) - 1
-    tl.store(p_idx + slot, o_k, mask=m_keep)
-    n_off = tl.sum(keep_i, 0)
-    n_mid = n_off
-    if WINDOW:
-        mid_i = m_mid.to(tl.int32)
-        tl.store(p_idx + n_off + tl.cumsum(mid_i, 0) - 1, o_k, mask=m_mid)
-        n_mid = n_off + tl.sum(mid_i, 0)
+        p_idx = IDX + row * NB
+        if WINDOW:
+            m_mid = m_keep & (b_mink <= last_q - W)
+            m_keep = m_keep & ~m_mid
+        keep_i = m_keep.to(tl.int32)
+        slot = tl.cumsum(keep_i, 0) - 1
+        tl.store(p_idx + slot, o_k, mask=m_keep)
+        n_off = tl.sum(keep_i, 0)
+        n_mid = n_off
+        if WINDOW:
+            mid_i = m_mid.to(tl.int32)
+            tl.store(p_idx + n_off + tl.cumsum(mid_i, 0) - 1, o_k, mask=m_mid)
+            n_mid = n_off + tl.sum(mid_i, 0)
 
-    diag_i = m_diag.to(tl.int32)
-    tl.store(p_idx + n_mid + tl.cumsum(diag_i, 0) - 1, o_j, mask=m_diag)
-    tl.store(NOFF + row, n_off)
-    tl.store(NTOT + row, n_mid + tl.sum(diag_i, 0))
+        diag_i = m_diag.to(tl.int32)
+        tl.store(p_idx + n_mid + tl.cumsum(diag_i, 0) - 1, o_j, mask=m_diag)
+        tl.store(NOFF + row, n_off)
+        tl.store(NTOT + row, n_mid + tl.sum(diag_i, 0))
 
 
 def _row_widths(nb: int, spb: int) -> list[int]:
@@ -191,7 +215,7 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
                          threshold_mass: str = "earlier", window: int | None = None) -> BlockList | None:
     """Same contract as `select_blocks_naive`; None when a row would not fit in registers.
     key_stats: `key_block_stats(k_perm, pos, block_size)` if the caller already has it."""
-    if threshold_mass not in ("earlier", "total"):
+    if threshold_mass not in ("earlier", "total", "head"):
         raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
     B, HQ, M, D = q.shape
     H, N = k_perm.shape[1], k_perm.shape[2]
@@ -219,23 +243,36 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
     idx = torch.empty(B, HQ, nqb, nb, device=q.device, dtype=torch.int32)
     n_off = torch.empty(B, HQ, nqb, device=q.device, dtype=torch.int32)
     n_tot = torch.empty_like(n_off)
-    # Query blocks in ranges by how many earlier blocks they can keep, each range with a row
-    # width of the next power of two: early rows do less work than the last ones (a third less
-    # work in all than one width for every row).
-    q0 = qb0
-    for width in _row_widths(nb, spb):
-        q1 = min(nb, (width // spb + 1) * spb)  # the query blocks whose earlier blocks fit `width`
-        if q0 >= nb:
-            break
-        if q1 <= q0:
-            continue  # a chunk's query blocks all need a wider row
-        _select_kernel[(q1 - q0, B * HQ)](
-            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot, sink,
-            nb, HQ, G, spb, N, block_size, float(threshold), float(scale), q0, nqb, q_off, int(window or 0),
-            BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
-            NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None, PACKED=False,
-        )
-        q0 = q1
+
+    def launch(rule, hist, cut):
+        # Query blocks in ranges by how many earlier blocks they can keep, each range with a row
+        # width of the next power of two: early rows do less work than the last ones (a third
+        # less work in all than one width for every row).
+        q0 = qb0
+        for width in _row_widths(nb, spb):
+            q1 = min(nb, (width // spb + 1) * spb)  # the query blocks whose earlier blocks fit `width`
+            if q0 >= nb:
+                break
+            if q1 <= q0:
+                continue  # a chunk's query blocks all need a wider row
+            _select_kernel[(q1 - q0, B * HQ)](
+                s, logw, sink, min_pos, max_pos, idx, n_off, n_tot, sink, hist, cut,
+                nb, HQ, G, spb, N, block_size, float(threshold), float(scale), q0, nqb, q_off, int(window or 0),
+                BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
+                NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None, PACKED=False,
+                RULE=rule, NBINS=HEAD_BINS, BINS_PER_OCTAVE=HEAD_BINS_PER_OCTAVE,
+            )
+            q0 = q1
+
+    if threshold_mass == "head" and threshold < 1.0:
+        # Two launches and no host sync: each row's mass per grid bin, then the rows' lists under
+        # their head's cut (the bins summed over the head's rows; naive.head_keep is the rule).
+        hist = torch.zeros(B * HQ * nqb, HEAD_BINS, device=q.device, dtype=torch.float32)
+        launch(HEAD_HIST, hist, n_off)
+        cut = head_cut(hist.view(B, HQ, nqb, HEAD_BINS).sum(2), threshold).contiguous()
+        launch(HEAD_CUT, hist, cut)
+    else:
+        launch(ROW_CUT, n_off, n_off)  # HIST and CUT unused
     return BlockList(idx=idx, n_off=n_off, n_total=n_tot, block_size=block_size, q_block0=qb0)
 
 
@@ -270,7 +307,9 @@ def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, sca
     from ...packing import block_counts, packed_sinks, slot_valid
 
     if threshold_mass not in ("earlier", "total"):
-        raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
+        raise ValueError(f"select_blocks: threshold_mass {threshold_mass!r} is not one of the packed rules "
+                         "(earlier, total); 'head' cuts per sequence, so pbs_attention_varlen runs it one "
+                         "sequence at a time")
     _, HQ, _, D = q.shape
     H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
@@ -298,7 +337,7 @@ def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, sca
     n_tot = torch.zeros_like(n_off)
     for width, start, count in layout.classes:
         _select_kernel[(count, HQ)](
-            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot, tables,
+            s, logw, sink, min_pos, max_pos, idx, n_off, n_tot, tables, n_off, n_off,  # no HIST, CUT
             nb, HQ, G, spb, N, b, float(threshold), float(scale), start, nb, 0, int(window or 0),
             BLOCK_K=width, SEG_P2=triton.next_power_of_2(spb), KEEP_ALL=threshold >= 1.0, ITERS=31,
             NREP=nrep, TOTAL=threshold_mass == "total", WINDOW=window is not None, PACKED=True,

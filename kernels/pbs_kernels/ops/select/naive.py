@@ -24,6 +24,45 @@ def topp_keep(p: torch.Tensor, threshold) -> torch.Tensor:
     return keep
 
 
+# The "head" rule's cut lies on a grid of HEAD_BINS_PER_OCTAVE steps per halving of a tile's share
+# p of its row's earlier mass: bin j holds 2^-(j+1)/4 < p <= 2^-j/4, and the last bin everything
+# smaller (p below 2^-24 = 6e-8; a 128K row has 1024 tiles, so an even share is 1e-3). The rule
+# keeps whole bins, so it keeps at most one bin's tiles more than an exact cut would; the Triton
+# kernel sums each row's bins and the head's cut comes from their sum (no sort of the head's tiles).
+HEAD_BINS_PER_OCTAVE = 4
+HEAD_BINS = 96
+
+
+def head_bins(p: torch.Tensor) -> torch.Tensor:
+    """The grid bin (int64, 0 .. HEAD_BINS - 1) of each share p in (0, 1]."""
+    x = torch.floor(-torch.log2(p.clamp_min(1e-38)) * HEAD_BINS_PER_OCTAVE)
+    return x.clamp(0, HEAD_BINS - 1).long()
+
+
+def head_cut(hist: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[..., HEAD_BINS] mass per bin, summed over a head's rows -> [...] int32: the last bin to
+    keep, the first at which the mass of bins 0..j reaches `threshold` of the head's earlier mass
+    (a head with no earlier mass keeps bin -1 onward: nothing)."""
+    cum = torch.cumsum(hist, dim=-1)
+    need = float(threshold) * cum[..., -1:]
+    return ((cum < need).sum(-1) - (cum[..., -1] <= 0).long()).clamp(max=HEAD_BINS - 1).to(torch.int32)
+
+
+def head_keep(p: torch.Tensor, threshold) -> torch.Tensor:
+    """The "head" rule: p [B, HQ, NQB, NKB], each row its tiles' shares of the row's estimated
+    earlier mass (rows with no earlier tile all zero) -> bool mask. One cut per (batch, head):
+    keep the tiles of the largest shares, across all the head's rows, until their mean over the
+    rows that have earlier tiles reaches `threshold` (whole grid bins, see HEAD_BINS)."""
+    if threshold >= 1.0:
+        return torch.ones_like(p, dtype=torch.bool)
+    B, HQ = p.shape[:2]
+    bins = head_bins(p)
+    hist = torch.zeros(B, HQ, HEAD_BINS, dtype=p.dtype, device=p.device)
+    hist.scatter_add_(2, bins.reshape(B, HQ, -1), p.reshape(B, HQ, -1))
+    cut = head_cut(hist, threshold)
+    return (bins <= cut[:, :, None, None]) & (p > 0)
+
+
 def compact(off: torch.Tensor, diag: torch.Tensor, block_size: int, q_block0: int = 0,
             masked_off: torch.Tensor | None = None) -> BlockList:
     """Turn [B, HQ, NQB, NKB] masks into a BlockList: unmasked earlier-segment blocks first, then
@@ -127,6 +166,11 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
         off = topp_keep(p, tau[..., None]) & cand
     elif threshold_mass in ("earlier", "total"):
         off = topp_keep(p, threshold) & cand
+    elif threshold_mass == "head":
+        if packed is not None:
+            raise ValueError("select_blocks: threshold_mass 'head' cuts per sequence; pbs_attention_varlen runs "
+                             "it one sequence at a time, not packed")
+        off = head_keep(p, threshold) & cand
     else:
         raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
 
