@@ -97,7 +97,10 @@ def main():
     ap.add_argument("--small", type=int, default=32768)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/pbs-head"))
     ap.add_argument("--parts", default="check,vertical,synthetic,bench")
+    ap.add_argument("--vertical", default="", help="configs instead of CONFIGS['vertical']: est:mass:tau:vk,...")
     args = ap.parse_args()
+    if args.vertical:  # run 2: thresholds between run 1's
+        CONFIGS["vertical"] = [(e, m, float(t), int(n)) for e, m, t, n in (c.split(":") for c in args.vertical.split(","))]
     os.makedirs(args.out, exist_ok=True)
     parts = args.parts.split(",")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
