@@ -276,6 +276,19 @@ def test_vertical_keys_option(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
+def test_threshold_mass_head_option(tiny, tmp_path):
+    args = ("analyze", tiny, *FAST, "--format", "json", "--layers", "1", "--threshold", "0.8")
+    row = json.loads(invoke(*args, "--out", tmp_path / "row").stdout)
+    r = invoke(*args, "--threshold-mass", "head", "--out", tmp_path / "head")
+    assert r.exit_code == 0, r.output
+    head = json.loads(r.stdout)
+    assert head["summary"]["threshold_mass"] == "head" and row["summary"]["threshold_mass"] == "earlier"
+    # One cut per head: the same threshold for the mean of the rows keeps fewer tiles than for each row.
+    assert head["summary"]["pbs_density"] < row["summary"]["pbs_density"]
+    r = invoke("analyze", tiny, *FAST, "--threshold-mass", "rows", "--out", tmp_path / "bad")
+    assert r.exit_code == 2 and "earlier, total, head" in " ".join(r.stderr.split()), r.output
+
+
 def test_short_input_is_repeated_or_refused(tiny, tmp_path):
     text = tmp_path / "prompt.txt"
     text.write_text("put k0001 v002 ; the cat sees a dog . get k0001 v002 ;")
