@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -27,13 +26,12 @@ from pbs_kernels import pbs_attention
 from pbs_kernels.analysis import analyze_layer
 from pbs_kernels.attention import pbs_plan
 from pbs_kernels.metrics import output_error
-from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks_naive
 from pbs_kernels.ops.select.fused import select_blocks_triton
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_vertical_slash, make_workload
 
-from gpu_select_dev import cudnn_fn, med  # scripts/ is on the path when run as a script
+from gpu_select_dev import cudnn_fn, fresh_permuted, med  # scripts/ is on the path when run as a script
 
 CONFIGS = {  # workload -> [(estimator, threshold_mass, threshold, vertical_keys)]
     # first row: the acceptance profile of BENCHMARKS section 12 (row rule), the "before"
@@ -45,14 +43,8 @@ CONFIGS = {  # workload -> [(estimator, threshold_mass, threshold, vertical_keys
 
 def check():
     for est in ("mean", "top"):
-        torch.manual_seed(int(time.time() * 1e6) % (2**31))
         N = 8191
-        q = torch.randn(1, 8, N, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 2, N, 128, device="cuda", dtype=torch.bfloat16)
-        q[..., :4] += 2.0
-        k[..., :4] += torch.linspace(-1, 2, N, device="cuda")[:, None].to(torch.bfloat16)
-        kp, vp, pos, stats = permute_keys(q, k, k, block_size=128, segment_size=256, scale=128 ** -0.5,
-                                          backend="triton", block_stats=True)
+        q, k, kp, pos, stats = fresh_permuted(N)
         for m0 in (0, N - 3000):
             kw = dict(block_size=128, segment_size=256, threshold=0.9, scale=128 ** -0.5, estimator=est,
                       threshold_mass="head")

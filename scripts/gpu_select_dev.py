@@ -57,18 +57,25 @@ def cudnn_fn(q, k, v):
     return run
 
 
+def fresh_permuted(N=8191):
+    """Fresh random bf16 q, k (8 / 2 heads, D 128) with a trend over positions, so rows have
+    uneven masses, and k permuted by the Triton path: q, k, kp, pos, key stats."""
+    torch.manual_seed(int(time.time() * 1e6) % (2**31))
+    q = torch.randn(1, 8, N, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, N, 128, device="cuda", dtype=torch.bfloat16)
+    q[..., :4] += 2.0
+    k[..., :4] += torch.linspace(-1, 2, N, device="cuda")[:, None].to(torch.bfloat16)
+    kp, _, pos, stats = permute_keys(q, k, k, block_size=128, segment_size=256, scale=128 ** -0.5,
+                                     backend="triton", block_stats=True)
+    return q, k, kp, pos, stats
+
+
 def check_correctness():
     rows = []
     for est in ("mean", "top"):
         for mass in ("earlier", "total"):
-            torch.manual_seed(int(time.time() * 1e6) % (2**31))
             N = 8191
-            q = torch.randn(1, 8, N, 128, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(1, 2, N, 128, device="cuda", dtype=torch.bfloat16)
-            q[..., :4] += 2.0
-            k[..., :4] += torch.linspace(-1, 2, N, device="cuda")[:, None].to(torch.bfloat16)
-            kp, vp, pos, stats = permute_keys(q, k, k, block_size=128, segment_size=256, scale=128 ** -0.5,
-                                              backend="triton", block_stats=True)
+            q, k, kp, pos, stats = fresh_permuted(N)
             want = select_blocks_naive(q.float(), kp.float(), pos, block_size=128, segment_size=256, threshold=0.9,
                                        scale=128 ** -0.5, estimator=est, threshold_mass=mass)
             got = select_blocks_triton(q, kp, pos, block_size=128, segment_size=256, threshold=0.9,

@@ -42,7 +42,7 @@ def head_bins(p: torch.Tensor) -> torch.Tensor:
 def head_cut(hist: torch.Tensor, threshold: float) -> torch.Tensor:
     """[..., HEAD_BINS] mass per bin, summed over a head's rows -> [...] int32: the last bin to
     keep, the first at which the mass of bins 0..j reaches `threshold` of the head's earlier mass
-    (a head with no earlier mass keeps bin -1 onward: nothing)."""
+    (-1 for a head with no earlier mass: it keeps nothing)."""
     cum = torch.cumsum(hist, dim=-1)
     need = float(threshold) * cum[..., -1:]
     return ((cum < need).sum(-1) - (cum[..., -1] <= 0).long()).clamp(max=HEAD_BINS - 1).to(torch.int32)
