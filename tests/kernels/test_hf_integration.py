@@ -204,6 +204,21 @@ def test_padding_runs_pbs_on_the_unpadded_rows(llama):
     torch.testing.assert_close(out[1, 40:], ref[1, 40:], rtol=1e-4, atol=1e-4)
 
 
+def test_head_rule_cuts_each_prompt_of_a_batch_alone(llama):
+    # threshold_mass "head" has one cut per sequence and head: a prompt's output in a padded batch
+    # is what it gets alone, whatever the other prompt holds.
+    ids = _ids(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    prof = _profile(0.6)
+    prof.defaults = LayerConfig(**{**prof.defaults.__dict__, "threshold_mass": "head"})
+    with pbs_profile(llama, prof, collect_stats=True):
+        both = _logits(llama, ids, attention_mask=mask)
+        assert all(s.density < 1.0 and s.sequences == 2 for s in pbs_stats(llama).values())
+        alone = _logits(llama, ids[:1])
+    torch.testing.assert_close(both[0], alone[0], rtol=1e-4, atol=1e-4)
+
+
 def test_loading_with_pbs_implementation(tmp_path):
     register()
     torch.manual_seed(0)
