@@ -129,7 +129,7 @@ def _select_kernel(
         b_bin = tl.minimum(tl.maximum(b_x, 0.0), NBINS - 1.0).to(tl.int32)
     if RULE == 1:
         # One reduction per bin the row occupies (HIST is zeroed). This pass is what the head rule
-        # costs: pbs.select 1.5-2.0 ms at 128K against 0.9-1.1 for the row rule (H200, BENCHMARKS §13).
+        # costs: pbs.select 1.5-2.2 ms at 128K against 0.9-1.1 for the row rule (H200, BENCHMARKS §13).
         m_pos = m_earlier & (b_p > 0.0)
         j_lo = tl.min(tl.where(m_pos, b_bin, NBINS), 0)
         j_hi = tl.max(tl.where(m_pos, b_bin, -1), 0)
