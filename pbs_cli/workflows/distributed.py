@@ -23,6 +23,7 @@ rank is done, so rank 0 reports the slowest rank's time, not its own.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -127,8 +128,6 @@ def finish() -> None:
     ("terminate called without an active exception", SIGABRT: seen once in CI on a 2-rank run
     whose output was already written). Does nothing where no group was started, and never
     imports torch for a command that did not."""
-    import sys
-
     dist = sys.modules.get("torch.distributed")
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return
