@@ -14,6 +14,8 @@ _LAZY = {
     "PbsStats": "attention",
     "pbs_attention_varlen": "attention",
     "PbsPrefixCache": "attention",
+    "PbsGraphs": "graphs",
+    "pbs_graphs": "graphs",
     "PbsProfile": "profile",
     "LayerConfig": "profile",
     "ProfileError": "profile",

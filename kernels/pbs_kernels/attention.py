@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import BlockList, identity_positions
+from .graphs import pbs_graphs, why_eager
 from .limits import BACKENDS, BLOCK_SIZES, ESTIMATORS, HEAD_DIMS, THRESHOLD_MASS
+from .ops import _common
 from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
 from .ops.permute import gather_permuted, segment_order
@@ -181,8 +183,8 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         raise ValueError(f"pbs_attention: threshold {threshold} must be in (0, 1]")
     if backend not in BACKENDS:
         raise ValueError(f"pbs_attention: backend {backend!r} is not one of {BACKENDS}")
-    if min_seq_len < 0:
-        raise ValueError(f"pbs_attention: min_seq_len {min_seq_len} must be >= 0")
+    if min_seq_len != "auto" and (isinstance(min_seq_len, (bool, str)) or not min_seq_len >= 0):
+        raise ValueError(f"pbs_attention: min_seq_len {min_seq_len!r} must be an integer >= 0 or 'auto'")
     if estimator not in ESTIMATORS:
         raise ValueError(f"pbs_attention: estimator {estimator!r} is not one of {ESTIMATORS}")
     if threshold_mass not in THRESHOLD_MASS:
@@ -194,6 +196,32 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"pbs_attention: softcap {softcap} must be > 0 (or None)")
     check_vertical_keys("pbs_attention", vertical_keys, block_size)
+
+
+# Argument sets that passed _validate: a call with the same shapes, dtypes, devices and settings
+# skips the ~25 checks (part of the per-call host cost that issue 22 measured).
+_VALID: set = set()
+
+
+def _validate_cached(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
+                     window, sinks, softcap, vertical_keys) -> None:
+    if _common.LEGACY_HOST or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator,
+                         threshold_mass, window, sinks, softcap, vertical_keys)
+    # type() beside values that a bool could stand for (True == 1 hashes like 1)
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+           q.stride(-1), k.stride(-1), v.stride(-1), block_size, type(block_size), segment_size, threshold,
+           backend, min_seq_len, type(min_seq_len), estimator, threshold_mass, window, type(window),
+           None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), softcap,
+           vertical_keys, type(vertical_keys))
+    if key in _VALID:
+        return None
+    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
+              window, sinks, softcap, vertical_keys)
+    if len(_VALID) > 4096:
+        _VALID.clear()
+    _VALID.add(key)
+    return None
 
 
 def check_vertical_keys(where: str, vertical_keys, block_size: int) -> None:
@@ -392,8 +420,15 @@ def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, thresho
     """Steps 1 and 2 for q [B, HQ, M, D] (the last M of the N positions), k/v [B, H, N, D]: a
     PbsPlan (never dense; see `pbs_attention` for the short-prompt fallback). Same checks and
     knobs as pbs_attention."""
-    _validate(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass, window, sinks,
-              softcap, vertical_keys)
+    _validate_cached(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass, window,
+                     sinks, softcap, vertical_keys)
+    return _plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
+                 scale=scale, backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window,
+                 sinks=sinks, softcap=softcap, cache=cache, vertical_keys=vertical_keys)
+
+
+def _plan(q, k, v, *, block_size, segment_size, threshold, permute, scale, backend, estimator, threshold_mass,
+          window, sinks, softcap, cache, vertical_keys) -> PbsPlan:
     be = resolve_backend(backend, q)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if window is not None and window >= k.shape[2]:
@@ -428,6 +463,7 @@ def pbs_attention(
     softcap: float | None = None,
     cache: PbsPrefixCache | None = None,
     vertical_keys: int = 0,
+    graph: bool | str = False,
 ):
     """Causal Permuted Block-Sparse attention for prefill.
 
@@ -456,7 +492,15 @@ def pbs_attention(
     are not lost with the tiles that hold them (`pbs_kernels.limits.VERTICAL_KEYS`).
 
     Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
-    equals dense causal attention. `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
+    equals dense causal attention. min_seq_len="auto": the first call in a length bucket times
+    both paths on its inputs and the faster one is kept for that shape and bucket
+    (`pbs_kernels.crossover`).
+
+    graph: False (eager), True (capture a CUDA graph of the whole call on the first call of its
+    shapes, dtype and settings, and replay it on the next ones) or "auto" (capture on the second
+    such call). A replay costs a few launches of host time instead of ~20; calls that need the
+    host (return_stats, cache, gradients, the torch backend, CPU tensors) run eagerly
+    (`pbs_kernels.graphs`). `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
     inputs are computed in fp32 because the interpreter's bf16 matmul is wrong), "torch" (plain
     torch reference) or "auto" (triton on CUDA, torch elsewhere).
 
@@ -465,21 +509,49 @@ def pbs_attention(
 
     Returns the output [B, HQ, M, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
-    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
-              window, sinks, softcap, vertical_keys)
-    B, HQ, M, D = q.shape
+    _validate_cached(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
+                     window, sinks, softcap, vertical_keys)
+    if graph not in (False, True, "auto"):
+        raise ValueError(f"pbs_attention: graph {graph!r} must be False, True or 'auto'")
     N = k.shape[2]
-    scale = default_scale(D) if scale is None else float(scale)
-    if N <= segment_size or N < min_seq_len:
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
+                 scale=scale, backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window,
+                 softcap=softcap, vertical_keys=vertical_keys)
+    eager_reason = why_eager(q, k, v, backend, return_stats=return_stats, cache=cache) if graph else "graph=False"
+
+    def run(dense: bool, qs, ks, vs, ss, stats: bool, kv_cache):
+        if eager_reason is None:
+            key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, dense) + tuple(knobs.values())
+            return pbs_graphs().run(key, lambda *t: _pbs_eager(*t, dense=dense, **knobs), (qs, ks, vs, ss),
+                                    auto=graph == "auto")
+        return _pbs_eager(qs, ks, vs, ss, dense=dense, return_stats=stats, cache=kv_cache, **knobs)
+
+    if N <= segment_size:
+        dense = True
+    elif min_seq_len == "auto":
+        from .crossover import choice_key, sparse_wins
+
+        key = choice_key(q, k, (sinks is not None, eager_reason is None) + tuple(knobs.values()))
+        dense = not sparse_wins(key, lambda: run(False, q, k, v, sinks, False, None),
+                                lambda: run(True, q, k, v, sinks, False, None), q.device)
+    else:
+        dense = N < min_seq_len
+    return run(dense, q, k, v, sinks, return_stats, cache)
+
+
+def _pbs_eager(q, k, v, sinks, *, dense: bool, block_size, segment_size, threshold, permute, scale, backend,
+               estimator, threshold_mass, window, softcap, vertical_keys, return_stats=False, cache=None):
+    """One pbs_attention call as launches (checked inputs, float scale): what a graph records."""
+    if dense:
         out = dense_causal_attention(q, k, v, scale=scale, window=window, sinks=sinks, softcap=softcap)
         if not return_stats:
             return out
-        return out, PbsStats(1.0, torch.ones(HQ), dense=True)
-
-    plan = pbs_plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                    permute=permute, scale=scale, backend=backend, estimator=estimator,
-                    threshold_mass=threshold_mass, window=window, sinks=sinks, softcap=softcap, cache=cache,
-                    vertical_keys=vertical_keys)
+        return out, PbsStats(1.0, torch.ones(q.shape[1]), dense=True)
+    plan = _plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
+                 permute=permute, scale=scale, backend=backend, estimator=estimator,
+                 threshold_mass=threshold_mass, window=window, sinks=sinks, softcap=softcap, cache=cache,
+                 vertical_keys=vertical_keys)
     out = plan.attend(q)
     if plan.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _ForwardOnly.apply(out, q, k, v)

@@ -8,6 +8,11 @@ import torch
 
 LOG2E = 1.4426950408889634
 
+# The per-call host path before issue 22 (no cached checks, torch ops for the score LSE, the
+# block pooling and the sink's dtype, no cached device queries), kept so that one process can
+# time both (scripts/gpu_fixed_cost.py sets it; PBS_LEGACY_HOST=1 sets it at import).
+LEGACY_HOST = os.environ.get("PBS_LEGACY_HOST", "0") == "1"
+
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _common
 from .._common import LOG2E, cdiv
 from ...blocks import BlockList
 
@@ -254,11 +255,24 @@ def _tma_default(q, k_perm, v_perm) -> bool:
         return False
     if not (k_perm.is_contiguous() and v_perm.is_contiguous()):
         return False
+    if not _common.LEGACY_HOST:
+        hit = _TMA_OK.get(q.device)
+        if hit is None:
+            hit = _TMA_OK[q.device] = _tma_usable(q.device)
+        return hit
+    return _tma_usable(q.device)
+
+
+# device -> whether tensor descriptors apply (a device query per call cost a few us of host time)
+_TMA_OK: dict = {}
+
+
+def _tma_usable(device) -> bool:
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(q.device)[0] >= 9
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,

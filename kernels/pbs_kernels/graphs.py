@@ -1,0 +1,147 @@
+"""Whole-call CUDA graphs for pbs_attention: one capture per (shapes, dtype, device, settings),
+replayed on later calls by copying their inputs into the capture's own buffers.
+
+Why: at 9 query / 3 KV heads, D 64, 8K tokens one call is ~19 launches and ~320 us of GPU work
+inside ~1060 us of wall time (H200, issue 22): the host (Python, Triton's launcher) is the cost.
+A replay is a handful of launches (three input copies, the graph, the output copy) whatever the
+pipeline holds.
+
+    out = pbs_attention(q, k, v, graph=True)     # capture on the first call of a shape
+    out = pbs_attention(q, k, v, graph="auto")   # run eagerly once, capture on the second call
+
+The eager run before a capture also JIT-compiles and autotunes the Triton kernels and fills the
+runtime's one-time probes, none of which may happen inside a capture. Calls that need the host in
+the middle (statistics, a prefix cache, gradients, the torch backend, CPU tensors, packed varlen
+batches with cu_seqlens read on the host) run eagerly; so does a key whose capture failed once.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple  # static input buffers (None where the call has no such input)
+    out: torch.Tensor  # static output, rewritten by every replay
+
+
+class PbsGraphs:
+    """A bounded (least recently used) cache of captured pbs_attention calls.
+
+    max_graphs: captures kept; each holds its call's intermediates in its own memory pool (at
+    128K tokens, 32 heads, D 128 about 0.7 GB: permuted K/V, scores and the block list), so the
+    bound is a memory bound. Counters `captures`, `replays`, `eager` say what happened.
+    """
+
+    def __init__(self, max_graphs: int = 8):
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict = OrderedDict()
+        self._seen: OrderedDict = OrderedDict()  # keys called once under "auto"
+        self.failed: dict = {}  # key -> why its capture failed (it runs eagerly)
+        self.captures = self.replays = self.eager = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __contains__(self, key) -> bool:
+        return key in self._graphs
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self.failed.clear()
+
+    def discard(self, key) -> None:
+        self._graphs.pop(key, None)
+
+    def run(self, key, fn: Callable[..., torch.Tensor], inputs: tuple, *, auto: bool = False) -> torch.Tensor:
+        """fn(*inputs) through the graph of `key`: replayed when captured, captured now when not
+        (under `auto` only from the key's second call). Returns a fresh tensor."""
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            for dst, src in zip(entry.inputs, inputs):
+                if dst is not None:
+                    dst.copy_(src)
+            entry.graph.replay()
+            self.replays += 1
+            return entry.out.clone()
+        if key in self.failed or (auto and not self._seen_before(key)):
+            self.eager += 1
+            return fn(*inputs)
+        entry = self._capture(key, fn, inputs)
+        if entry is None:
+            self.eager += 1
+            return fn(*inputs)
+        entry.graph.replay()
+        return entry.out.clone()
+
+    def _seen_before(self, key) -> bool:
+        if key in self._seen:
+            return True
+        self._seen[key] = True
+        if len(self._seen) > 1024:
+            self._seen.popitem(last=False)
+        return False
+
+    def _capture(self, key, fn, inputs) -> _Entry | None:
+        device = next(t.device for t in inputs if t is not None)
+        static = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
+                       for t in inputs)
+        main = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fn(*static)  # JIT, autotuning and one-time probes happen here, outside the capture
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = fn(*static)
+        except RuntimeError as err:  # something in the pipeline cannot be captured: stay eager
+            reason = str(err).splitlines()[0]
+            self.failed[key] = reason
+            warnings.warn(f"pbs: CUDA graph capture failed ({reason}); this shape runs eagerly", RuntimeWarning,
+                          stacklevel=4)
+            return None
+        entry = _Entry(graph, static, out)
+        self._graphs[key] = entry
+        self.captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return entry
+
+
+_DEFAULT: PbsGraphs | None = None
+
+
+def pbs_graphs() -> PbsGraphs:
+    """The process's graph cache that `pbs_attention(..., graph=...)` uses."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = PbsGraphs()
+    return _DEFAULT
+
+
+def why_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *, return_stats: bool,
+              cache) -> str | None:
+    """Why a pbs_attention call cannot be captured (None when it can)."""
+    if not q.is_cuda:
+        return "CPU tensors"
+    if backend == "torch":
+        return "torch backend"
+    if return_stats:
+        return "statistics are read on the host"
+    if cache is not None:
+        return "a prefix cache is updated on the host"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "gradients"
+    if torch.cuda.is_current_stream_capturing():
+        return "already inside a capture"  # the caller's own graph records the launches
+    return None
