@@ -498,9 +498,10 @@ def pbs_attention(
 
     graph: False (eager), True (capture a CUDA graph of the whole call on the first call of its
     shapes, dtype and settings, and replay it on the next ones) or "auto" (capture on the second
-    such call). A replay costs a few launches of host time instead of ~20; calls that need the
-    host (return_stats, cache, gradients, the torch backend, CPU tensors) run eagerly
-    (`pbs_kernels.graphs`). `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
+    such call, and only for calls small enough that the host dominates: q of at most
+    `graphs.AUTO_MAX_Q_BYTES`). A replay costs a few launches of host time instead of ~20 plus
+    copies of q, k, v and the output; calls that need the host (return_stats, cache, gradients,
+    the torch backend, CPU tensors) run eagerly (`pbs_kernels.graphs`). `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
     inputs are computed in fp32 because the interpreter's bf16 matmul is wrong), "torch" (plain
     torch reference) or "auto" (triton on CUDA, torch elsewhere).
 
@@ -518,7 +519,8 @@ def pbs_attention(
     knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
                  scale=scale, backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window,
                  softcap=softcap, vertical_keys=vertical_keys)
-    eager_reason = why_eager(q, k, v, backend, return_stats=return_stats, cache=cache) if graph else "graph=False"
+    eager_reason = (why_eager(q, k, v, backend, return_stats=return_stats, cache=cache, auto=graph == "auto")
+                    if graph else "graph=False")
 
     def run(dense: bool, qs, ks, vs, ss, stats: bool, kv_cache):
         if eager_reason is None:
@@ -705,6 +707,7 @@ def pbs_attention_varlen(
     threshold_mass: str = "earlier",
     vertical_keys: int = 0,
     packed: bool | None = None,
+    graph: bool | str = False,
 ):
     """PBS attention over packed independent sequences, in flash-attn's varlen convention.
 
@@ -734,8 +737,12 @@ def pbs_attention_varlen(
     instead: with `caches` (one PbsPrefixCache per sequence), with `vertical_keys` (in a packed
     row the earlier segments may be another sequence's), with threshold_mass "head" (its cut is
     per sequence and head), and by default (`packed=None`) when one
-    sequence holds at least half of the keys (`_one_dominates`: faster there). `packed=True` /
+    sequence holds at least half of the keys (`_one_dominates`: faster there), and with
+    min_seq_len="auto" (measured per sequence shape). `packed=True` /
     `False` forces the choice where both are possible.
+
+    graph: pbs_attention's, for the one-call-per-sequence path (each sequence's shape is its own
+    capture). The packed path runs eagerly: its tables come from cu_seqlens read on the host.
 
     Returns the output [total_q, HQ, D] in q's dtype, and with `return_stats=True` also a list
     of PbsStats, one per sequence (None for a sequence with no query).
@@ -759,9 +766,11 @@ def pbs_attention_varlen(
     knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
                  min_seq_len=min_seq_len, scale=scale, backend=backend, return_stats=return_stats, window=window,
                  sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass,
-                 vertical_keys=vertical_keys)
-    if caches is not None or q.shape[0] == 0 or vertical_keys or threshold_mass == "head" or packed is False or (
-            packed is None and _one_dominates(bk)):
+                 vertical_keys=vertical_keys, graph=graph)
+    if graph not in (False, True, "auto"):
+        raise ValueError(f"pbs_attention_varlen: graph {graph!r} must be False, True or 'auto'")
+    if (caches is not None or q.shape[0] == 0 or min_seq_len == "auto" or vertical_keys or threshold_mass == "head"
+            or packed is False or (packed is None and _one_dominates(bk))):
         return _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs)
     # The per-sequence checks, once, on the shapes every sequence shares.
     _validate(q[:1].transpose(0, 1).unsqueeze(0), k[:1].transpose(0, 1).unsqueeze(0),

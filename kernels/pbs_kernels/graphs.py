@@ -118,6 +118,19 @@ class PbsGraphs:
         return entry
 
 
+# graph="auto" captures only calls whose q holds at most this many bytes. A replay copies q, k, v
+# in and the output out (about 2.5x q's bytes each way for grouped heads); at 64 MiB that is
+# ~0.1 ms on an H200 (~4 TB/s), less than the ~0.7 ms of host time it saves (issue 22: 9 / 3
+# heads, D 64, 8K). Above it the GPU work (2 ms and more: 32 / 8 heads, D 128, 32K) already
+# hides the host, and the copies would only add time. graph=True captures at any size.
+AUTO_MAX_Q_BYTES = 64 << 20
+
+
+def auto_worth_it(q: torch.Tensor) -> bool:
+    """Whether graph="auto" captures a call with this q."""
+    return q.numel() * q.element_size() <= AUTO_MAX_Q_BYTES
+
+
 _DEFAULT: PbsGraphs | None = None
 
 
@@ -130,7 +143,7 @@ def pbs_graphs() -> PbsGraphs:
 
 
 def why_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *, return_stats: bool,
-              cache) -> str | None:
+              cache, auto: bool = False) -> str | None:
     """Why a pbs_attention call cannot be captured (None when it can)."""
     if not q.is_cuda:
         return "CPU tensors"
@@ -142,6 +155,8 @@ def why_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *
         return "a prefix cache is updated on the host"
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return "gradients"
+    if auto and not auto_worth_it(q):
+        return "graph='auto' and a large call (the GPU work hides the host)"
     if torch.cuda.is_current_stream_capturing():
         return "already inside a capture"  # the caller's own graph records the launches
     return None

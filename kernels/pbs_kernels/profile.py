@@ -62,7 +62,7 @@ _LAYER_FIELDS: dict[str, tuple[str, Any, str]] = {
     "segment_size": ("int", lambda v: v > 0, "a positive multiple of block_size"),
     "threshold": ("float", lambda v: 0.0 < v <= 1.0, "(0, 1]"),  # NaN fails both comparisons
     "permute": ("bool", None, "true or false"),
-    "min_seq_len": ("int", lambda v: v >= 0, "an integer >= 0"),
+    "min_seq_len": ("int_or_auto", lambda v: v == "auto" or v >= 0, "an integer >= 0 or auto"),
     "dense": ("bool", None, "true or false"),
     "estimator": ("str", lambda v: v in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}"),
     "threshold_mass": ("str", lambda v: v in THRESHOLD_MASS, f"one of {', '.join(THRESHOLD_MASS)}"),
@@ -73,6 +73,8 @@ _LAYER_FIELDS: dict[str, tuple[str, Any, str]] = {
 def _check_field(name: str, value: Any, where: str) -> Any:
     """Return the value in canonical type (ints as float for float fields) or raise."""
     kind, in_range, allowed = _LAYER_FIELDS[name]
+    if kind == "int_or_auto" and not (_is_int(value) or value == "auto"):
+        raise ProfileError(f"{where} = {_show(value)} has type {_type_name(value)}; expected {allowed}")
     if kind == "int" and not _is_int(value):
         expected = allowed if allowed.startswith("an integer") else f"an integer, {allowed}"
         raise ProfileError(f"{where} = {_show(value)} has type {_type_name(value)}; expected {expected}")
@@ -134,7 +136,9 @@ class LayerConfig:
     segment_size: int = 256
     threshold: float = 0.9
     permute: bool = True
-    min_seq_len: int = 16384  # the kernel loses to dense attention below ~16K tokens
+    # Below it a prompt runs dense: the kernel lost to dense attention below ~16K tokens at 32 / 8
+    # heads, D 128. "auto": the faster path measured once per shape (pbs_kernels.crossover).
+    min_seq_len: int | str = 16384
     dense: bool = False  # this layer always runs dense attention
     # How selection estimates a tile's mass and what the threshold is a share of
     # (pbs_kernels.limits); neither wins everywhere (BENCHMARKS.md, section 8), so tune searches them.

@@ -68,7 +68,7 @@ class PbsConfig:
     threshold: float
     permute: bool
     source: str  # "defaults" or "PATH layer L"
-    min_seq_len: int = 0  # below it a model runs dense: the "pbs-auto" row times that path
+    min_seq_len: int | str = 0  # below it (or "auto") a model may run dense: the "pbs-auto" row times that path
     estimator: str = "mean"
     threshold_mass: str = "earlier"
     vertical_keys: int = 0

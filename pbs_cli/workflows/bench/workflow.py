@@ -175,12 +175,15 @@ def pbs_config(profile_path: Optional[str], layer: Optional[int]) -> tuple[PbsCo
         source = f"{profile_path} layer {idx}"
         if cfg.dense:
             notes.append(f"{source} is `dense: true` (the model runs it dense); benching its PBS knobs anyway")
-    if cfg.min_seq_len:
+    if cfg.min_seq_len == "auto":
+        notes.append("min_seq_len auto: 'pbs' times the sparse path at every length; 'pbs-auto' times what a "
+                     "model runs (dense or PBS, whichever pbs_attention measured faster for the shape)")
+    elif cfg.min_seq_len:
         notes.append(f"min_seq_len {cfg.min_seq_len}: 'pbs' times the sparse path at every length; below "
                      f"{cfg.min_seq_len} tokens 'pbs-auto' times what a model runs there (pbs_attention's dense "
                      "fallback)")
     return PbsConfig(cfg.block_size, cfg.segment_size, float(cfg.threshold), bool(cfg.permute), source,
-                     int(cfg.min_seq_len), cfg.estimator, cfg.threshold_mass, int(cfg.vertical_keys)), notes
+                     cfg.min_seq_len if cfg.min_seq_len == "auto" else int(cfg.min_seq_len), cfg.estimator, cfg.threshold_mass, int(cfg.vertical_keys)), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ class _Bench:
         step()
 
         rows_out = [pbs, perm_row, sel_row, att_row]
-        if cfg.min_seq_len and N < cfg.min_seq_len:
+        if cfg.min_seq_len == "auto" or (cfg.min_seq_len and N < cfg.min_seq_len):
             rows_out.append(self._auto(q, k, v, scale, ref))
         if "flex" in want and vk:
             rows_out.append(MethodResult("flex", SKIPPED, note="FlexAttention runs the tiles only; "
@@ -424,7 +427,8 @@ class _Bench:
         return a.selection_efficiency
 
     def _auto(self, q, k, v, scale, ref) -> MethodResult:
-        """pbs_attention as a model calls it, min_seq_len included (here: the dense fallback)."""
+        """pbs_attention as a model calls it, min_seq_len included (the dense fallback below an
+        integer min_seq_len; under "auto" whichever path it measured faster)."""
         from pbs_kernels import pbs_attention
 
         cfg, N = self.cfg, q.shape[2]
@@ -432,11 +436,16 @@ class _Bench:
         def call():
             return pbs_attention(q, k, v, scale=scale, backend=self.backend, **cfg.runtime_kwargs())
 
-        out = call()
-        row = MethodResult("pbs-auto", OK, flops=causal_flops(*q.shape[:2], q.shape[3], N), density=1.0,
-                           recall=1.0, error=rel_error(out, ref),
-                           note=f"dense fallback: {N} tokens < min_seq_len {cfg.min_seq_len}")
-        del out
+        out, st = pbs_attention(q, k, v, scale=scale, backend=self.backend, return_stats=True,
+                                **cfg.runtime_kwargs())
+        if cfg.min_seq_len == "auto":
+            note = f"min_seq_len auto: {'dense' if st.dense else 'PBS'} measured faster at {N} tokens"
+        else:
+            note = f"dense fallback: {N} tokens < min_seq_len {cfg.min_seq_len}"
+        row = MethodResult("pbs-auto", OK, flops=causal_flops(*q.shape[:2], q.shape[3], N),
+                           density=float(st.density), recall=1.0 if st.dense else None,
+                           error=rel_error(out, ref), note=note)
+        del out, st
         row.ms = self.time(call, N)
         return self.gate(row)
 

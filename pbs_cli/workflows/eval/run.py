@@ -338,8 +338,9 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
         from pbs_kernels.integrations.hf import attention_layers
 
         cfgs = [profile.layer(m.layer_idx) for m in attention_layers(model)]
-        dense_lengths = [n for n in seq_lens
-                         if any(not c.dense and (n < c.min_seq_len or n <= c.segment_size) for c in cfgs)]
+        # min_seq_len "auto" decides at run time (measured), so only an integer one is known here
+        dense_lengths = [n for n in seq_lens if any(
+            not c.dense and (n <= c.segment_size or (c.min_seq_len != "auto" and n < c.min_seq_len)) for c in cfgs)]
     return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
                     samples, seed, hay, prompts, backend, dense_lengths)
 
