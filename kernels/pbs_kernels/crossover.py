@@ -72,7 +72,7 @@ def _load(path: Path) -> None:
 
 
 def _save(path: Path) -> None:
-    rows = [{"key": list(k), "sparse": v} for k, v in _CHOICES.items() if k and k[0] not in ("cpu",)]
+    rows = [{"key": list(k), "sparse": v} for k, v in _CHOICES.items()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -98,15 +98,19 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def sparse_wins(key: tuple, run_sparse: Callable[[], object], run_dense: Callable[[], object],
-                device: torch.device, *, timer: Callable = time_call) -> bool:
+                device: torch.device, *, timer: Callable | None = None, use_file: bool | None = None) -> bool:
     """Whether the sparse path is at least 1 / MARGIN times faster than dense for `key`,
-    measured on the first call and then remembered."""
-    path = cache_path() if device.type == "cuda" else None
+    measured on the first call and then remembered (in the file too with `use_file`, by default
+    on CUDA only: CPU timings are the tests' and the interpreter's, not a deployment's)."""
+    if use_file is None:
+        use_file = device.type == "cuda"
+    path = cache_path() if use_file else None
     if path is not None:
         _load(path)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit
+    timer = timer or time_call
     t_dense = timer(run_dense, device)
     t_sparse = timer(run_sparse, device)
     _CHOICES[key] = wins = t_sparse <= MARGIN * t_dense

@@ -107,6 +107,7 @@ class _State:
     previous: str | None
     backend: str = "auto"
     collect_stats: bool = False
+    graph: bool | str = "auto"  # pbs_attention's `graph` for prefill calls
     last_stats: dict[Any, LayerStats] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
     _configs: dict[Any, LayerConfig] = field(default_factory=dict, repr=False)
@@ -359,7 +360,8 @@ def pbs_attention_forward(module, query, key, value, attention_mask, dropout: fl
     softcap = kwargs.get("softcap")
     knobs = dict(cfg.plan_kwargs(), min_seq_len=cfg.min_seq_len, scale=scaling, backend=state.backend,
                  return_stats=state.collect_stats, window=_window(kwargs, kv_len),
-                 sinks=kwargs.get("s_aux", kwargs.get("sinks")), softcap=None if softcap is None else float(softcap))
+                 sinks=kwargs.get("s_aux", kwargs.get("sinks")), softcap=None if softcap is None else float(softcap),
+                 graph=state.graph)
     layout = None
     if _has_cu_seqlens(kwargs):
         layout = _cu_layout(kwargs, B, q_len, kv_len)
@@ -570,13 +572,15 @@ def _unbind(model, modules) -> None:
 
 
 def apply_profile(model, profile: PbsProfile | str | os.PathLike | None = None, *, backend: str = "auto",
-                  collect_stats: bool = False):
+                  collect_stats: bool = False, graph: bool | str = "auto"):
     """Make `model` use PBS attention with per-layer settings from `profile`.
 
     profile: a PbsProfile, a path to a profile YAML, or None for `PbsProfile.default()` (whose
     min_seq_len keeps prompts under 16K tokens dense). backend: "auto" (Triton on CUDA, torch on
     CPU), "triton" or "torch". collect_stats: record each layer's density in the last forward,
-    read with `pbs_stats(model)` (off: no extra work). Applying again replaces the profile;
+    read with `pbs_stats(model)` (off: no extra work). graph: pbs_attention's CUDA-graph mode for
+    prefill calls ("auto": a shape and setting seen twice is captured and replayed when the call
+    is small enough for the host to dominate; False: eager). Applying again replaces the profile;
     `remove_profile` restores the attention the model had before the first apply.
 
     Raises PbsIntegrationError (one line) when the model has no attention layers PBS can drive,
@@ -596,7 +600,9 @@ def apply_profile(model, profile: PbsProfile | str | os.PathLike | None = None, 
     register()
     old: _State | None = getattr(model, _STATE_ATTR, None)
     previous = old.previous if old is not None else _current_impl(model)
-    state = _State(profile, previous, backend=backend, collect_stats=collect_stats)
+    if graph not in (False, True, "auto"):
+        raise ValueError(f"apply_profile: graph {graph!r} must be False, True or 'auto'")
+    state = _State(profile, previous, backend=backend, collect_stats=collect_stats, graph=graph)
     _select(model, ATTN_NAME)
     _bind(model, modules, state)
     return model
