@@ -1,0 +1,190 @@
+"""The fixed cost of a pbs_attention call (issue 22) on the lent GPU, before and after, in one run.
+
+    python scripts/gpu_fixed_cost.py [--quick] [--out DIR]      # $OUT by default; < 5 minutes
+
+1. Correctness on the bench workload (`make_workload`, bf16, fresh seeds): a graph captured on
+   one input and replayed on another equals the eager call on that input, and both are within the
+   usual error of the fp32 dense reference (on 8 sampled query blocks, the last included: a
+   full fp32 reference at 128K would take a minute per shape).
+2. Per shape (9/3/64 at 8K and 32K; 8/1/128, 4/1/128 and 32/8/128 at 32K and 128K), per mode:
+     before  eager with the old host path (pbs_kernels.ops._common.LEGACY_HOST = True)
+     eager   eager with this branch's host path (cached checks, fewer launches)
+     graph   graph=True (a replay: input copies, the graph, an output copy)
+     auto    min_seq_len="auto", graph=True: whichever path the crossover measured faster
+     cudnn   dense cuDNN SDPA (the fallback's kernel; GQA without copying K/V where it takes it)
+   launches  CUDA launch API calls per call (kernels, graph launches, copies; torch.profiler)
+   host us   host time per call: 30 back-to-back calls timed before the final synchronize
+   gpu us    kernel time per call (torch.profiler, device side)
+   ms        triton do_bench median (what `pbs bench` reports)
+   err %     output error vs the fp32 dense reference on the sampled rows.
+Writes fixed_cost.json (every row) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+from pbs_kernels import crossover, pbs_attention
+from pbs_kernels.attention import dense_causal_attention
+from pbs_kernels.graphs import pbs_graphs
+from pbs_kernels.metrics import output_error
+from pbs_kernels.ops import _common
+from pbs_kernels.reference import dense_reference
+from pbs_kernels.workloads import make_workload
+
+SHAPES = [(9, 3, 64, 8192), (9, 3, 64, 32768), (8, 1, 128, 32768), (8, 1, 128, 131072), (4, 1, 128, 32768),
+          (4, 1, 128, 131072), (32, 8, 128, 32768), (32, 8, 128, 131072)]
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpy", "cudaMemset",
+                "cudaLaunchCooperativeKernel")
+N_CHECK = 8
+
+
+def sampled_error(out, q, k, v, b=128) -> float:
+    """Output error on N_CHECK query blocks spread over the sequence (the last included), each
+    against the fp32 dense reference of its rows (q rows as the last of their key prefix)."""
+    N = q.shape[2]
+    nb = N // b
+    blocks = sorted({round(i * (nb - 1) / (N_CHECK - 1)) for i in range(N_CHECK)})
+    num = den = 0.0
+    for i in blocks:
+        r0, r1 = i * b, min(N, (i + 1) * b)
+        ref = dense_reference(q[:, :, r0:r1].float(), k[:, :, :r1].float(), v[:, :, :r1].float())
+        o = out[:, :, r0:r1].float()
+        num += float(((o - ref) ** 2).sum())
+        den += float((ref ** 2).sum())
+    return (num / den) ** 0.5
+
+
+def cudnn(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+    return run
+
+
+def per_call(fn, reps: int) -> dict:
+    """Launch API calls, kernel time (profiler) and host time per call."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    launches = gpu_us = 0.0
+    for e in prof.events():
+        if e.name.startswith(LAUNCH_CALLS):
+            launches += 1
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_us += e.time_range.elapsed_us()
+    # Host: back-to-back calls timed before the sync (what the CPU spends issuing them); wall:
+    # with the sync.
+    n = 30
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return dict(launches=launches / reps, gpu_us=gpu_us / reps, host_us=(t1 - t0) / n * 1e6,
+                wall_us=(t2 - t0) / n * 1e6)
+
+
+def check_graph(HQ, H, D, N) -> dict:
+    q0, k0, v0 = make_workload(N, HQ, H, D, device="cuda", dtype=torch.bfloat16, seed=100)
+    pbs_attention(q0, k0, v0, min_seq_len=0, graph=True)  # capture on seed 100
+    q, k, v = make_workload(N, HQ, H, D, device="cuda", dtype=torch.bfloat16, seed=101)
+    got = pbs_attention(q, k, v, min_seq_len=0, graph=True)  # replay on fresh inputs
+    want = pbs_attention(q, k, v, min_seq_len=0)
+    same = bool(torch.equal(got, want))
+    row = dict(shape=f"{HQ}/{H}/{D}", N=N, graph_equals_eager=same, graph_vs_eager=output_error(got, want),
+               err_graph=sampled_error(got, q, k, v), err_eager=sampled_error(want, q, k, v),
+               captures=pbs_graphs().captures, replays=pbs_graphs().replays)
+    print(f"check {HQ}/{H}/{D} {N // 1024}K: graph == eager {same} (rel diff {row['graph_vs_eager']:.1e}); "
+          f"err vs fp32: graph {100 * row['err_graph']:.2f}% eager {100 * row['err_eager']:.2f}%", flush=True)
+    return row
+
+
+def measure(HQ, H, D, N, quick: bool) -> list[dict]:
+    q, k, v = make_workload(N, HQ, H, D, device="cuda", dtype=torch.bfloat16, seed=0)
+    reps = 20 if N <= 32768 else 5
+    modes = {
+        "before": lambda: pbs_attention(q, k, v, min_seq_len=0),
+        "eager": lambda: pbs_attention(q, k, v, min_seq_len=0),
+        "graph": lambda: pbs_attention(q, k, v, min_seq_len=0, graph=True),
+        "auto": lambda: pbs_attention(q, k, v, min_seq_len="auto", graph=True),
+        "cudnn": cudnn(q, k, v),
+        "fallback": lambda: dense_causal_attention(q, k, v),
+    }
+    rows = []
+    t_cudnn = None
+    for name, fn in modes.items():
+        _common.LEGACY_HOST = name == "before"
+        try:
+            out = fn()
+            err = sampled_error(out, q, k, v)
+            del out
+            row = dict(shape=f"{HQ}/{H}/{D}", N=N, mode=name, err=err, **per_call(fn, reps))
+            row["ms"] = do_bench(fn, warmup=5 if quick else 10, rep=30 if quick else 60, return_mode="median")
+        finally:
+            _common.LEGACY_HOST = False
+        if name == "auto":  # the dense fallback's output is cuDNN's, bit for bit
+            row["chose"] = "dense" if torch.equal(fn(), dense_causal_attention(q, k, v)) else "pbs"
+        if name == "cudnn":
+            t_cudnn = row["ms"]
+        rows.append(row)
+    for row in rows:
+        row["x_cudnn"] = t_cudnn / row["ms"]
+    pbs_graphs().clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def show(rows: list[dict]) -> None:
+    print(f"{'shape':<14}{'mode':<9}{'launch':>7}{'host us':>9}{'gpu us':>9}{'wall us':>9}{'ms':>8}"
+          f"{'x cuDNN':>8}{'err %':>7}")
+    for r in rows:
+        shape = f"{r['shape']} {r['N'] // 1024}K"
+        mode = r["mode"] + ("" if "chose" not in r else f"={r['chose'][0]}")
+        print(f"{shape:<14}{mode:<9}{r['launches']:>7.0f}{r['host_us']:>9.0f}{r['gpu_us']:>9.0f}"
+              f"{r['wall_us']:>9.0f}{r['ms']:>8.3f}{r['x_cudnn']:>8.2f}{100 * r['err']:>7.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="shorter do_bench runs")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    os.environ.setdefault("PBS_CACHE_DIR", os.path.join(args.out, "cache"))  # a fresh crossover file
+    crossover.forget()
+    t0 = time.time()
+    checks = [check_graph(9, 3, 64, 8192), check_graph(8, 1, 128, 32768), check_graph(32, 8, 128, 32768)]
+    pbs_graphs().clear()
+    rows = []
+    for HQ, H, D, N in SHAPES:
+        rows += measure(HQ, H, D, N, args.quick)
+        print(f"{HQ}/{H}/{D} {N // 1024}K done ({time.time() - t0:.0f} s)", flush=True)
+    show(rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fixed_cost.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, rows=rows), f,
+                  indent=1)
+    print(f"wrote {os.path.join(args.out, 'fixed_cost.json')} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
