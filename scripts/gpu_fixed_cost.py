@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from pbs_kernels import crossover, pbs_attention
@@ -38,11 +37,10 @@ from pbs_kernels.metrics import output_error
 from pbs_kernels.ops import _common
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_workload
+from pbs_cli.workflows.timing import call_cost
 
 SHAPES = [(9, 3, 64, 8192), (9, 3, 64, 32768), (8, 1, 128, 32768), (8, 1, 128, 131072), (4, 1, 128, 32768),
           (4, 1, 128, 131072), (32, 8, 128, 32768), (32, 8, 128, 131072)]
-LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpy", "cudaMemset",
-                "cudaLaunchCooperativeKernel")
 N_CHECK = 8
 
 
@@ -72,35 +70,6 @@ def cudnn(q, k, v):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
     return run
-
-
-def per_call(fn, reps: int) -> dict:
-    """Launch API calls, kernel time (profiler) and host time per call."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    launches = gpu_us = 0.0
-    for e in prof.events():
-        if e.name.startswith(LAUNCH_CALLS):
-            launches += 1
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            gpu_us += e.time_range.elapsed_us()
-    # Host: back-to-back calls timed before the sync (what the CPU spends issuing them); wall:
-    # with the sync.
-    n = 30
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return dict(launches=launches / reps, gpu_us=gpu_us / reps, host_us=(t1 - t0) / n * 1e6,
-                wall_us=(t2 - t0) / n * 1e6)
 
 
 def check_graph(HQ, H, D, N) -> dict:
@@ -137,7 +106,7 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
             out = fn()
             err = sampled_error(out, q, k, v)
             del out
-            row = dict(shape=f"{HQ}/{H}/{D}", N=N, mode=name, err=err, **per_call(fn, reps))
+            row = dict(shape=f"{HQ}/{H}/{D}", N=N, mode=name, err=err, **call_cost(fn, reps=reps))
             row["ms"] = do_bench(fn, warmup=5 if quick else 10, rep=30 if quick else 60, return_mode="median")
         finally:
             _common.LEGACY_HOST = False

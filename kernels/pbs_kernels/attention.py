@@ -494,16 +494,16 @@ def pbs_attention(
     Prompts with N <= segment_size or N < min_seq_len use dense causal attention. threshold=1.0
     equals dense causal attention. min_seq_len="auto": the first call in a length bucket times
     both paths on its inputs and the faster one is kept for that shape and bucket
-    (`pbs_kernels.crossover`).
+    (`pbs_kernels.crossover`). `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
+    inputs are computed in fp32 because the interpreter's bf16 matmul is wrong), "torch" (plain
+    torch reference) or "auto" (triton on CUDA, torch elsewhere).
 
     graph: False (eager), True (capture a CUDA graph of the whole call on the first call of its
     shapes, dtype and settings, and replay it on the next ones) or "auto" (capture on the second
     such call, and only for calls small enough that the host dominates: q of at most
     `graphs.AUTO_MAX_Q_BYTES`). A replay costs a few launches of host time instead of ~20 plus
     copies of q, k, v and the output; calls that need the host (return_stats, cache, gradients,
-    the torch backend, CPU tensors) run eagerly (`pbs_kernels.graphs`). `backend`: "triton" (CUDA, or the CPU interpreter, where bf16
-    inputs are computed in fp32 because the interpreter's bf16 matmul is wrong), "torch" (plain
-    torch reference) or "auto" (triton on CUDA, torch elsewhere).
+    the torch backend, CPU tensors) run eagerly (`pbs_kernels.graphs`).
 
     Inference only on the Triton backend: the output carries no gradient and a backward pass
     through it raises; the torch backend is differentiable.

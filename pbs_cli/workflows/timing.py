@@ -60,6 +60,47 @@ def time_ms(fn: Callable[[], Any], *, warmup: float = 25.0, rep: float = 100.0, 
     return float(result)
 
 
+# Host-side CUDA API calls that start work on the GPU (kernels, graph launches, copies, fills), as
+# torch.profiler names them.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpy", "cudaMemset",
+                "cudaLaunchCooperativeKernel")
+
+
+def call_cost(fn: Callable[[], Any], *, reps: int = 10, host_calls: int = 30) -> dict:
+    """What one call of `fn` costs beside its GPU time (issue 22): CUDA launch API calls and
+    kernel microseconds per call (torch.profiler over `reps` calls), host microseconds per call
+    (`host_calls` back-to-back calls timed before the final synchronize: what the CPU spends
+    issuing them) and wall microseconds per call (with the synchronize)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    launches = 0
+    gpu_us = 0.0
+    for e in prof.events():
+        if e.name.startswith(LAUNCH_CALLS):
+            launches += 1
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_us += e.time_range.elapsed_us()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(host_calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return dict(launches=launches / reps, gpu_us=gpu_us / reps, host_us=(t1 - t0) / host_calls * 1e6,
+                wall_us=(t2 - t0) / host_calls * 1e6)
+
+
 @dataclass
 class SdpaRun:
     """A ready-to-time dense causal attention call on one SDPA backend.

@@ -109,6 +109,9 @@ class SeqLenResult:
     fastest_dense_ms: Optional[float]
     methods: list[MethodResult] = field(default_factory=list)
     case: Optional[str] = None  # serving rows: "chunk 8K of 128K", "varlen 4K+16K"; None: whole prompt
+    # One eager "pbs" call beside its GPU time (timing.call_cost: launches, host_us, gpu_us,
+    # wall_us per call); None without a GPU
+    pbs_call: Optional[dict] = None
 
     def method(self, name: str) -> Optional[MethodResult]:
         return next((m for m in self.methods if m.method == name), None)

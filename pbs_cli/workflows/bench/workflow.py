@@ -229,6 +229,7 @@ class _Bench:
     def __init__(self, s: BenchSettings, cfg: PbsConfig, device, dtype, progress: ProgressFn):
         self.s, self.cfg, self.device, self.dtype, self.progress = s, cfg, device, dtype, progress
         self.timed = device.type == "cuda"
+        self.pbs_call: Optional[dict] = None  # the current length's timing.call_cost of the pbs row
         self.backend = "triton" if self.timed else "torch"
         self.kernel_tol = KERNEL_TOL["fp32"] if dtype_is_fp32(dtype) else KERNEL_TOL["low"]
         self.max_error = s.max_error if s.max_error is not None else (0.05 if cfg.threshold < 1.0 else 2e-2)
@@ -346,6 +347,7 @@ class _Bench:
         _free(self.device)
 
         result.methods = dense_rows + pbs_rows + noperm_rows
+        result.pbs_call, self.pbs_call = self.pbs_call, None
         base = result.fastest_dense_ms
         for row in result.methods:
             if row.ms and row.flops:
@@ -385,6 +387,12 @@ class _Bench:
         pbs.selection_efficiency = self._efficiency(q, k, scale)
         sparse = dict(cfg.runtime_kwargs(), min_seq_len=0)  # the sparse path at every length
         pbs.ms = self.time(lambda: pbs_attention(q, k, v, scale=scale, backend=be, **sparse), N)
+        if self.timed:
+            from ..timing import call_cost
+
+            # a few calls under the profiler: ~1% of the row's timing budget
+            self.pbs_call = call_cost(lambda: pbs_attention(q, k, v, scale=scale, backend=be, **sparse),
+                                      reps=3 if N > 65536 else 10, host_calls=5 if N > 65536 else 30)
         if cfg.permute:
             t_perm = self.time(lambda: permute_stage(q, k, v, permute=True, **knobs), N)
             perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
