@@ -558,3 +558,23 @@ def test_timed_path_simulated_on_cpu(monkeypatch):
     for name in ("pbs.permute", "pbs.select", "pbs.attend"):
         assert rows[name].ms > 0 and rows[name].speedup is None
     assert rows["pbs.attend"].tflops == pytest.approx(rows["pbs"].flops / (rows["pbs.attend"].ms * 1e-3) / 1e12)
+
+
+def test_pbs_auto_row_with_measured_min_seq_len(tmp_path):
+    # min_seq_len: auto: the pbs-auto row runs what pbs_attention measured faster and says which.
+    from pbs_kernels import crossover
+
+    crossover.forget()
+    prof = tmp_path / "measured.yaml"
+    prof.write_text("schema_version: 1\ndefaults: {block_size: 32, segment_size: 64, threshold: 0.9, "
+                    "permute: true, min_seq_len: auto, dense: false}\n")
+    r = invoke(*TINY, "--profile", str(prof), "--baselines", "none", "--max-error", "1", "--format", "json",
+               "--out", str(tmp_path / "o"))
+    crossover.forget()
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["pbs"]["min_seq_len"] == "auto" and any("min_seq_len auto" in n for n in doc["notes"])
+    auto = {m["method"]: m for m in doc["results"][0]["methods"]}["pbs-auto"]
+    assert auto["status"] == "ok" and auto["note"].startswith("min_seq_len auto: ")
+    chose_dense = "dense measured faster" in auto["note"]
+    assert chose_dense == (auto["density"] == 1.0)
