@@ -17,6 +17,8 @@
    gpu us    kernel time per call (torch.profiler, device side)
    ms        triton do_bench median (what `pbs bench` reports)
    err %     output error vs the fp32 dense reference on the sampled rows.
+   Before part 2: 9 / 3 heads at 8K and 32K, D 64 and 128, threshold 0.9 and 0.93: output error
+   against the full fp32 reference and density (the bench's 5% gate at D=64, issue 22).
 Writes fixed_cost.json (every row) to --out.
 """
 from __future__ import annotations
@@ -87,6 +89,25 @@ def check_graph(HQ, H, D, N) -> dict:
     return row
 
 
+def gate_rows() -> list[dict]:
+    """Issue 22's D=64 gate question on the GPU: 9 / 3 heads at 8K and 32K, D 64 against D 128,
+    threshold 0.9 and 0.93, output error vs the full fp32 dense reference (the bench's gate is
+    5%) and density."""
+    rows = []
+    for D in (64, 128):
+        for N in (8192, 32768):
+            q, k, v = make_workload(N, 9, 3, D, device="cuda", dtype=torch.bfloat16, seed=0)
+            ref = dense_reference(q, k, v)
+            for tau in (0.9, 0.93):
+                out, st = pbs_attention(q, k, v, threshold=tau, return_stats=True)
+                rows.append(dict(shape=f"9/3/{D}", N=N, threshold=tau, err=output_error(out, ref),
+                                 density=st.density))
+                print(f"gate 9/3/{D} {N // 1024}K tau {tau}: err {100 * rows[-1]['err']:.2f}% "
+                      f"density {st.density:.3f}", flush=True)
+            del ref
+    return rows
+
+
 def measure(HQ, H, D, N, quick: bool) -> list[dict]:
     q, k, v = make_workload(N, HQ, H, D, device="cuda", dtype=torch.bfloat16, seed=0)
     reps = 20 if N <= 32768 else 5
@@ -143,6 +164,7 @@ def main():
     t0 = time.time()
     checks = [check_graph(9, 3, 64, 8192), check_graph(8, 1, 128, 32768), check_graph(32, 8, 128, 32768)]
     pbs_graphs().clear()
+    gates = gate_rows()
     rows = []
     for HQ, H, D, N in SHAPES:
         rows += measure(HQ, H, D, N, args.quick)
@@ -150,7 +172,7 @@ def main():
     show(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fixed_cost.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, rows=rows), f,
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, gate=gates, rows=rows), f,
                   indent=1)
     print(f"wrote {os.path.join(args.out, 'fixed_cost.json')} ({time.time() - t0:.0f} s)")
 

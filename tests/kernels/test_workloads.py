@@ -15,3 +15,20 @@ def test_vertical_slash_is_seeded_and_has_scattered_keys_every_query_needs():
     top = torch.topk(s, 8)
     assert float(top.values.sum()) > 0.5 * float(s.sum())
     assert int(top.indices.max() - top.indices.min()) > 512  # spread out, not one cluster
+
+
+def test_logit_noise_does_not_depend_on_head_dim():
+    # A pattern's component against the other side's noise adds logit noise of std
+    # k_size * noise * scale (keys' components, k_size = 3 D^(1/4)) and logit * noise / k_size
+    # (queries' components): measured on random draws, equal at D = 64 and 128; D = 128 keeps 0.6.
+    from pbs_kernels.workloads import _noise_std
+
+    assert _noise_std(128) == 0.6
+    g = torch.Generator().manual_seed(0)
+    stds = {}
+    for D in (64, 128):
+        scale, k_size = D ** -0.5, 3.0 * D ** 0.25
+        u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+        noise = _noise_std(D) * torch.randn(20000, D, generator=g)
+        stds[D] = float((noise @ (k_size * u) * scale).std())
+    assert abs(stds[64] / stds[128] - 1) < 0.03, stds
