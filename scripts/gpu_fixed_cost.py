@@ -127,7 +127,8 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
             out = fn()
             err = sampled_error(out, q, k, v)
             del out
-            row = dict(shape=f"{HQ}/{H}/{D}", N=N, mode=name, err=err, **call_cost(fn, reps=reps))
+            cost = call_cost(fn, reps=reps, host_calls=30 if N <= 32768 else 5)
+            row = dict(shape=f"{HQ}/{H}/{D}", N=N, mode=name, err=err, **cost)
             row["ms"] = do_bench(fn, warmup=5 if quick else 10, rep=30 if quick else 60, return_mode="median")
         finally:
             _common.LEGACY_HOST = False
