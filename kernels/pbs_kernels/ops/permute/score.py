@@ -193,12 +193,17 @@ def _chunking(n_tiles: int, rows: int) -> tuple[int, int]:
     return per, cdiv(n_tiles, per)
 
 
-def score_tiles(head_dim: int) -> tuple[dict, int]:
-    """Head-dim part of the score kernels' launch: the padded width and, at 256 (Gemma), 8 warps,
-    so the resident [b, 256] query block (64 KiB in bf16) is not held by 128 threads (an
-    unmeasured, conservative choice; scripts/gpu_head_dims.py times the whole call)."""
+def score_tiles(head_dim: int, wide: bool) -> tuple[dict, int, int]:
+    """Head-dim part of the score kernels' launch: (the HEAD_DIM / BLOCK_D / PAD_D constexprs,
+    num_warps, the most pipeline stages). At 256 (Gemma) 8 warps, so the resident [b, 256] query
+    block (64 KiB in bf16) is not held by 128 threads, and fewer stages of [BLOCK_N, 256] key
+    tiles (fp32: one) to stay within shared memory. Unmeasured, conservative choices;
+    scripts/gpu_head_dims.py times the whole call. `wide`: 16-bit inputs."""
     block_d = triton.next_power_of_2(head_dim)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim), (8 if block_d > 128 else 4)
+    dims = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim)
+    if block_d > 128:
+        return dims, 8, (2 if wide else 1)
+    return dims, 4, 3
 
 
 def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
@@ -211,10 +216,10 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     B, HQ, M, D = q.shape
     H, N = k.shape[1], k.shape[2]
     BLOCK_M = block_size
+    dims, warps, stages = score_tiles(D, q.dtype != torch.float32)
     if num_stages is None:
-        # Measured on an H200 at 128K (Triton 3.6): 3 stages 0.68 ms, 2 stages 0.77 ms.
-        num_stages = 3 if q.is_cuda else 1
-    dims, warps = score_tiles(D)
+        # Measured on an H200 at 128K (Triton 3.6, D=128): 3 stages 0.68 ms, 2 stages 0.77 ms.
+        num_stages = stages if q.is_cuda else 1
     num_warps = warps if num_warps is None else num_warps
     n_tiles = cdiv(N, block_n)
     per, NC = _chunking(n_tiles, B * HQ)
@@ -255,9 +260,9 @@ def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_
     _, HQ, _, D = q.shape
     H = k.shape[1]
     BLOCK_M = block_size
+    dims, warps, stages = score_tiles(D, q.dtype != torch.float32)
     if num_stages is None:
-        num_stages = 3 if q.is_cuda else 1
-    dims, warps = score_tiles(D)
+        num_stages = stages if q.is_cuda else 1
     num_warps = warps if num_warps is None else num_warps
     NC, n_seq = layout.chunks.shape[0], layout.n_scored
     dev = q.device
