@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import check_vertical_keys, permute_stage, select_stage
+from .blocks import window_density
 from .limits import HEAD_DIMS
 from .metrics import oracle_tiles_at_recall, selection_efficiency
 from .ops._common import cdiv, default_scale, resolve_backend
@@ -77,6 +78,10 @@ class LayerAnalysis:
     # (zeros when off), with and without permutation.
     pbs_vertical_density: torch.Tensor | None = None
     pbs_vertical_density_noperm: torch.Tensor | None = None
+    # The layer's sliding window (None: full causal attention) and the share of causal tiles that
+    # meet it (blocks.window_density: the work of exact windowed attention; 1.0 without one).
+    window: int | None = None
+    window_density: float = 1.0
     block_mass: torch.Tensor | None = None
     block_mass_perm: torch.Tensor | None = None
 
@@ -121,8 +126,10 @@ def analyze_layer(
     """Sparsity figures of one layer (see the module docstring).
 
     q: [B, HQ, N, D], k: [B, H, N, D] post-RoPE, HQ a multiple of H. softcap / sliding_window:
-    apply the model's soft-capping and window to the true attention (PBS itself implements
-    neither). backend: for PBS's permutation and selection ("auto": Triton on CUDA, torch on CPU).
+    the model's soft-capping and window, as the model runs the layer: both apply to the true
+    attention, and the window to PBS's selection too (the runtime never keeps a tile wholly
+    outside the window); densities stay per causal tile, and `window_density` is the share the
+    window alone leaves. backend: for PBS's permutation and selection ("auto": Triton on CUDA, torch on CPU).
     chunk_bytes: memory for the exact-softmax chunks (default 32 MiB on CPU, 1 GiB on CUDA).
     vertical_keys: pbs_attention's knob (0 to block_size): recall and work count the vertical keys.
     """
@@ -151,10 +158,11 @@ def analyze_layer(
     keys = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, scale=scale, backend=be)
     pos = keys.pos
     sel = select_stage(q, keys, block_size=bs, segment_size=segment_size, threshold=threshold, scale=scale,
-                       backend=be, estimator=estimator, threshold_mass=threshold_mass)
+                       backend=be, estimator=estimator, threshold_mass=threshold_mass, window=sliding_window)
     plain = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, permute=False, backend=be)
     sel_np = select_stage(q, plain, block_size=bs, segment_size=segment_size, threshold=threshold,
-                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass)
+                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass,
+                          window=sliding_window)
     kept_perm = sel.dense_mask()  # [B, HQ, nb, nb]
     kept_orig = sel_np.dense_mask()
     if n_vert:
@@ -320,6 +328,8 @@ def analyze_layer(
         vertical_keys=n_vert,
         pbs_vertical_density=per_head(vert_tiles, causal_tiles),
         pbs_vertical_density_noperm=per_head(vert_tiles_np, causal_tiles),
+        window=sliding_window,
+        window_density=window_density(N, bs, sliding_window),
         block_mass=maps,
         block_mass_perm=maps_perm,
     )

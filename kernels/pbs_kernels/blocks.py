@@ -269,3 +269,16 @@ def estimated_block_logits(q_pool: torch.Tensor, reps: torch.Tensor, logw, scale
         return s[:, :, :, :, 0].reshape(B, HQ, nq, -1)
     s = s + logw[:, :, None, None]
     return torch.logsumexp(s, dim=4).reshape(B, HQ, nq, -1)
+
+
+def window_density(n_tokens: int, block_size: int, window: int | None) -> float:
+    """Share of the causal b x b tiles that meet a sliding window (q_pos - window < k_pos <=
+    q_pos): the work of exact windowed attention that skips the tiles wholly outside it (as
+    FlashAttention's window and PBS's selection do), per causal tile. 1.0 without a window.
+    Query block i's earliest visible key is i*b - window + 1, so its tiles are key blocks
+    max(0, (i*b - window + 1) // b) .. i."""
+    nb = -(-n_tokens // block_size)
+    if window is None or nb == 0:
+        return 1.0
+    tiles = sum(i - max(0, (i * block_size - window + 1) // block_size) + 1 for i in range(nb))
+    return tiles / (nb * (nb + 1) / 2)

@@ -6,7 +6,9 @@ The CLI (option checks), the profile loader and the runtime all import these, so
 from __future__ import annotations
 
 BLOCK_SIZES = (16, 32, 64, 128)  # 16/32 only make sense for tiny CPU models
-HEAD_DIMS = (64, 128)
+# Head dims the kernels serve: 80 and 96 (Phi-3, some 2-4B models) are padded to 128 inside the
+# kernels (masked loads), 256 (Gemma 2 / 3) runs with narrower key tiles (ops/attend/fwd.py).
+HEAD_DIMS = (64, 80, 96, 128, 256)
 BACKENDS = ("auto", "triton", "torch")
 # How selection estimates a tile's attention mass (ops/select/naive.py defines each):
 #   "mean": pooled query . pooled key (a lone strong key among b is diluted b-fold);

@@ -166,6 +166,9 @@ class LayerConfig:
 
 
 _LAYER_KEYS = tuple(f.name for f in dataclasses.fields(LayerConfig))
+# A layer override may also say why it is what it is (`pbs tune` writes it, e.g. for a sliding-
+# window layer kept exact inside its window): free text, not a setting.
+REASON_KEY = "reason"
 _TOP_KEYS = ("schema_version", "model", "created", "tuned_for", "defaults", "layers", "metrics")
 
 
@@ -187,8 +190,12 @@ class PbsProfile:
 
     def layer(self, idx: int) -> LayerConfig:
         """The settings of layer `idx`: defaults merged with its override, if any."""
-        override = self.layers.get(idx)
+        override = {k: v for k, v in (self.layers.get(idx) or {}).items() if k != REASON_KEY}
         return dataclasses.replace(self.defaults, **override) if override else self.defaults
+
+    def reason(self, idx: int) -> str | None:
+        """Why layer `idx` has its settings, when the profile says (`reason:` in its override)."""
+        return (self.layers.get(idx) or {}).get(REASON_KEY)
 
     def set_layer(self, idx: int, config: LayerConfig) -> None:
         """Store `config` for layer `idx` as the fields that differ from the defaults."""
@@ -316,9 +323,15 @@ class PbsProfile:
             if idx in layers:
                 raise ProfileError(f"{where} is given twice (as {idx!r} and {str(idx)!r}); allowed once per layer")
             override = _check_mapping(raw, where, "layer settings, e.g. {threshold: 0.8} or {dense: true}")
-            _check_keys(override, _LAYER_KEYS, where)
+            _check_keys(override, _LAYER_KEYS + (REASON_KEY,), where)
+            reason = override.pop(REASON_KEY, None)
+            if reason is not None and not isinstance(reason, str):
+                raise ProfileError(f"{where}.{REASON_KEY} = {_show(reason)} has type {_type_name(reason)}; "
+                                   "expected a string")
             merged = _check_layer({**defaults, **override}, where, explicit=override)
             layers[idx] = {k: merged[k] for k in override}
+            if reason is not None:
+                layers[idx][REASON_KEY] = reason
 
         metrics = _check_mapping(d.get("metrics") or {}, "metrics", "name -> number or string")
         for key, value in metrics.items():

@@ -128,6 +128,15 @@ def command(
     saved.raise_failure()
 
 
+def _pbs_cell(lr) -> str:
+    """How the model runs the layer with PBS: dense (and why), inside its window, or yes."""
+    if lr.pbs_fallback:
+        return f"dense: {lr.pbs_fallback}"
+    if lr.attention == "windowed":
+        return f"window {lr.sliding_window}"
+    return "yes"
+
+
 def _print_tables(output, report) -> None:
     # Short headers: the table must fit an 80-column terminal; the legend line explains them.
     columns = ["layer", "oracle", "oracle perm", "PBS dens", "recall", "sel eff", "sink", "local", "perm +/=/-", "PBS"]
@@ -135,7 +144,7 @@ def _print_tables(output, report) -> None:
     def row(lr):
         return [lr.layer, lr.oracle_density, lr.oracle_density_perm, lr.pbs_density, lr.pbs_recall,
                 lr.selection_efficiency, lr.sink_mass, lr.local_mass, f"{lr.helps}/{lr.neutral}/{lr.hurts}",
-                f"dense: {lr.pbs_fallback}" if lr.pbs_fallback else "yes"]
+                _pbs_cell(lr)]
 
     ranked = report.ranked_layers()
     title = (f"{report.model}: {report.seq_len} tokens, coverage {report.coverage:g}, "
@@ -150,7 +159,8 @@ def _print_tables(output, report) -> None:
         f"oracle / oracle perm: fewest key blocks holding {report.coverage:g} of each query block's attention "
         "per causal tile, keys in original / PBS-permuted order; PBS dens, recall: PBS's own selection; sel eff: tiles an oracle needs for PBS's recall / tiles PBS computes; sink: "
         "mass on the first block; local: on the own and previous block; perm +/=/-: heads where permuting "
-        "helps / is neutral / hurts; PBS: whether PBS can run on the layer"
+        "helps / is neutral / hurts; PBS: whether PBS can run on the layer (window W: the model runs it "
+        "with a W-token sliding window, and every figure is inside it)"
     )
     s = report.summary
     output.info(

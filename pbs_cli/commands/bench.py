@@ -59,7 +59,7 @@ def parse_batch_lengths(s: str) -> Lengths:
 
 def _check_head_dim(value: int) -> int:
     if value not in HEAD_DIMS:
-        raise typer.BadParameter(f"{value} is not supported; use {' or '.join(map(str, HEAD_DIMS))}")
+        raise typer.BadParameter(f"{value} is not supported; use one of {', '.join(map(str, HEAD_DIMS))}")
     return value
 
 
@@ -68,7 +68,7 @@ def command(
     profile: ProfileOpt = None,
     heads: Annotated[int, typer.Option("--heads", min=1, help="Query heads (synthetic workload).")] = 32,
     kv_heads: Annotated[int, typer.Option("--kv-heads", min=1, help="Key/value heads; divides --heads.")] = 8,
-    head_dim: Annotated[int, typer.Option("--head-dim", callback=_check_head_dim, help="Head dimension: 64 or 128.")] = 128,
+    head_dim: Annotated[int, typer.Option("--head-dim", callback=_check_head_dim, help="Head dimension: 64, 80, 96, 128 or 256.")] = 128,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size.")] = 1,
     dtype: DtypeOpt = "auto",
     workload: Annotated[WorkloadKind, typer.Option("--workload", case_sensitive=False, help="synthetic: seeded Q/K/V with sink, local, needle and slash heads; vertical: the vertical-slash pattern (scattered keys every query needs, a recency window, slash lines); captured: one layer of --model.")] = "synthetic",

@@ -140,8 +140,12 @@ def split_prompt(loaded, n: int, input_file) -> tuple[Any, Any, list[str]]:
     return calib, heldout, notes
 
 
-def _setting(cfg: dict) -> str:
-    """One compact cell: 'dense' or 'b64 S256 t0.95 perm'."""
+def _setting(point: dict) -> str:
+    """One compact cell: 'dense', 'window exact' (a sliding-window layer's tiles, all of them) or
+    'b64 S256 t0.95 perm'."""
+    cfg = point["config"]
+    if point.get("windowed"):
+        return "window exact"
     if cfg.get("dense"):
         return "dense"
     return f"b{cfg['block_size']} S{cfg['segment_size']} t{cfg['threshold']:g} {'perm' if cfg['permute'] else 'noperm'}"
@@ -159,18 +163,21 @@ def _print(o: Output, result, out_path: Optional[Path]) -> None:
     for lr in result.layers:
         for p in lr.front:
             mark = "*" if lr.chosen is not None and p is lr.chosen else ""
-            rows.append([lr.layer, mark, _setting(p["config"]), p["error"], p["recall"], p["density"], p["cost"],
+            rows.append([lr.layer, mark, _setting(p), p["error"], p["recall"], p["density"], p["cost"],
                          p["trial"]])
     o.table(f"Pareto front of each layer (cost: {unit} time / dense; * = chosen)",
             ["layer", "", "setting", "error", "recall", "density", "cost", "trial"], rows)
     rows = []
     for lr in result.layers:
         h = lr.heldout or {}
-        trials = f"{lr.trials_complete} ({lr.trials_run} new)" if lr.study else f"- ({lr.unsupported})"
-        rows.append([lr.layer, _setting(lr.chosen["config"]), h.get("error"), h.get("recall"), h.get("density"),
+        trials = f"{lr.trials_complete} ({lr.trials_run} new)" if lr.study else f"- ({lr.unsupported or 'window'})"
+        rows.append([lr.layer, _setting(lr.chosen), h.get("error"), h.get("recall"), h.get("density"),
                      h.get("cost"), trials])
     o.table("Chosen settings on held-out text",
             ["layer", "setting", "error", "recall", "density", "cost", "trials"], rows)
+    for lr in result.layers:
+        if lr.reason:
+            o.info(f"layer {lr.layer}: {lr.reason}")
     v = result.validation
     speed = f"{unit} attention speedup {v['speedup']:.2f}x"
     if v.get("measured_speedup") is not None:

@@ -75,8 +75,13 @@ class HeadReport:
 @dataclass
 class LayerReport:
     """Per-layer means over heads, the heads, and `pbs_fallback`: why PBS would run dense
-    attention on this layer in the model (softcap, a sliding window shorter than the prompt,
-    an unsupported head dim), None when it applies."""
+    attention on this layer in the model (e.g. an unsupported head dim), None when it applies.
+
+    attention: "windowed" when the model runs the layer with a sliding window shorter than the
+    prompt (sliding_window), else "full"; a windowed layer is analysed inside its window (the
+    oracle, recall and PBS's selection all see only the window's keys) and window_density is the
+    share of causal tiles the window alone leaves, the work of exact windowed attention.
+    softcap: the model's logit soft-capping, applied to the true attention."""
 
     layer: int
     oracle_density: float
@@ -92,6 +97,10 @@ class LayerReport:
     heads: list[HeadReport]
     selection_efficiency: float = float("nan")  # oracle tiles at PBS's recall / PBS's tiles
     pbs_vertical_density: float = 0.0
+    attention: str = "full"
+    sliding_window: int | None = None
+    softcap: float | None = None
+    window_density: float = 1.0
 
 
 @dataclass
@@ -238,6 +247,7 @@ def run_analysis(
     results: dict[int, Any] = {}
     shapes: dict[str, int] = {}
     fallbacks: dict[int, str | None] = {}
+    softcaps: dict[int, float | None] = {}
     extremes: dict[str, Heatmap] = {}
     total = len(selected)
     progress("layers", 0, total)
@@ -254,6 +264,7 @@ def run_analysis(
         )
         shapes.update(num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[3])
         fallbacks[layer.layer] = layer.fallback
+        softcaps[layer.layer] = layer.softcap
         _keep_extremes(extremes, layer.layer, la)
         la.block_mass = la.block_mass_perm = None  # kept only for the extreme heads
         results[layer.layer] = la
@@ -293,6 +304,10 @@ def run_analysis(
             heads=heads,
             selection_efficiency=la.selection_efficiency,
             pbs_vertical_density=_mean(h.pbs_vertical_density for h in heads),
+            attention="full" if la.window is None else "windowed",
+            sliding_window=la.window,
+            softcap=softcaps.get(idx),
+            window_density=float(la.window_density),
         ))
 
     all_heads = [(lr.layer, h) for lr in layer_reports for h in lr.heads]
@@ -317,6 +332,7 @@ def run_analysis(
         "heads_helps": sum(h.verdict == "helps" for _, h in all_heads),
         "heads_neutral": sum(h.verdict == "neutral" for _, h in all_heads),
         "heads_hurts": sum(h.verdict == "hurts" for _, h in all_heads),
+        "windowed_layers": [r.layer for r in layer_reports if r.attention == "windowed"],
         "sparsest_layers": [r.layer for r in ranked[:3]],
         "densest_layers": [r.layer for r in ranked[::-1][:3]],
         "most_sparse_head": _head_ref(extremes.get("most sparse")),

@@ -48,7 +48,9 @@ def _brute(q, k, bs, S, coverage, threshold, softcap=None, window=None):
     A, A_perm = block_mass(P), block_mass(P_perm)
     tiles = nb * (nb + 1) / 2
     k_perm = torch.gather(k, 2, pos.long()[..., None].expand(-1, -1, -1, D))
-    kept = select_blocks(q, k_perm, pos, block_size=bs, segment_size=S, threshold=threshold, scale=scale).dense_mask()
+    # PBS's selection as the runtime makes it for the layer: inside the window, if any
+    kept = select_blocks(q, k_perm, pos, block_size=bs, segment_size=S, threshold=threshold, scale=scale,
+                         window=window).dense_mask()
     blk = torch.arange(N) // bs
     recall = (P_perm * kept[:, :, blk][..., blk]).sum(-1).mean(-1)
     sink = P[..., :bs].sum(-1)[..., bs:].mean(-1) if N > bs else P[..., :bs].sum(-1).mean(-1)

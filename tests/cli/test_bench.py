@@ -52,7 +52,7 @@ def test_seq_len_forms():
     (["--seq-len", "12q"], "not a length"),
     (["--seq-len", "0"], "positive"),
     (["--baselines", "cudnn,bogus"], "unknown baseline"),
-    (["--head-dim", "96"], "64 or 128"),
+    (["--head-dim", "112"], "64, 80, 96, 128, 256"),
     (["--workload", "recorded"], "recorded"),
 ])
 def test_bad_options_exit_2(args, needle):

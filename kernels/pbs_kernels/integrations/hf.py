@@ -22,7 +22,7 @@ run inside the kernels. A mask is used only when it is exactly causal attention 
 runs of keys (padding, packing, chunks, the layer's window); any other mask runs dense. Exact
 dense attention also serves decode steps (one query), layers marked `dense: true`, short prompts,
 and, with one warning per model, what PBS does not implement: dropout, head dims other than
-64/128, other dtypes and custom masks.
+64, 80, 96, 128 and 256, other dtypes and custom masks.
 
 `capture_attention` is the hook the toolkit's analysis uses: it hands each layer's post-RoPE Q,
 K and V to a callback during a normal forward pass.

@@ -28,6 +28,8 @@ class LayerCapture:
 
     q: [1, HQ, N, D]; k, v: [1, H, N, D]; scale: the model's softmax scale.
     unsupported: why PBS cannot run this layer (the integration keeps it dense), or None.
+    window, softcap: the layer's sliding window (when shorter than the prompt) and logit soft-
+    capping, as the model runs it: the reference and every setting are evaluated with them.
     """
 
     layer: int
@@ -36,6 +38,16 @@ class LayerCapture:
     v: torch.Tensor
     scale: float
     unsupported: str | None = None
+    window: int | None = None
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, layer, q, k, v) -> LayerCapture:
+        """From a `workflows.capture.CapturedLayer` and its (moved or made contiguous) tensors; a
+        window as long as the prompt is no window."""
+        w = layer.sliding_window
+        return cls(layer.layer, q, k, v, scale=layer.scale, unsupported=layer.fallback,
+                   window=int(w) if w is not None and w < k.shape[2] else None, softcap=layer.softcap)
 
     @property
     def n_tokens(self) -> int:
@@ -43,7 +55,12 @@ class LayerCapture:
 
     def to(self, device) -> LayerCapture:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return LayerCapture(self.layer, move(self.q), move(self.k), move(self.v), self.scale, self.unsupported)
+        return LayerCapture(self.layer, move(self.q), move(self.k), move(self.v), self.scale, self.unsupported,
+                            self.window, self.softcap)
+
+    def features(self) -> dict:
+        """The layer's window and soft-capping as pbs_attention / pbs_plan keywords."""
+        return {"window": self.window, "softcap": self.softcap}
 
 
 @dataclass
@@ -83,7 +100,7 @@ class LayerEvaluator:
         ref_b = 128 if N >= 1024 else 16
         with torch.no_grad():
             full = pbs_plan(q, k, capture.v, block_size=ref_b, segment_size=ref_b, threshold=1.0, permute=False,
-                            scale=capture.scale, backend=backend)
+                            scale=capture.scale, backend=backend, **capture.features())
             self.ref_out, self.ref_lse = full.attend(q, return_lse=True)
         del full
         self.dense_ms = dense_ms
@@ -102,7 +119,7 @@ class LayerEvaluator:
         q, k, v, scale = cap.q, cap.k, cap.v, cap.scale
         be = self.backend
         b = config.block_size
-        plan = pbs_plan(q, k, v, scale=scale, backend=be, **config.plan_kwargs())
+        plan = pbs_plan(q, k, v, scale=scale, backend=be, **config.plan_kwargs(), **cap.features())
         out, lse = plan.attend(q, return_lse=True)
         error = output_error(out, self.ref_out)
         recall = recall_from_lse(lse, self.ref_lse)
@@ -116,7 +133,7 @@ class LayerEvaluator:
         cost = predicted
         if self.cost_model == "measured":
             time = kernel_time_ms(
-                lambda: pbs_attention(q, k, v, scale=scale, backend=be, **config.plan_kwargs()),
+                lambda: pbs_attention(q, k, v, scale=scale, backend=be, **config.plan_kwargs(), **cap.features()),
                 quick=True,
             )
             cost = time / self.dense_ms

@@ -77,6 +77,11 @@ class LayerResult:
     trials_run: int = 0
     trials_complete: int = 0
     unsupported: str | None = None
+    # why the layer got its setting when the choice is not PBS's trade-off (a window layer kept
+    # exact inside its window); goes into the profile's `reason:` and the report
+    reason: str | None = None
+    window: int | None = None
+    window_reason: str | None = None  # the reason, should the allocation choose the windowed option
     analysis: dict[str, Any] | None = None
     front: list[dict[str, Any]] = field(default_factory=list)
     chosen: dict[str, Any] | None = None
@@ -145,7 +150,7 @@ def capture_layers(model, input_ids, *, name: str = "") -> dict[int, Any]:
             t = [x.to("cpu") for x in t]  # the GPU needs the room for the search itself
         elif budget is not None:
             used += size
-        caps[layer.layer] = LayerCapture(layer.layer, *t, scale=layer.scale, unsupported=layer.fallback)
+        caps[layer.layer] = LayerCapture.of(layer, *t)
 
     capture_prefill(model, input_ids, on_layer, name=name)
     return caps
@@ -248,7 +253,34 @@ def _build_profile(layers: list[LayerResult], settings: TuneSettings, seq_len: i
             profile.layers[idx] = {"dense": True}  # the other fields do not matter for a dense layer
         else:
             profile.set_layer(idx, cfg)
+    for lr in layers:
+        lr.reason = lr.window_reason if lr.chosen is not None and lr.chosen.get("windowed") else None
+        if lr.reason:
+            profile.layers.setdefault(lr.layer, {})["reason"] = lr.reason
     return profile
+
+
+def _windowed_option(space, cap, n_tokens: int) -> tuple[dict[str, Any], float]:
+    """A sliding-window layer's exact option and PBS's cost floor, both predicted.
+
+    Exact attention inside the window is a PBS setting: threshold 1.0 without permutation keeps
+    every tile that meets the window and no other (the selection never keeps a tile wholly
+    outside it), so its error is 0 and its work the window's share of the causal tiles. PBS can
+    keep fewer of those tiles, but pays for scoring keys and sorting; at density 0 it would still
+    cost `floor`. When the window's cost is at or below that floor no PBS setting can beat it."""
+    from pbs_kernels.blocks import window_density
+    from pbs_kernels.profile import LayerConfig
+
+    from .cost import predicted_cost
+
+    b = max(space.block_sizes)
+    cfg = LayerConfig(block_size=b, segment_size=b, threshold=1.0, permute=False, min_seq_len=space.min_seq_len)
+    share = window_density(n_tokens, b, cap.window)
+    cost = predicted_cost(block_size=b, permute=False, density=share, n_tokens=n_tokens)
+    floor = min(predicted_cost(block_size=bs, permute=True, density=0.0, n_tokens=n_tokens) for bs in space.block_sizes)
+    point = {"trial": None, "config": _config_dict(cfg), "error": 0.0, "recall": 1.0, "density": share,
+             "cost": cost, "predicted_cost": cost, "time_ms": None, "windowed": True}
+    return point, floor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,11 +368,27 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
 
     for idx in layer_ids:
         cap = caps[idx]
-        lr = LayerResult(layer=idx, study=None, unsupported=cap.unsupported)
+        lr = LayerResult(layer=idx, study=None, unsupported=cap.unsupported, window=cap.window)
         results.append(lr)
         lr.front = [_dense_point(space)]
         if cap.unsupported is not None:
             continue
+        if cap.window is not None:
+            point, floor = _windowed_option(space, cap, N)
+            if cost_model == "measured":
+                work = cap.to(device) if cap.q.device != device else cap
+                m = LayerEvaluator(work, cost_model="measured").evaluate(LayerConfig(**point["config"]))
+                point.update(cost=m.cost, time_ms=m.time_ms)
+            lr.front.append(point)
+            if point["predicted_cost"] <= floor:
+                lr.window_reason = (f"window {cap.window}: exact attention over its tiles ({point['density']:.0%} "
+                                    f"of the causal tiles, cost {point['predicted_cost']:.2f}) is no dearer than "
+                                    f"PBS's fixed cost ({floor:.2f})")
+                done_layers += settings.trials
+                progress("trials", done_layers, total)
+                continue
+            lr.window_reason = (f"window {cap.window}: exact attention over its tiles ({point['density']:.0%} of "
+                                f"the causal tiles) is cheaper than PBS at this error")
         lr.study = f"{base}-layer{idx}"
         study = ts.open_study(storage, lr.study, {**identity, "layer": idx}, seed=settings.seed * 7919 + idx,
                               n_startup=max(5, settings.trials // 3))
@@ -356,7 +404,8 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
             seeds = []
             if settings.analyze:
                 b0 = space.seed_block_size()
-                la = analyze_layer(work.q, work.k, block_size=b0, segment_size=2 * b0, scale=work.scale)
+                la = analyze_layer(work.q, work.k, block_size=b0, segment_size=2 * b0, scale=work.scale,
+                                   softcap=work.softcap, sliding_window=work.window)
                 lr.analysis = {
                     "oracle_density": float(la.oracle_density.mean()),
                     "oracle_density_perm": float(la.oracle_density_perm.mean()),
@@ -512,7 +561,7 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
             lr.heldout = {"error": 0.0, "recall": 1.0, "density": 1.0, "cost": 1.0, "predicted_cost": 1.0}
             per_layer[idx] = lr.heldout
             return
-        cap = LayerCapture(idx, layer.q.contiguous(), layer.k.contiguous(), layer.v.contiguous(), layer.scale)
+        cap = LayerCapture.of(layer, layer.q.contiguous(), layer.k.contiguous(), layer.v.contiguous())
         key = (tuple(cap.q.shape), tuple(cap.k.shape), str(cap.q.dtype))
         ev = LayerEvaluator(cap, cost_model="predicted")
         m = ev.evaluate(cfg)
@@ -522,7 +571,7 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
             if key not in dense_ms:
                 dense_ms[key] = dense_time_ms(cap.q, cap.k, cap.v, scale=cap.scale)[0]
             time_ms = kernel_time_ms(lambda: pbs_attention(cap.q, cap.k, cap.v, scale=cap.scale,
-                                                           **cfg.plan_kwargs()))
+                                                           **cfg.plan_kwargs(), **cap.features()))
             cost = time_ms / dense_ms[key]
         lr.heldout = {"error": m.error, "recall": m.recall, "density": m.density, "cost": cost,
                       "predicted_cost": m.predicted_cost, "time_ms": time_ms,

@@ -82,18 +82,24 @@ def _attend_fwd_kernel(
     stride_sb, stride_sh, stride_sq,
     stride_rb, stride_rh, stride_rn, stride_prb, stride_prh,
     N, HQ, G, NQB, qk_scale, M, QOFF, W, cap_in, cap_out, SEG,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
     PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
+    PAD_D: tl.constexpr = False,
 ):
+    # HEAD_DIM: the true head dim; BLOCK_D: the next power of two (tl.arange needs one). With
+    # PAD_D (80, 96) every load and store is masked to the first HEAD_DIM columns: the zero
+    # columns add nothing to q.k and leave zeros in acc's padding, which is never stored.
+    # Without it the loads carry no column mask, so 64/128/256 compile as before.
     # Later query blocks keep more tiles: launch them first so the tail of the grid is short.
     # i_l: row of the block list; i_m: the query block's index among the key blocks.
     i_bh = tl.program_id(1)
     i_b = (i_bh // HQ).to(tl.int64)
     i_hq = (i_bh % HQ).to(tl.int64)
     i_h = i_hq // G
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
     if PACKED:
         # A packed batch (`pbs_kernels.packing`): ORDER lists the query blocks holding a query,
         # most tiles first; BLK's rows give each block's queries (first and last virtual
@@ -112,8 +118,11 @@ def _attend_fwd_kernel(
         o_r = o_m - QOFF  # row of q / o (queries are the last M of the N positions)
 
     p_q = Q + i_b * stride_qb + i_hq * stride_qh + o_r[:, None] * stride_qn + o_d[None, :]
-    # [BLOCK_SIZE, HEAD_DIM]
-    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    # [BLOCK_SIZE, BLOCK_D]
+    if PAD_D:
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    else:
+        b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     i_kv = (i_b * (HQ // G) + i_h).to(tl.int32)
     if USE_TMA:
         p_kbase = K
@@ -128,7 +137,7 @@ def _attend_fwd_kernel(
 
     m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_SIZE, BLOCK_D], dtype=tl.float32)
 
     # Tiles of earlier segments: full blocks, all keys in the past, no mask.
     for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
@@ -137,13 +146,17 @@ def _attend_fwd_kernel(
         for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
             o_n = i_j * BLOCK_SIZE + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
             if USE_TMA:
-                # [HEAD_DIM, BLOCK_N], [BLOCK_N, HEAD_DIM] through the tensor memory accelerator
-                b_k = tl.trans(K.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM))
-                b_v = V.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+                # [BLOCK_D, BLOCK_N], [BLOCK_N, BLOCK_D] through the tensor memory accelerator
+                # (columns past HEAD_DIM, if any, are the descriptor's zero fill)
+                b_k = tl.trans(K.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
+                b_v = V.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            elif PAD_D:
+                b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
+                b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_d[None, :], other=0.0)
             else:
-                # [HEAD_DIM, BLOCK_N]
+                # [BLOCK_D, BLOCK_N]
                 b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None])
-                # [BLOCK_N, HEAD_DIM]
+                # [BLOCK_N, BLOCK_D]
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :])
             m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, False, None, IEEE, FMA,
                                          SOFTCAP, cap_in, cap_out)
@@ -158,8 +171,13 @@ def _attend_fwd_kernel(
             b_pos = tl.load(p_pos + o_n, mask=m_n, other=2147483647)
             if USE_TMA:
                 # Rows past N come back as zeros (the descriptor's bounds are [B*H, N, D]).
-                b_k = tl.trans(K.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM))
-                b_v = V.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+                b_k = tl.trans(K.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
+                b_v = V.load([i_kv, j32 * BLOCK_SIZE + i_s * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            elif PAD_D:
+                b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
+                              other=0.0)
+                b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                              other=0.0)
             else:
                 b_k = tl.load(p_kbase + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :], other=0.0)
                 b_v = tl.load(p_vbase + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
@@ -189,13 +207,20 @@ def _attend_fwd_kernel(
             o_n = (o_g * SEG + o_c % TOPK).to(tl.int64)
             m_c = o_c < n_c
             m_c = m_c & (tl.load(p_seg + o_g, mask=m_c, other=0) != 0) & (o_n < N)
+            # [BLOCK_D, BLOCK_N] and [BLOCK_N, BLOCK_D] masks (the column mask only with PAD_D)
+            if PAD_D:
+                m_ck = m_c[None, :] & m_d[:, None]
+                m_cv = m_c[:, None] & m_d[None, :]
+            else:
+                m_ck = m_c[None, :]
+                m_cv = m_c[:, None]
             if VCOMPACT:
                 o_r64 = o_c.to(tl.int64)
-                b_k = tl.load(p_kr + o_r64[None, :] * stride_rn + o_d[:, None], mask=m_c[None, :], other=0.0)
-                b_v = tl.load(p_vr + o_r64[:, None] * stride_rn + o_d[None, :], mask=m_c[:, None], other=0.0)
+                b_k = tl.load(p_kr + o_r64[None, :] * stride_rn + o_d[:, None], mask=m_ck, other=0.0)
+                b_v = tl.load(p_vr + o_r64[:, None] * stride_rn + o_d[None, :], mask=m_cv, other=0.0)
             else:
-                b_k = tl.load(p_kr + o_n[None, :] * stride_kn + o_d[:, None], mask=m_c[None, :], other=0.0)
-                b_v = tl.load(p_vr + o_n[:, None] * stride_vn + o_d[None, :], mask=m_c[:, None], other=0.0)
+                b_k = tl.load(p_kr + o_n[None, :] * stride_kn + o_d[:, None], mask=m_ck, other=0.0)
+                b_v = tl.load(p_vr + o_n[:, None] * stride_vn + o_d[None, :], mask=m_cv, other=0.0)
             # Keys of earlier segments are all in every query's past: only a window needs positions.
             m_allow = m_c[None, :] & (o_m[:, None] >= 0)
             if WINDOW:
@@ -220,7 +245,10 @@ def _attend_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
-    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
+    if PAD_D:
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    else:
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
     if RETURN_LSE:
         # Natural-log log-sum-exp of the scaled scores over the computed tiles.
         b_lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
@@ -250,8 +278,17 @@ _HAS_WARP_SPEC = "warp_specialize" in inspect.signature(tl.range.__init__).param
 
 def _tma_default(q, k_perm, v_perm) -> bool:
     """Tensor descriptors on Hopper and newer, for 16-bit K/V that are contiguous (the
-    descriptor views them as [B*H, N, D])."""
+    descriptor views them as [B*H, N, D]) with a power-of-two head dim.
+
+    Head dims 80 and 96 use pointer loads: a descriptor's box is loaded as one register block,
+    so its last dimension would have to be padded to 128 and rely on the hardware's zero fill
+    for the columns past D (the rows, 160 and 192 bytes, are 16-byte aligned, so TMA would
+    accept the tensor). That path is not the default until it has been checked on a GPU:
+    `scripts/gpu_head_dims.py` runs it (use_tma=True) against the fp32 reference."""
     if not q.is_cuda or q.dtype == torch.float32:
+        return False
+    D = q.shape[-1]
+    if D != triton.next_power_of_2(D):
         return False
     if not (k_perm.is_contiguous() and v_perm.is_contiguous()):
         return False
@@ -275,6 +312,31 @@ def _tma_usable(device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def attend_tiles(block_size: int, block_d: int, *, wide: bool, use_tma: bool, cuda: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a query block of `block_size` rows and a head dim
+    padded to `block_d`; `wide`: 16-bit inputs (fp32 tiles take twice the room).
+
+    Measured on an H200 (Triton 3.6, b=128, D=128, bf16, 32K and 128K): BLOCK_N=128 with 8 warps
+    gave 420-437 TFLOP/s on computed tiles with pointer loads (3 stages), 436-463 with tensor
+    descriptors (2 stages); 4 warps gave ~290; BLOCK_N=64 ~2% less. fp32 tiles need half the
+    width to fit shared memory. Head dim 80 / 96 run as 128.
+
+    Head dim 256 (Gemma): the accumulator [128, 256] fp32 alone is 128 registers a thread at 8
+    warps, so the key tile halves to 64 columns: K and V tiles of 32 KiB each in bf16, two stages
+    (128 KiB) plus Q (64 KiB) within Hopper's 227 KiB of shared memory. fp32 at 256 goes to 32
+    columns and one stage. Conservative choices, not yet tuned: scripts/gpu_head_dims.py times
+    them against cuDNN.
+    """
+    if not cuda:
+        return (block_size if wide else min(block_size, 64)), 4, 1
+    if block_d > 128:
+        return (min(block_size, 64) if wide else min(block_size, 32)), 8, (2 if wide else 1)
+    block_n = block_size if wide else min(block_size, 64)
+    num_warps = 8 if block_size * block_d >= 128 * 128 else 4
+    num_stages = (2 if use_tma else 3) if wide else 1
+    return block_n, num_warps, num_stages
+
+
 def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, return_lse: bool = False,
                   out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
@@ -295,19 +357,13 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     H = k_perm.shape[1]
     b = blocks.block_size
     nqb = blocks.num_query_blocks
-    # Measured on an H200 (Triton 3.6, b=128, D=128, bf16, 32K and 128K): BLOCK_N=128 with 8 warps
-    # gave 420-437 TFLOP/s on computed tiles with pointer loads (3 stages), 436-463 with tensor
-    # descriptors (2 stages); 4 warps gave ~290; BLOCK_N=64 ~2% less. fp32 tiles need half the
-    # width to fit shared memory.
-    wide = q.dtype != torch.float32
-    if block_n is None:
-        block_n = b if wide else min(b, 64)
-    if num_warps is None:
-        num_warps = 8 if b * D >= 128 * 128 else 4
+    block_d = triton.next_power_of_2(D)
     if use_tma is None:
         use_tma = _tma_default(q, k_perm, v_perm)
-    if num_stages is None:
-        num_stages = (2 if use_tma else 3) if (q.is_cuda and wide) else 1
+    tiles = attend_tiles(b, block_d, wide=q.dtype != torch.float32, use_tma=use_tma, cuda=q.is_cuda)
+    block_n = tiles[0] if block_n is None else block_n
+    num_warps = tiles[1] if num_warps is None else num_warps
+    num_stages = tiles[2] if num_stages is None else num_stages
     o = torch.empty_like(q) if out is None else out
     k_arg, v_arg = k_perm, v_perm
     if use_tma:
@@ -315,8 +371,10 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
 
         k3 = k_perm.reshape(B * H, N, D)
         v3 = v_perm.reshape(B * H, N, D)
-        k_arg = TensorDescriptor.from_tensor(k3, [1, block_n, D])
-        v_arg = TensorDescriptor.from_tensor(v3, [1, block_n, D])
+        # The box is [1, block_n, block_d]: for D = 80 / 96 (only when asked for, see _tma_default)
+        # the columns past D are out of bounds and come back as zeros.
+        k_arg = TensorDescriptor.from_tensor(k3, [1, block_n, block_d])
+        v_arg = TensorDescriptor.from_tensor(v3, [1, block_n, block_d])
     lse = torch.empty(B, HQ, M, device=q.device, dtype=torch.float32) if return_lse else o
     if sinks is not None:
         sinks = sinks.to(device=q.device, dtype=torch.float32).contiguous()
@@ -356,7 +414,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
         vseg.stride(0), vseg.stride(1), vseg.stride(2),
         kr.stride(0), kr.stride(1), kr.stride(2), vpos.stride(0), vpos.stride(1),
         N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
-        BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D,
+        BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d, PAD_D=block_d != D,
         RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
         WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,

@@ -21,13 +21,16 @@ def _gather_rows_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, NB,
     BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, POOL: tl.constexpr, PACKED: tl.constexpr = False,
+    BLOCK_D: tl.constexpr = 0,
 ):
+    # BLOCK_D: HEAD_DIM rounded up to a power of two (tl.arange); columns past HEAD_DIM are masked.
     i_r = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
     m_r = o_r < N
     # [BLOCK_R] original position of each permuted slot
     b_src32 = tl.load(ORDER + i_bh.to(tl.int64) * N + o_r, mask=m_r, other=0)
@@ -37,13 +40,13 @@ def _gather_rows_kernel(
         # padding slots after the sequence's last key get zero rows (finite: 0 * NaN = NaN).
         m_r = m_r & (b_src32 < tl.load(KEND + i_r))
         b_src = b_src + tl.load(KDELTA + i_r)
-    # [BLOCK_R, HEAD_DIM]
+    # [BLOCK_R, BLOCK_D] (a copy: the column mask costs nothing worth a separate unmasked path)
     b_k = tl.load(K + i_b * stride_kb + i_h * stride_kh + b_src[:, None] * stride_kn + o_d[None, :],
-                  mask=m_r[:, None], other=0.0)
+                  mask=m_r[:, None] & m_d[None, :], other=0.0)
     b_v = tl.load(V + i_b * stride_vb + i_h * stride_vh + b_src[:, None] * stride_vn + o_d[None, :],
-                  mask=m_r[:, None], other=0.0)
+                  mask=m_r[:, None] & m_d[None, :], other=0.0)
     o_out = i_bh.to(tl.int64) * N * HEAD_DIM + o_r[:, None] * HEAD_DIM + o_d[None, :]
-    m_out = (o_r < N)[:, None]
+    m_out = (o_r < N)[:, None] & m_d[None, :]
     tl.store(KO + o_out, b_k, mask=m_out)
     tl.store(VO + o_out, b_v, mask=m_out)
     if POOL:
@@ -54,7 +57,7 @@ def _gather_rows_kernel(
             count = tl.minimum(N - i_r * BLOCK_R, BLOCK_R).to(tl.float32)
         b_mean = tl.sum(b_k.to(tl.float32), 0) / count
         o_blk = i_bh.to(tl.int64) * NB + i_r
-        tl.store(KPOOL + o_blk * HEAD_DIM + o_d, b_mean)
+        tl.store(KPOOL + o_blk * HEAD_DIM + o_d, b_mean, mask=m_d)
         tl.store(MINPOS + o_blk, tl.min(tl.where(m_r, b_src32, 2147483647), 0))
 
 
@@ -93,7 +96,10 @@ def gather_keys_triton(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, bl
         k, v, order, k_out, v_out, k_pool, min_pos, kdelta, kend,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        N, H, nb, BLOCK_R=rows, HEAD_DIM=D, POOL=bool(pool_block), PACKED=packed is not None, num_warps=4,
+        N, H, nb, BLOCK_R=rows, HEAD_DIM=D, POOL=bool(pool_block), PACKED=packed is not None,
+        BLOCK_D=triton.next_power_of_2(D),
+        # at head dim 256 a 128-row block is 64 KiB of K and of V: spread over 8 warps (unmeasured)
+        num_warps=8 if D > 128 else 4,
     )
     if pool_block:
         return k_out, v_out, (k_pool, min_pos)

@@ -61,7 +61,7 @@ def _lse_pass(
     stride_kb, stride_kh, stride_kn,
     N, HQ, G, NC, TILES_PER_CHUNK, qk_scale, QOFF,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, BLOCK_D: tl.constexpr = 0, PAD_D: tl.constexpr = False,
 ):
     i_c = tl.program_id(0)
     i_bhq = tl.program_id(1)
@@ -71,15 +71,23 @@ def _lse_pass(
     t0, t1, n_len, q_off, k_row0, q_row0, _, _ = _chunk(CHUNKS, i_c, N, QOFF, TILES_PER_CHUNK, BLOCK_N, PACKED)
 
     o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, HEAD_DIM)
+    # BLOCK_D: HEAD_DIM rounded up to a power of two; with PAD_D (80, 96) loads are masked to
+    # HEAD_DIM columns and the zero columns add nothing to the products.
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
     q_pos = n_len - BLOCK_M + o_m
-    # [BLOCK_M, HEAD_DIM], resident for the whole chunk
+    # [BLOCK_M, BLOCK_D], resident for the whole chunk
     # (Q's rows are the last n_len - q_off of the n_len positions: a chunk against its cached
     # prefix; q_row0: the packed row of query 0)
     p_q = Q + i_b * stride_qb + i_hq * stride_qh + (q_row0 + q_pos - q_off)[:, None] * stride_qn + o_d[None, :]
     if PACKED:
         # a packed sequence may have fewer queries than a block: the rows before them score nothing
-        b_q = tl.load(p_q, mask=(q_pos >= q_off)[:, None], other=0.0)
+        m_q = (q_pos >= q_off)[:, None]
+        if PAD_D:
+            m_q = m_q & m_d[None, :]
+        b_q = tl.load(p_q, mask=m_q, other=0.0)
+    elif PAD_D:
+        b_q = tl.load(p_q, mask=m_d[None, :], other=0.0)
     else:
         b_q = tl.load(p_q)
     p_k0 = K + i_b * stride_kb + i_h * stride_kh + o_d[:, None] + k_row0 * stride_kn
@@ -88,12 +96,15 @@ def _lse_pass(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t in range(t0, t1):
         o_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        # [HEAD_DIM, BLOCK_N]
+        # [BLOCK_D, BLOCK_N]
         if PACKED:
             o_kn = o_n.to(tl.int64)  # a packed batch's rows times the stride can pass 2^31
         else:
             o_kn = o_n
-        b_kt = tl.load(p_k0 + o_kn[None, :] * stride_kn, mask=o_n[None, :] < n_len, other=0.0)
+        if PAD_D:
+            b_kt = tl.load(p_k0 + o_kn[None, :] * stride_kn, mask=(o_n[None, :] < n_len) & m_d[:, None], other=0.0)
+        else:
+            b_kt = tl.load(p_k0 + o_kn[None, :] * stride_kn, mask=o_n[None, :] < n_len, other=0.0)
         if IEEE:
             b_s = tl.dot(b_q, b_kt, input_precision="ieee")
         else:
@@ -117,7 +128,7 @@ def _sum_pass(
     stride_kb, stride_kh, stride_kn,
     N, HQ, G, TILES_PER_CHUNK, qk_scale, QOFF, NS, NSEQ,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, BLOCK_D: tl.constexpr = 0, PAD_D: tl.constexpr = False,
 ):
     # NS: length of a score row (N, or the virtual length of a packed batch); NSEQ: sequences
     # whose LSE rows LSE holds side by side (1 unless packed).
@@ -130,13 +141,19 @@ def _sum_pass(
                                                                  PACKED)
 
     o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
     q_pos = n_len - BLOCK_M + o_m
-    # [HEAD_DIM, BLOCK_M]: Q transposed, so the product is keys x queries
+    # [BLOCK_D, BLOCK_M]: Q transposed, so the product is keys x queries
     p_qt = Q + i_b * stride_qb + i_hq * stride_qh + (q_row0 + q_pos - q_off)[None, :] * stride_qn + o_d[:, None]
     if PACKED:
         m_q = q_pos >= q_off
-        b_qt = tl.load(p_qt, mask=m_q[None, :], other=0.0)
+        if PAD_D:
+            b_qt = tl.load(p_qt, mask=m_q[None, :] & m_d[:, None], other=0.0)
+        else:
+            b_qt = tl.load(p_qt, mask=m_q[None, :], other=0.0)
+    elif PAD_D:
+        b_qt = tl.load(p_qt, mask=m_d[:, None], other=0.0)
     else:
         b_qt = tl.load(p_qt)
     b_lse = tl.load(LSE + (i_bhq.to(tl.int64) * BLOCK_M + o_m) * NSEQ + i_seq)
@@ -146,12 +163,15 @@ def _sum_pass(
     for t in range(t0, t1):
         o_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < n_len
-        # [BLOCK_N, HEAD_DIM]
+        # [BLOCK_N, BLOCK_D]
         if PACKED:
             o_kn = o_n.to(tl.int64)  # a packed batch's rows times the stride can pass 2^31
         else:
             o_kn = o_n
-        b_k = tl.load(p_k0 + o_kn[:, None] * stride_kn, mask=m_n[:, None], other=0.0)
+        if PAD_D:
+            b_k = tl.load(p_k0 + o_kn[:, None] * stride_kn, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        else:
+            b_k = tl.load(p_k0 + o_kn[:, None] * stride_kn, mask=m_n[:, None], other=0.0)
         if IEEE:
             b_st = tl.dot(b_k, b_qt, input_precision="ieee")
         else:
@@ -198,8 +218,21 @@ def _chunking(n_tiles: int, rows: int) -> tuple[int, int]:
     return per, cdiv(n_tiles, per)
 
 
+def score_tiles(head_dim: int, wide: bool) -> tuple[dict, int, int]:
+    """Head-dim part of the score kernels' launch: (the HEAD_DIM / BLOCK_D / PAD_D constexprs,
+    num_warps, the most pipeline stages). At 256 (Gemma) 8 warps, so the resident [b, 256] query
+    block (64 KiB in bf16) is not held by 128 threads, and fewer stages of [BLOCK_N, 256] key
+    tiles (fp32: one) to stay within shared memory. Unmeasured, conservative choices;
+    scripts/gpu_head_dims.py times the whole call. `wide`: 16-bit inputs."""
+    block_d = triton.next_power_of_2(head_dim)
+    dims = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim)
+    if block_d > 128:
+        return dims, 8, (2 if wide else 1)
+    return dims, 4, 3
+
+
 def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
-                        block_n: int = 64, num_warps: int = 4, num_stages: int | None = None,
+                        block_n: int = 64, num_warps: int | None = None, num_stages: int | None = None,
                         tiles_per_chunk: int | None = None) -> torch.Tensor:
     """Sum over the last `block_size` query rows of each query head's softmax, per key (q may
     hold the last M >= block_size of k's N positions):
@@ -208,9 +241,11 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     B, HQ, M, D = q.shape
     H, N = k.shape[1], k.shape[2]
     BLOCK_M = block_size
+    dims, warps, stages = score_tiles(D, q.dtype != torch.float32)
     if num_stages is None:
-        # Measured on an H200 at 128K (Triton 3.6): 3 stages 0.68 ms, 2 stages 0.77 ms.
-        num_stages = 3 if q.is_cuda else 1
+        # Measured on an H200 at 128K (Triton 3.6, D=128): 3 stages 0.68 ms, 2 stages 0.77 ms.
+        num_stages = stages if q.is_cuda else 1
+    num_warps = warps if num_warps is None else num_warps
     n_tiles = cdiv(N, block_n)
     per, NC = _chunking(n_tiles, B * HQ)
     if tiles_per_chunk:
@@ -222,8 +257,8 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         N=N, HQ=HQ, G=HQ // H, TILES_PER_CHUNK=per, qk_scale=scale * LOG2E, QOFF=N - M,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=D, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages, **dims,
     )
     grid = (NC, B * HQ)
     _lse_pass[grid](q, k, m_part, l_part, m_part, NC=NC, **common)
@@ -245,7 +280,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
 
 
 def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_size: int, scale: float,
-                             num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                             num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Packed batches (`pbs_kernels.packing`): every sorted sequence's keys scored by its own
     last query block (the rows before a short chunk's first query score nothing), in one launch
     per pass over the layout's chunk table. q [1, HQ, total_q, D], k [1, H, total_k, D] packed
@@ -256,8 +291,10 @@ def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_
     _, HQ, _, D = q.shape
     H = k.shape[1]
     BLOCK_M = block_size
+    dims, warps, stages = score_tiles(D, q.dtype != torch.float32)
     if num_stages is None:
-        num_stages = 3 if q.is_cuda else 1
+        num_stages = stages if q.is_cuda else 1
+    num_warps = warps if num_warps is None else num_warps
     NC, n_seq = layout.chunks.shape[0], layout.n_scored
     dev = q.device
     m_part = torch.empty(HQ * BLOCK_M * NC, device=dev, dtype=torch.float32)
@@ -266,8 +303,8 @@ def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         N=0, HQ=HQ, G=HQ // H, TILES_PER_CHUNK=0, qk_scale=scale * LOG2E, QOFF=0,
-        BLOCK_M=BLOCK_M, BLOCK_N=SCORE_BLOCK_N, HEAD_DIM=D, IEEE=q.dtype == torch.float32, PACKED=True,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=BLOCK_M, BLOCK_N=SCORE_BLOCK_N, IEEE=q.dtype == torch.float32, PACKED=True,
+        num_warps=num_warps, num_stages=num_stages, **dims,
     )
     grid = (NC, HQ)
     _lse_pass[grid](q, k, m_part, l_part, layout.chunks, NC=NC, **common)

@@ -282,7 +282,7 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
 
 @triton.jit
 def _pool_packed_kernel(Q, QPOOL, BLK, stride_qh, stride_qn, NB, HQ,
-                        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+                        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (query block holding a query, query head): the fp32 mean of its queries,
     # read from the packed rows.
     i_q = tl.load(BLK + 8 * NB + tl.program_id(0))
@@ -292,12 +292,13 @@ def _pool_packed_kernel(Q, QPOOL, BLK, stride_qh, stride_qn, NB, HQ,
     q_delta = tl.load(BLK + 5 * NB + i_q)
     o_m = i_q * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     m_m = (o_m >= first_q) & (o_m <= last_q)
-    o_d = tl.arange(0, HEAD_DIM)
-    # [BLOCK_SIZE, HEAD_DIM]
+    o_d = tl.arange(0, BLOCK_D)  # HEAD_DIM rounded up to a power of two; the rest masked
+    m_d = o_d < HEAD_DIM
+    # [BLOCK_SIZE, BLOCK_D]
     b_q = tl.load(Q + i_hq * stride_qh + (o_m + q_delta).to(tl.int64)[:, None] * stride_qn + o_d[None, :],
-                  mask=m_m[:, None], other=0.0)
+                  mask=m_m[:, None] & m_d[None, :], other=0.0)
     b_mean = tl.sum(b_q.to(tl.float32), 0) / (last_q - first_q + 1).to(tl.float32)
-    tl.store(QPOOL + (i_hq * NB + i_q) * HEAD_DIM + o_d, b_mean)
+    tl.store(QPOOL + (i_hq * NB + i_q) * HEAD_DIM + o_d, b_mean, mask=m_d)
 
 
 def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, scale: float, key_stats=None,
@@ -328,7 +329,8 @@ def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, sca
     q_pool = torch.zeros(HQ, nb, D, device=q.device, dtype=torch.float32)
     if n_q:
         _pool_packed_kernel[(n_q, HQ)](q, q_pool, tables, q.stride(1), q.stride(2), nb, HQ,
-                                       BLOCK_SIZE=b, HEAD_DIM=D, num_warps=4)
+                                       BLOCK_SIZE=b, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+                                       num_warps=8 if D > 128 else 4)
     count = block_counts(layout) if estimator == "top" else None
     reps, logw = block_representatives(k_perm, k_pool, b, estimator, count)
     nrep = reps.shape[2]
