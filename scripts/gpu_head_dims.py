@@ -79,7 +79,8 @@ def correctness(dev, threshold, seed):
         ks, vs = (torch.cat([s[j][0].transpose(0, 1) for s in seqs]).contiguous() for j in (1, 2))
         cu_q = torch.tensor([0] + [m for _, m in VARLEN], device=dev).cumsum(0).to(torch.int32)
         cu_k = torch.tensor([0] + [n for n, _ in VARLEN], device=dev).cumsum(0).to(torch.int32)
-        out = pbs_attention_varlen(qs, ks, vs, cu_q, cu_k, 5000, 5000, threshold=1.0, packed=True)
+        out = pbs_attention_varlen(qs, ks, vs, cu_q, cu_k, max(m for _, m in VARLEN), max(n for n, _ in VARLEN),
+                                   threshold=1.0, packed=True)
         worst = max(output_error(out[int(cu_q[i]):int(cu_q[i + 1])],
                                  dense_reference(s[0][:, :, n - m:], s[1], s[2])[0].transpose(0, 1))
                     for i, (s, (n, m)) in enumerate(zip(seqs, VARLEN)))
