@@ -146,3 +146,17 @@ def test_padded_descriptor_box_reads_zeros_past_the_head_dim(D):
     attend_triton(q, plan.k.contiguous(), plan.v.contiguous(), plan.pos, plan.blocks, scale=plan.scale,
                   use_tma=True, out=out)
     _check(out, ref, 1e-3, f"descriptor D{D}")
+
+
+def test_vertical_keys_at_head_dim_80_match_torch():
+    """The vertical-key loop's loads are masked to the head dim too (both of its K/V layouts)."""
+    q, k, v = rand_qkv(1, 4, 1, 333, 80, seed=5)
+    kw = dict(block_size=32, segment_size=64, threshold=0.5, vertical_keys=2)
+    ref, st = pbs_attention(q, k, v, backend="torch", return_stats=True, **kw)
+    assert st.density < 1.0
+    plan = pbs_plan(q, k, v, backend="torch", **kw)
+    for compact in (True, False):
+        out = torch.full_like(q, float("nan"))
+        attend_triton(q, plan.k, plan.v, plan.pos, plan.blocks, scale=plan.scale, out=out, vertical_keys=2,
+                      segment_size=64, vertical_compact=compact)
+        _check(out, ref, 1e-5, f"vertical compact={compact}")
