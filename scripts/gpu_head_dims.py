@@ -35,6 +35,7 @@ from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_workload
 
 DIMS = (64, 80, 96, 128, 256)
+N_CHECK, M_CHECK, N_FP32 = 8192, 1000, 2048  # prefill, chunk, fp32 check lengths
 TOL = 2e-2  # bf16 against fp32
 VARLEN = [(3001, 3001), (1, 1), (5000, 700), (129, 129), (2222, 2222)]
 ROWS = [(256, 4, 1), (256, 8, 2), (96, 32, 32), (80, 32, 8)]
@@ -55,10 +56,9 @@ def correctness(dev, threshold, seed):
         rows.append({"check": name, "D": D, "rel_err": err, "ok": bool(err < tol), **extra})
 
     for D in DIMS:
-        q, k, v = rand(8192, 8, 2, D, dev, gen)
+        q, k, v = rand(N_CHECK, 8, 2, D, dev, gen)
         row("8K t=1.0 vs fp32", D, output_error(pbs_attention(q, k, v, threshold=1.0), dense_reference(q, k, v)))
-        M = 1000
-        qc = q[:, :, -M:].contiguous()
+        qc = q[:, :, -M_CHECK:].contiguous()
         row("chunk 1000/8K t=1.0", D, output_error(pbs_attention(qc, k, v, threshold=1.0),
                                                     dense_reference(qc, k, v)))
         plan = pbs_plan(q, k, v, threshold=threshold)
@@ -79,17 +79,18 @@ def correctness(dev, threshold, seed):
         ks, vs = (torch.cat([s[j][0].transpose(0, 1) for s in seqs]).contiguous() for j in (1, 2))
         cu_q = torch.tensor([0] + [m for _, m in VARLEN], device=dev).cumsum(0).to(torch.int32)
         cu_k = torch.tensor([0] + [n for n, _ in VARLEN], device=dev).cumsum(0).to(torch.int32)
-        out = pbs_attention_varlen(qs, ks, vs, cu_q, cu_k, 5000, 5000, threshold=1.0, packed=True)
+        out = pbs_attention_varlen(qs, ks, vs, cu_q, cu_k, max(m for _, m in VARLEN), max(n for n, _ in VARLEN),
+                                   threshold=1.0, packed=True)
         worst = max(output_error(out[int(cu_q[i]):int(cu_q[i + 1])],
                                  dense_reference(s[0][:, :, n - m:], s[1], s[2])[0].transpose(0, 1))
                     for i, (s, (n, m)) in enumerate(zip(seqs, VARLEN)))
         row("varlen packed t=1.0", D, worst)
         del seqs, qs, ks, vs, out
-    q, k, v = rand(8192, 8, 2, 256, dev, gen)
+    q, k, v = rand(N_CHECK, 8, 2, 256, dev, gen)
     kw = dict(window=512, softcap=50.0, scale=256 ** -0.5)
     row("gemma: window 512 + softcap 50", 256,
         output_error(pbs_attention(q, k, v, threshold=1.0, **kw), dense_reference(q, k, v, **kw)))
-    q, k, v = rand(2048, 4, 1, 256, dev, gen, torch.float32)
+    q, k, v = rand(N_FP32, 4, 1, 256, dev, gen, torch.float32)
     row("fp32 2K t=1.0", 256, output_error(pbs_attention(q, k, v, threshold=1.0), dense_reference(q, k, v)), 1e-3)
     return rows
 

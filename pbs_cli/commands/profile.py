@@ -46,6 +46,9 @@ def show(file: FileArg, format: FormatOpt = "table") -> None:
         fields = [f for f in defaults if any(f in o for o in profile.layers.values())]
         rows = [[i, *(profile.layers[i].get(f) for f in fields)] for i in sorted(profile.layers)]
         out.table("layer overrides (- = default)", ["layer", *fields], rows)
+        for i in sorted(profile.layers):
+            if profile.reason(i):  # free text: a line, not a column that would not fit
+                out.info(f"layer {i}: {profile.reason(i)}")
     else:
         out.info("no per-layer overrides: every layer uses the defaults")
     if profile.metrics:

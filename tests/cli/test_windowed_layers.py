@@ -115,3 +115,17 @@ def test_tune_offers_the_window_layer_its_window(tmp_path_factory, tmp_path):
             stats = pbs_stats(model)
     assert not stats[0].dense and stats[0].density < 0.6
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # exact inside the window
+
+
+def test_profile_reason_is_text_not_a_setting(tmp_path):
+    from pbs_kernels.profile import ProfileError
+
+    good = tmp_path / "p.yaml"
+    good.write_text("schema_version: 1\nlayers:\n  2: {threshold: 1.0, permute: false, reason: 'window 512: why'}\n")
+    p = PbsProfile.load(good)
+    assert p.reason(2) == "window 512: why" and p.reason(0) is None
+    assert p.layer(2).threshold == 1.0 and not p.layer(2).permute
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nlayers:\n  0: {reason: 3}\n")
+    with pytest.raises(ProfileError, match=r"layers\.0\.reason = 3 has type int; expected a string"):
+        PbsProfile.load(bad)

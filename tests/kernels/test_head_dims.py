@@ -131,3 +131,32 @@ def test_unsupported_head_dim_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"head dim 112 .*\(64, 80, 96, 128, 256\)") as e:
         pbs_attention(q, k, v)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("D", [80, 96])
+def test_padded_descriptor_box_reads_zeros_past_the_head_dim(D):
+    """The tensor-descriptor path at 80 / 96 (not the default) runs: a [1, BLOCK_N, 128] box over
+    rows of D elements, the columns past D from the descriptor's zero fill (Q's padding is zero
+    too, so only a non-finite fill could leak into the scores; V's padding columns are never
+    stored). The interpreter models the descriptor; scripts/gpu_head_dims.py checks the hardware."""
+    q, k, v = rand_qkv(1, 4, 2, 300, D, torch.float16, seed=D)
+    plan = pbs_plan(q, k, v, block_size=32, segment_size=64, threshold=0.7, backend="torch")
+    ref = attend_naive(q.float(), plan.k.float(), plan.v.float(), plan.pos, plan.blocks, scale=plan.scale)
+    out = torch.full_like(q, float("nan"))
+    attend_triton(q, plan.k.contiguous(), plan.v.contiguous(), plan.pos, plan.blocks, scale=plan.scale,
+                  use_tma=True, out=out)
+    _check(out, ref, 1e-3, f"descriptor D{D}")
+
+
+def test_vertical_keys_at_head_dim_80_match_torch():
+    """The vertical-key loop's loads are masked to the head dim too (both of its K/V layouts)."""
+    q, k, v = rand_qkv(1, 4, 1, 333, 80, seed=5)
+    kw = dict(block_size=32, segment_size=64, threshold=0.5, vertical_keys=2)
+    ref, st = pbs_attention(q, k, v, backend="torch", return_stats=True, **kw)
+    assert st.density < 1.0
+    plan = pbs_plan(q, k, v, backend="torch", **kw)
+    for compact in (True, False):
+        out = torch.full_like(q, float("nan"))
+        attend_triton(q, plan.k, plan.v, plan.pos, plan.blocks, scale=plan.scale, out=out, vertical_keys=2,
+                      segment_size=64, vertical_compact=compact)
+        _check(out, ref, 1e-5, f"vertical compact={compact}")

@@ -283,8 +283,9 @@ def _tma_default(q, k_perm, v_perm) -> bool:
     Head dims 80 and 96 use pointer loads: a descriptor's box is loaded as one register block,
     so its last dimension would have to be padded to 128 and rely on the hardware's zero fill
     for the columns past D (the rows, 160 and 192 bytes, are 16-byte aligned, so TMA would
-    accept the tensor). That path is not the default until it has been checked on a GPU:
-    `scripts/gpu_head_dims.py` runs it (use_tma=True) against the fp32 reference."""
+    accept the tensor). The CPU interpreter, which follows the same out-of-bounds rule, gives the
+    reference's output that way (tests/kernels/test_head_dims.py); the path is not the default
+    until it has been checked on a GPU: `scripts/gpu_head_dims.py` runs it (use_tma=True)."""
     if not q.is_cuda or q.dtype == torch.float32:
         return False
     D = q.shape[-1]
