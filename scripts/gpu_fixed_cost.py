@@ -1,6 +1,6 @@
 """The fixed cost of a pbs_attention call (issue 22) on the lent GPU, before and after, in one run.
 
-    python scripts/gpu_fixed_cost.py [--quick] [--out DIR]      # $OUT by default; < 5 minutes
+    python scripts/gpu_fixed_cost.py [--quick] [--only 9/3/64,8/1/128] [--out DIR]   # $OUT; < 5 min
 
 1. Correctness on the bench workload (`make_workload`, bf16, fresh seeds): a graph captured on
    one input and replayed on another equals the eager call on that input, and both are within the
@@ -158,6 +158,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="shorter do_bench runs")
+    ap.add_argument("--only", default="", help="comma-separated HQ/H/D shapes to measure (default: all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     os.environ.setdefault("PBS_CACHE_DIR", os.path.join(args.out, "cache"))  # a fresh crossover file
@@ -167,7 +168,10 @@ def main():
     pbs_graphs().clear()
     gates = gate_rows()
     rows = []
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
     for HQ, H, D, N in SHAPES:
+        if only and f"{HQ}/{H}/{D}" not in only:
+            continue
         rows += measure(HQ, H, D, N, args.quick)
         print(f"{HQ}/{H}/{D} {N // 1024}K done ({time.time() - t0:.0f} s)", flush=True)
     show(rows)

@@ -387,7 +387,7 @@ class _Bench:
         pbs.selection_efficiency = self._efficiency(q, k, scale)
         sparse = dict(cfg.runtime_kwargs(), min_seq_len=0)  # the sparse path at every length
         pbs.ms = self.time(lambda: pbs_attention(q, k, v, scale=scale, backend=be, **sparse), N)
-        if self.timed:
+        if self.timed and q.is_cuda:
             from ..timing import call_cost
 
             # a few calls under the profiler: ~1% of the row's timing budget

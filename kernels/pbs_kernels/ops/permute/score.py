@@ -273,7 +273,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
         rows = B * HQ * BLOCK_M
         lse = torch.empty(rows, device=dev, dtype=torch.float32)
         _lse_combine[(cdiv(rows, 64),)](m_part, l_part, lse, rows, NC, BLOCK_R=64,
-                                        BLOCK_C=min(64, triton.next_power_of_2(NC)), num_warps=4)
+                                        BLOCK_C=max(16, min(64, triton.next_power_of_2(NC))), num_warps=4)
     per_head = torch.empty(B * HQ, N, device=dev, dtype=torch.float32)
     _sum_pass[grid](q, k, lse.contiguous(), per_head, per_head, NS=N, NSEQ=1, **common)
     return per_head
