@@ -14,6 +14,45 @@ LOG2E = 1.4426950408889634
 LEGACY_HOST = os.environ.get("PBS_LEGACY_HOST", "0") == "1"
 
 
+# The launch options that fit, by kernel key (see launch_fitting).
+_FITS: dict = {}
+
+
+def launch_fitting(key, options: list, launch):
+    """`launch(option)` with the first of `options` (largest tiles first) whose compiled kernel
+    fits the device's shared memory and registers; the pick is remembered per `key` (what sets the
+    kernel's size: its constexprs and dtype), so later calls go straight to it.
+
+    Why: shared memory per config is only known once Triton has compiled it, and it differs by
+    Triton version (the first H200 run of head dim 256 asked for 328 KiB of the 227 KiB with the
+    planned 2-stage tiles). Triton raises OutOfResources when it loads the compiled kernel, before
+    anything is launched, so trying the next option is safe. The interpreter never raises it."""
+    from triton.runtime.errors import OutOfResources
+
+    err = None
+    for i in range(_FITS.get(key, 0) if key is not None else 0, len(options)):
+        try:
+            out = launch(options[i])
+        except OutOfResources as e:
+            err = e
+            continue
+        if key is not None:
+            _FITS[key] = i
+        return out
+    raise err
+
+
+def fallback_tiles(block_n: int, num_warps: int, num_stages: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_N, num_warps, num_stages) to try in turn: the planned tiles, then one stage, then
+    half-width key tiles (never under 16 columns, tl.dot's least)."""
+    out = []
+    for opt in ((block_n, num_warps, num_stages), (block_n, num_warps, 1),
+                (max(16, block_n // 2), num_warps, 1), (max(16, block_n // 4), num_warps, 1)):
+        if opt not in out:
+            out.append(opt)
+    return out
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import _common
-from .._common import LOG2E, cdiv
+from .._common import LOG2E, cdiv, fallback_tiles, launch_fitting
 from ...blocks import BlockList
 
 
@@ -362,20 +362,13 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     if use_tma is None:
         use_tma = _tma_default(q, k_perm, v_perm)
     tiles = attend_tiles(b, block_d, wide=q.dtype != torch.float32, use_tma=use_tma, cuda=q.is_cuda)
-    block_n = tiles[0] if block_n is None else block_n
-    num_warps = tiles[1] if num_warps is None else num_warps
-    num_stages = tiles[2] if num_stages is None else num_stages
+    explicit = (block_n, num_warps, num_stages) != (None, None, None)
+    tiles = (tiles[0] if block_n is None else block_n, tiles[1] if num_warps is None else num_warps,
+             tiles[2] if num_stages is None else num_stages)
+    # Tiles asked for are launched as they are (sweeps want the refusal); planned ones step down
+    # until they fit (launch_fitting).
+    options = [tiles] if explicit else fallback_tiles(*tiles)
     o = torch.empty_like(q) if out is None else out
-    k_arg, v_arg = k_perm, v_perm
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k3 = k_perm.reshape(B * H, N, D)
-        v3 = v_perm.reshape(B * H, N, D)
-        # The box is [1, block_n, block_d]: for D = 80 / 96 (only when asked for, see _tma_default)
-        # the columns past D are out of bounds and come back as zeros.
-        k_arg = TensorDescriptor.from_tensor(k3, [1, block_n, block_d])
-        v_arg = TensorDescriptor.from_tensor(v3, [1, block_n, block_d])
     lse = torch.empty(B, HQ, M, device=q.device, dtype=torch.float32) if return_lse else o
     if sinks is not None:
         sinks = sinks.to(device=q.device, dtype=torch.float32).contiguous()
@@ -401,26 +394,43 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     grid = (nqb, B * HQ)
     if packed is not None:
         grid = (packed.attend_order.numel(), B * HQ)
-    _attend_fwd_kernel[grid](
-        q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
-        sinks if sinks is not None else lse,
-        lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
-        v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        pos.stride(0), pos.stride(1),
-        blocks.idx.stride(0), blocks.idx.stride(1), blocks.idx.stride(2),
-        blocks.n_off.stride(0), blocks.n_off.stride(1),
-        vseg.stride(0), vseg.stride(1), vseg.stride(2),
-        kr.stride(0), kr.stride(1), kr.stride(2), vpos.stride(0), vpos.stride(1),
-        N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
-        BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d, PAD_D=block_d != D,
-        RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
-        WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
-        WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-        PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(option):
+        block_n, num_warps, num_stages = option
+        k_arg, v_arg = k_perm, v_perm
+        if use_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            k3 = k_perm.reshape(B * H, N, D)
+            v3 = v_perm.reshape(B * H, N, D)
+            # The box is [1, block_n, block_d]: for D = 80 / 96 (only when asked for, see _tma_default)
+            # the columns past D are out of bounds and come back as zeros.
+            k_arg = TensorDescriptor.from_tensor(k3, [1, block_n, block_d])
+            v_arg = TensorDescriptor.from_tensor(v3, [1, block_n, block_d])
+        _attend_fwd_kernel[grid](
+            q, k_arg, v_arg, pos, blocks.idx, blocks.n_off, blocks.n_total, o, lse,
+            sinks if sinks is not None else lse,
+            lse if packed is None else packed.blk, lse if packed is None else packed.attend_order, kr, vr, vseg, vpos,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
+            v_perm.stride(0), v_perm.stride(1), v_perm.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            pos.stride(0), pos.stride(1),
+            blocks.idx.stride(0), blocks.idx.stride(1), blocks.idx.stride(2),
+            blocks.n_off.stride(0), blocks.n_off.stride(1),
+            vseg.stride(0), vseg.stride(1), vseg.stride(2),
+            kr.stride(0), kr.stride(1), kr.stride(2), vpos.stride(0), vpos.stride(1),
+            N, HQ, HQ // H, nqb, qk_scale, M, N - M, int(window or 0), float(cap_in), float(cap_out), int(segment_size),
+            BLOCK_SIZE=b, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d, PAD_D=block_d != D,
+            RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
+            WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
+            WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
+            PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    key = ("attend", b, block_d, q.dtype, use_tma, packed is not None, bool(vertical_keys), window is not None,
+           sinks is not None, softcap is not None, q.device)
+    launch_fitting(None if explicit else key, options, launch)
     return (o, lse) if return_lse else o
 
 

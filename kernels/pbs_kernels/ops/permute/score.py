@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import _common
-from .._common import LOG2E, cdiv
+from .._common import LOG2E, cdiv, launch_fitting
 
 # Programs to aim for: a few waves on a 132-SM H100 without making chunks so short that each
 # program spends its time loading Q.
@@ -231,6 +231,15 @@ def score_tiles(head_dim: int, wide: bool) -> tuple[dict, int, int]:
     return dims, 4, 3
 
 
+def _launch_pass(kernel, grid, args: tuple, meta: dict, explicit: bool) -> None:
+    """One score pass with `meta`'s stages, or with one stage where those do not fit the device
+    (`launch_fitting`; head dim 256 is the case that can)."""
+    options = [meta] if explicit or meta["num_stages"] == 1 else [meta, {**meta, "num_stages": 1}]
+    key = (kernel, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["IEEE"],
+           meta.get("PACKED", False), meta["num_warps"], meta["num_stages"])
+    launch_fitting(None if explicit else key, options, lambda m: kernel[grid](*args, **m))
+
+
 def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
                         block_n: int = 64, num_warps: int | None = None, num_stages: int | None = None,
                         tiles_per_chunk: int | None = None) -> torch.Tensor:
@@ -242,6 +251,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     H, N = k.shape[1], k.shape[2]
     BLOCK_M = block_size
     dims, warps, stages = score_tiles(D, q.dtype != torch.float32)
+    explicit = num_stages is not None
     if num_stages is None:
         # Measured on an H200 at 128K (Triton 3.6, D=128): 3 stages 0.68 ms, 2 stages 0.77 ms.
         num_stages = stages if q.is_cuda else 1
@@ -261,7 +271,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
         num_warps=num_warps, num_stages=num_stages, **dims,
     )
     grid = (NC, B * HQ)
-    _lse_pass[grid](q, k, m_part, l_part, m_part, NC=NC, **common)
+    _launch_pass(_lse_pass, grid, (q, k, m_part, l_part, m_part), dict(NC=NC, **common), explicit)
     if _common.LEGACY_HOST:
         m_part = m_part.view(-1, NC)
         l_part = l_part.view(-1, NC)
@@ -275,7 +285,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
         _lse_combine[(cdiv(rows, 64),)](m_part, l_part, lse, rows, NC, BLOCK_R=64,
                                         BLOCK_C=max(16, min(64, triton.next_power_of_2(NC))), num_warps=4)
     per_head = torch.empty(B * HQ, N, device=dev, dtype=torch.float32)
-    _sum_pass[grid](q, k, lse.contiguous(), per_head, per_head, NS=N, NSEQ=1, **common)
+    _launch_pass(_sum_pass, grid, (q, k, lse.contiguous(), per_head, per_head), dict(NS=N, NSEQ=1, **common), explicit)
     return per_head
 
 
@@ -292,6 +302,7 @@ def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_
     H = k.shape[1]
     BLOCK_M = block_size
     dims, warps, stages = score_tiles(D, q.dtype != torch.float32)
+    explicit = num_stages is not None
     if num_stages is None:
         num_stages = stages if q.is_cuda else 1
     num_warps = warps if num_warps is None else num_warps
@@ -307,7 +318,7 @@ def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_
         num_warps=num_warps, num_stages=num_stages, **dims,
     )
     grid = (NC, HQ)
-    _lse_pass[grid](q, k, m_part, l_part, layout.chunks, NC=NC, **common)
+    _launch_pass(_lse_pass, grid, (q, k, m_part, l_part, layout.chunks), dict(NC=NC, **common), explicit)
     # Each row's log2-sum-exp2 over its own sequence's chunks: [HQ * BLOCK_M, n_seq]
     m_part = m_part.view(-1, NC)
     l_part = l_part.view(-1, NC)
@@ -316,7 +327,8 @@ def score_keys_packed_triton(q: torch.Tensor, k: torch.Tensor, layout, *, block_
     w = l_part * torch.exp2(m_part - m_seq.gather(1, seq))
     lse = m_seq + torch.log2(torch.zeros_like(m_seq).index_add_(1, layout.chunk_seq, w))
     per_head = torch.empty(HQ, layout.n_virtual, device=dev, dtype=torch.float32)
-    _sum_pass[grid](q, k, lse.contiguous(), per_head, layout.chunks, NS=layout.n_virtual, NSEQ=n_seq, **common)
+    _launch_pass(_sum_pass, grid, (q, k, lse.contiguous(), per_head, layout.chunks),
+                 dict(NS=layout.n_virtual, NSEQ=n_seq, **common), explicit)
     return per_head
 
 
