@@ -174,12 +174,13 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     # Sum in fp32 straight from the 16-bit input: an fp32 copy of Q would cost more than the
     # whole selection at 128K tokens.
     sums = x[:, :, : n_full * block_size].reshape(B, H, n_full, block_size, D).sum(dim=3, dtype=torch.float32)
-    counts = torch.full((cdiv(N, block_size),), float(block_size), device=x.device)
     if N % block_size:
         tail = x[:, :, n_full * block_size:].sum(dim=2, keepdim=True, dtype=torch.float32)
         sums = torch.cat([sums, tail], dim=2)
-        counts[-1] = N % block_size
-    return sums / counts[:, None]
+    # Rows per block, made on the device: writing the tail's count from Python is a host-to-device
+    # copy, which a CUDA graph capture refuses (the first H200 run of graph=True at 3000 tokens).
+    counts = torch.clamp(N - torch.arange(cdiv(N, block_size), device=x.device) * block_size, max=block_size)
+    return sums / counts[:, None].float()
 
 
 def key_block_max_pos(pos: torch.Tensor, block_size: int) -> torch.Tensor:
