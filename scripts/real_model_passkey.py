@@ -153,9 +153,9 @@ def settings(fix: bool) -> dict[str, dict | None]:
     base = dict(min_seq_len=0)
     rows = {
         "dense": None,
-        "method defaults": dict(base),
-        "total, tau 0.9": dict(base, threshold_mass="total", threshold=0.9),
-        "head, tau 0.93, top, vk 2": dict(base, threshold_mass="head", threshold=0.93, estimator="top",
+        "defaults": dict(base),
+        "total-0.9": dict(base, threshold_mass="total", threshold=0.9),
+        "head-0.93": dict(base, threshold_mass="head", threshold=0.93, estimator="top",
                                           vertical_keys=2),
     }
     return rows
@@ -206,6 +206,71 @@ def run_row(model, tok, prompts, cfg, device: str, backend: str, max_new: int = 
     return hits, (sum(dens) / len(dens) if dens else 1.0)
 
 
+def needle_positions(tok, p) -> list[int]:
+    """Token positions of the needle sentence inside the prompt."""
+    enc = tok(p["text"], return_offsets_mapping=True)
+    c0 = p["text"].index(NEEDLE.format(key=p["key"]))
+    c1 = c0 + len(NEEDLE.format(key=p["key"]))
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < c1 and b > c0]
+
+
+def diagnose(model, tok, p, cfg: dict, last_rows: int = 16):
+    """Per layer (torch reference, teacher-forced on the dense forward's inputs): the attention
+    recall (true softmax mass on the computed keys) of the mean row, of the final block's rows,
+    of the last `last_rows` rows (the question and the template's tail) and of the final row,
+    and the share of the final rows' needle mass that is computed. Returns a list of dicts."""
+    import torch
+
+    from pbs_kernels import LayerConfig
+    from pbs_kernels.attention import pbs_plan
+    from pbs_kernels.integrations.hf import capture_attention
+
+    layer = LayerConfig(**cfg)
+    needle = torch.tensor(needle_positions(tok, p))
+    rows = []
+
+    def on_layer(call):
+        q, k, v = call.query.float(), call.key.float(), call.value.float()
+        N, HQ, H = q.shape[2], q.shape[1], k.shape[1]
+        plan = pbs_plan(q, k, v, scale=call.scaling, backend="torch", **layer.plan_kwargs())
+        _, lse = plan.attend(q, return_lse=True)  # [1, HQ, N]
+        kk = k.repeat_interleave(HQ // H, 1)
+        lse_all, needle_share = [], None
+        for r0 in range(0, N, 512):
+            s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0:r0 + 512], kk) * call.scaling
+            qpos = torch.arange(r0, min(N, r0 + 512))
+            s = s.masked_fill(torch.arange(N)[None, :] > qpos[:, None], float("-inf"))
+            lse_all.append(torch.logsumexp(s, -1))
+        lse_all = torch.cat(lse_all, -1)
+        rec = (lse - lse_all).clamp(max=0).exp()[0]  # [HQ, N]
+        # needle mass of the last rows: dense, and how much of it lies on computed keys
+        b = layer.block_size
+        mask = plan.blocks.dense_mask()[0, :, -1]  # [HQ, NKB] slots of the final block
+        kept_slot = mask.repeat_interleave(b, -1)[:, :N]
+        if layer.vertical_keys:
+            vert = plan.blocks.vertical_segments(layer.segment_size)[0, :, -1]  # [HQ, NSEG]
+            for g in range(vert.shape[-1]):
+                kept_slot[:, g * layer.segment_size:g * layer.segment_size + layer.vertical_keys] |= vert[:, g:g + 1]
+        pos = plan.pos[0].repeat_interleave(HQ // H, 0).long()  # [HQ, N] slot -> position
+        kept_pos = torch.zeros(HQ, N, dtype=torch.bool)
+        kept_pos.scatter_(1, pos, kept_slot)
+        s = torch.einsum("hmd,hnd->hmn", q[0, :, -last_rows:], kk[0]) * call.scaling
+        s = s.masked_fill(torch.arange(N)[None, :] > torch.arange(N - last_rows, N)[:, None], float("-inf"))
+        prob = torch.softmax(s, -1)  # [HQ, R, N]
+        nm = prob[:, :, needle].sum(-1)  # [HQ, R]
+        nk = (prob[:, :, needle] * kept_pos[:, None, needle]).sum(-1)
+        rows.append(dict(layer=call.layer_idx, mean=float(rec.mean()), final_block=float(rec[:, -b:].mean()),
+                         last_rows=float(rec[:, -last_rows:].mean()), final_row=float(rec[:, -1].mean()),
+                         min_head_last=float(rec[:, -last_rows:].mean(-1).min()),
+                         needle_mass=float(nm.mean()), needle_kept=float(nk.sum() / nm.sum().clamp_min(1e-30)),
+                         density=float(plan.blocks.density_per_head().mean())))
+        return None  # the layer itself runs dense: every layer sees the dense inputs
+
+    with torch.inference_mode(), capture_attention(model, on_layer):
+        model(p["ids"], logits_to_keep=1)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -214,6 +279,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="prompts per depth")
     ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--diagnose", type=int, default=None, metavar="I",
+                    help="per-layer recall of the final rows for prompt I of the first length, every sparse row")
     args = ap.parse_args()
 
     import torch
@@ -227,6 +294,21 @@ def main() -> None:
     if args.rows:
         rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
     results: dict = {}
+    if args.diagnose is not None:
+        p = make_prompts(tok, lengths[0], args.depths, args.prompts, args.seed)[args.diagnose]
+        print(f"prompt {args.diagnose}: {p['ids'].shape[1]} tokens, depth {p['depth']:.2f}, needle tokens "
+              f"{needle_positions(tok, p)[:1]}..; recall: mean row / final block / last 16 rows / final row; "
+              f"needle: share of the last 16 rows' needle mass computed (their needle mass)")
+        for name, cfg in rows.items():
+            if cfg is None:
+                continue
+            print(f"== {name}")
+            print("layer density  mean  fblk  last16  frow  minhead  needle_kept(mass)")
+            for r in diagnose(model, tok, p, cfg):
+                print(f"{r['layer']:>5} {r['density']:>7.2f} {r['mean']:>5.2f} {r['final_block']:>5.2f} "
+                      f"{r['last_rows']:>7.2f} {r['final_row']:>5.2f} {r['min_head_last']:>8.2f} "
+                      f"{r['needle_kept']:>6.2f} ({r['needle_mass']:.3f})", flush=True)
+        return
     for L in lengths:
         prompts = make_prompts(tok, L, args.depths, args.prompts, args.seed)
         for name, cfg in rows.items():
