@@ -279,6 +279,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="prompts per depth")
     ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="appended to row names and the JSON file name (e.g. before/after, "
+                    "with PYTHONPATH pointing at the pbs_kernels of each commit)")
     ap.add_argument("--diagnose", type=int, default=None, metavar="I",
                     help="per-layer recall of the final rows for prompt I of the first length, every sparse row")
     args = ap.parse_args()
@@ -314,9 +316,9 @@ def main() -> None:
         for name, cfg in rows.items():
             t0 = time.time()
             hits, dens = run_row(model, tok, prompts, cfg, args.device, backend)
-            results.setdefault(name, {})[L] = dict(correct=sum(hits), n=len(hits), density=dens,
+            results.setdefault(name + args.tag, {})[L] = dict(correct=sum(hits), n=len(hits), density=dens,
                                                    hits=hits, seconds=time.time() - t0)
-            print(f"{L:>6} {name:<34} {sum(hits):>2}/{len(hits):<2} density {dens:.2f} "
+            print(f"{L:>6} {name + args.tag:<34} {sum(hits):>2}/{len(hits):<2} density {dens:.2f} "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     # table
     print(f"{'setting':<34}" + "".join(f"{L:>8}" for L in lengths) + f"{'density':>9}")
@@ -325,7 +327,7 @@ def main() -> None:
         mean_d = sum(per[L]["density"] for L in lengths) / len(lengths)
         print(f"{name:<34}{cells}{mean_d:>9.2f}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "real_model_passkey.json").write_text(json.dumps(results, indent=1))
+        Path(os.environ["OUT"], f"real_model_passkey{args.tag}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
