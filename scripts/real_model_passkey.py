@@ -226,7 +226,7 @@ def diagnose(model, tok, p, cfg: dict, last_rows: int = 16):
     from pbs_kernels.integrations.hf import capture_attention
 
     layer = LayerConfig(**cfg)
-    needle = torch.tensor(needle_positions(tok, p))
+    needle = torch.tensor(needle_positions(tok, p), device=p["ids"].device)
     rows = []
 
     def on_layer(call):
@@ -238,8 +238,8 @@ def diagnose(model, tok, p, cfg: dict, last_rows: int = 16):
         lse_all, needle_share = [], None
         for r0 in range(0, N, 512):
             s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0:r0 + 512], kk) * call.scaling
-            qpos = torch.arange(r0, min(N, r0 + 512))
-            s = s.masked_fill(torch.arange(N)[None, :] > qpos[:, None], float("-inf"))
+            qpos = torch.arange(r0, min(N, r0 + 512), device=q.device)
+            s = s.masked_fill(torch.arange(N, device=q.device)[None, :] > qpos[:, None], float("-inf"))
             lse_all.append(torch.logsumexp(s, -1))
         lse_all = torch.cat(lse_all, -1)
         rec = (lse - lse_all).clamp(max=0).exp()[0]  # [HQ, N]
@@ -252,10 +252,11 @@ def diagnose(model, tok, p, cfg: dict, last_rows: int = 16):
             for g in range(vert.shape[-1]):
                 kept_slot[:, g * layer.segment_size:g * layer.segment_size + layer.vertical_keys] |= vert[:, g:g + 1]
         pos = plan.pos[0].repeat_interleave(HQ // H, 0).long()  # [HQ, N] slot -> position
-        kept_pos = torch.zeros(HQ, N, dtype=torch.bool)
+        kept_pos = torch.zeros(HQ, N, dtype=torch.bool, device=q.device)
         kept_pos.scatter_(1, pos, kept_slot)
         s = torch.einsum("hmd,hnd->hmn", q[0, :, -last_rows:], kk[0]) * call.scaling
-        s = s.masked_fill(torch.arange(N)[None, :] > torch.arange(N - last_rows, N)[:, None], float("-inf"))
+        ar = torch.arange(N, device=q.device)
+        s = s.masked_fill(ar[None, :] > ar[N - last_rows:, None], float("-inf"))
         prob = torch.softmax(s, -1)  # [HQ, R, N]
         nm = prob[:, :, needle].sum(-1)  # [HQ, R]
         nk = (prob[:, :, needle] * kept_pos[:, None, needle]).sum(-1)
@@ -267,7 +268,7 @@ def diagnose(model, tok, p, cfg: dict, last_rows: int = 16):
         return None  # the layer itself runs dense: every layer sees the dense inputs
 
     with torch.inference_mode(), capture_attention(model, on_layer):
-        model(p["ids"], logits_to_keep=1)
+        model(p["ids"].to(model.device), logits_to_keep=1)
     return rows
 
 
@@ -312,7 +313,9 @@ def main() -> None:
                       f"{r['needle_kept']:>6.2f} ({r['needle_mass']:.3f})", flush=True)
         return
     for L in lengths:
-        prompts = make_prompts(tok, L, args.depths, args.prompts, args.seed)
+        # An 8K model's longest prompt leaves room for the answer's tokens.
+        prompts = make_prompts(tok, min(L, model.config.max_position_embeddings - 24), args.depths, args.prompts,
+                               args.seed)
         for name, cfg in rows.items():
             t0 = time.time()
             hits, dens = run_row(model, tok, prompts, cfg, args.device, backend)
