@@ -353,7 +353,8 @@ def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: 
     """Step 2: per query block, the fewest earlier-segment key blocks whose estimated attention
     mass reaches `threshold` (of the earlier segments' mass, or with threshold_mass="total" of the
     whole row's; with "head" the threshold holds for the mean over the head's query blocks, not
-    for each), plus its own segment and the block holding token 0. `estimator`: how a tile's
+    for each), plus its own segment and the block holding token 0. The final rows (the query
+    blocks holding the last block_size positions) keep every causal tile. `estimator`: how a tile's
     mass is estimated (`pbs_kernels.limits.ESTIMATORS`). With a sliding `window`: only blocks
     inside some query's window, the straddling ones masked."""
     be = resolve_backend(backend, q)
@@ -476,7 +477,8 @@ def pbs_attention(
     1. permute: inside each segment of `segment_size` keys, sort keys by the attention they get
        from the last `block_size` queries (off: `permute=False`, plain block-sparse).
     2. select: per query block keep the fewest earlier-segment key blocks whose pooled attention
-       mass reaches `threshold`, plus its own segment and the block holding token 0.
+       mass reaches `threshold`, plus its own segment and the block holding token 0; the
+       query blocks holding the last `block_size` positions (the rows that answer) keep all.
     3. attend: flash-attention forward over the kept tiles only.
 
     `estimator` ("mean" | "top") is how selection estimates a tile's mass; `threshold_mass`

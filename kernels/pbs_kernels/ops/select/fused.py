@@ -158,11 +158,15 @@ def _select_kernel(
         if TOTAL:
             m_keep = m_keep & ((b_p * 0.0 + thr) > 0.0)  # thr broadcast to the row
     if RULE != 1:  # the histogram pass writes no list
+        # A dense sequence's rows and the final rows (naive.final_rows: those holding one of the
+        # sequence's last BS query positions) keep every causal tile.
         if PACKED:
-            m_keep = m_keep | (m_earlier & ((o_k * 0 + dense) != 0))  # a dense sequence keeps every causal tile
+            full = (dense != 0) | (last_q >= tl.load(BLK + 2 * NB + i_q) - BS)
             sink = tl.load(SINK + i_h.to(tl.int64) * NB + i_q)
         else:
+            full = last_q >= N - BS
             sink = tl.load(SINK + i_h)
+        m_keep = m_keep | (m_earlier & ((o_k * 0 + full.to(tl.int32)) != 0))
         m_keep = m_keep | ((o_k == sink) & m_earlier)
 
         p_idx = IDX + row * NB
