@@ -447,16 +447,18 @@ class EvalPlan:
 def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
                  tasks: Sequence[str] | None = None, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
                  seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
-                 max_positions: int | None = None, backend: str = "auto", dense: bool = True) -> EvalPlan:
+                 max_positions: int | None = None, backend: str = "auto", dense: bool = True,
+                 skip_unfit: bool | None = None) -> EvalPlan:
     """Check everything that can be checked before the first forward pass (task names, depths,
     lengths against `max_positions`, the profile against the model) and generate the prompts.
 
     tasks None: the default list for the model's grammar (default_tasks); a default task that
     cannot be posed at a length is skipped with a note (EvalPlan.notes), while a task the caller
-    named raises. Prompts at `max_positions` are shortened to leave room for their answer."""
+    named raises (skip_unfit=True skips those too). Prompts at `max_positions` are shortened to leave room for their answer."""
     from pbs_kernels.profile import PbsProfile
 
     named = tasks is not None
+    skip = (not named) if skip_unfit is None else skip_unfit
     grammar = detect_grammar(tokenizer)
     tasks = check_tasks(tasks if named else default_tasks(grammar))
     depths = check_depths(depths)
@@ -475,7 +477,7 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
         raise ValueError("run_eval: nothing to run (dense=False and no profile)")
     hay = haystack or Haystack.default(tokenizer, grammar, n_tokens=max(40_000, 2 * max(seq_lens)), seed=seed)
     fits = max_positions is None or max(seq_lens) <= max_positions
-    skipped: list[tuple[str, int, Exception]] | None = None if named else []
+    skipped: list[tuple[str, int, Exception]] | None = [] if skip else None
     prompts = make_samples(tasks, tokenizer, hay, seq_lens=seq_lens, depths=depths, samples=samples, seed=seed,
                            max_positions=max_positions if fits else None, skipped=skipped)
     _check_length(prompts, max_positions, model_name or type(model).__name__)
@@ -574,7 +576,8 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
              tasks: Sequence[str] | None = None, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
              seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
              max_positions: int | None = None, backend: str = "auto", dense: bool = True,
-             progress: ProgressFn = no_progress, floor: float = DENSE_FLOOR) -> EvalResult:
+             progress: ProgressFn = no_progress, floor: float = DENSE_FLOOR,
+             skip_unfit: bool | None = None) -> EvalResult:
     """Score `model` on the tasks, dense and (with `profile`, a PbsProfile or a path) with PBS:
     prepare_eval (every check, before any forward pass) then execute_eval.
 
@@ -584,5 +587,5 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
     """
     plan = prepare_eval(model, tokenizer, profile=profile, seq_lens=seq_lens, tasks=tasks, depths=depths,
                         samples=samples, seed=seed, haystack=haystack, model_name=model_name,
-                        max_positions=max_positions, backend=backend, dense=dense)
+                        max_positions=max_positions, backend=backend, dense=dense, skip_unfit=skip_unfit)
     return execute_eval(plan, progress=progress, floor=floor)
