@@ -485,11 +485,11 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
     if not prompts:
         # Every default task was skipped: the first reason is the error.
         raise skipped[0][2]
-    shortened = sorted({(s.seq_len, len(s.input_ids)) for s in prompts if len(s.input_ids) < s.seq_len})
-    if shortened:
-        notes.append(f"prompts of {', '.join(str(n) for n, _ in shortened[:1])} tokens reach the model's "
-                     f"{max_positions} positions: shortened to {min(k for _, k in shortened)}-"
-                     f"{max(k for _, k in shortened)} tokens to leave room for the answer")
+    cut = sorted({len(s.input_ids) for s in prompts if len(s.input_ids) < s.seq_len})
+    if cut:
+        span = str(cut[0]) if len(cut) == 1 else f"{cut[0]}-{cut[-1]}"
+        notes.append(f"prompts of {max(seq_lens)} tokens reach the model's {max_positions} positions: "
+                     f"shortened to {span} tokens to leave room for the answer")
     dense_lengths = []
     if profile is not None:
         from pbs_kernels.integrations.hf import attention_layers
