@@ -37,7 +37,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import DepthError, HaystackError, LengthBeyondPositions, LengthTooShortForTask, TaskNeedsEnglish, UnknownTaskError
+from .errors import DepthError, HaystackError, LengthTooShortForTask, TaskNeedsEnglish, UnknownTaskError
 
 __all__ = [
     "DEPTH_TASKS",

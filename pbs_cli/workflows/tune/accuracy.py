@@ -104,7 +104,7 @@ def walk_for_accuracy(model, tokenizer, fronts, target: float, max_drop: float, 
     fails, PBS cannot be seen failing, so such a task never counts as passed. When no task
     reaches the floor the walk is "blind" and checks nothing."""
     from ..eval import Haystack, detect_grammar
-    from ..eval.run import DENSE_FLOOR, pair_up, paired_cell, run_eval, wilson_interval
+    from ..eval.run import DENSE_FLOOR, pair_up, run_eval, wilson_interval
     from .alloc import allocate
 
     floor = DENSE_FLOOR if floor is None else floor
