@@ -495,8 +495,11 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
         from pbs_kernels.integrations.hf import attention_layers
 
         cfgs = [profile.layer(m.layer_idx) for m in attention_layers(model)]
-        dense_lengths = [n for n in seq_lens
-                         if any(not c.dense and (n < c.min_seq_len or n <= c.segment_size) for c in cfgs)]
+        # The prompts' own lengths: at the model's limit they are a few tokens shorter than asked.
+        shortest = {n: min(len(p.input_ids) for p in prompts if p.seq_len == n) for n in {p.seq_len for p in prompts}}
+        dense_lengths = [n for n in seq_lens if n in shortest
+                         and any(not c.dense and (shortest[n] < c.min_seq_len or shortest[n] <= c.segment_size)
+                                 for c in cfgs)]
     tasks = [t for t in tasks if any(p.task == t for p in prompts)]
     return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
                     samples, seed, hay, prompts, backend, dense_lengths, notes)

@@ -305,6 +305,11 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
     name = settings.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     device_name = _device_name(device)
     min_seq_len = min(LayerConfig().min_seq_len, N)  # never sparse below the tuned length or 16K
+    limit = _max_positions(model)
+    if limit is not None and N + ANSWER_ROOM > limit:
+        # Tuned at the model's limit: prompts there leave room for their answer (eval shortens
+        # them by its few tokens), and the profile must still run PBS on them, not dense.
+        min_seq_len = min(min_seq_len, limit - ANSWER_ROOM)
     space = ts.SearchSpace.for_length(N, min_seq_len=min_seq_len)
     notes: list[str] = []
 
@@ -500,6 +505,9 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
         out=str(settings.out), elapsed_s=time.perf_counter() - t0, notes=notes, profile=profile,
         accuracy=walk.to_dict() if walk is not None else None,
     )
+
+
+ANSWER_ROOM = 64  # tokens a prompt at the model's limit leaves for its answer (eval needs <= 30)
 
 
 def _max_positions(model) -> int | None:
