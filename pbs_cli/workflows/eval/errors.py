@@ -32,7 +32,8 @@ class LengthBeyondPositions(UsageError):
     def __init__(self, seq_len: int, answer_tokens: int, limit: int, model: str) -> None:
         self.seq_len, self.answer_tokens, self.limit, self.model = seq_len, answer_tokens, limit, model
         super().__init__(f"a {seq_len}-token prompt plus {answer_tokens} answer tokens exceeds {model}'s "
-                         f"{limit} positions; use prompts of at most {limit - answer_tokens} tokens")
+                         f"{limit} positions; use prompts of at most {limit} tokens (at the limit they are "
+                         "shortened to leave room for the answer)")
 
 
 class LengthTooShortForTask(UsageError):
@@ -40,6 +41,15 @@ class LengthTooShortForTask(UsageError):
         self.seq_len, self.task, self.minimum = seq_len, task, minimum
         super().__init__(f"{seq_len} tokens are too few for task {task} (it needs at least {minimum}); "
                          "use longer prompts")
+
+
+class TaskNeedsEnglish(UsageError):
+    """A natural-text task asked of a model that reads only the demo record grammar."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(f"task {task} is natural English text and this model reads only the demo record grammar; "
+                         "use niah_single or niah_multikey")
 
 
 class ProfileMismatchError(UsageError):

@@ -14,10 +14,10 @@ from typing import Any
 
 from pbs_kernels._io import write_atomic
 
-from .run import CellResult, EvalResult
+from .run import CellResult, EvalResult, PairedCell
 from .tasks import DEPTH_TASKS
 
-__all__ = ["heatmap_png", "markdown", "write_reports"]
+__all__ = ["heatmap_png", "markdown", "verdict_line", "write_reports"]
 
 
 def _pct(x: float) -> str:
@@ -28,6 +28,32 @@ def _cell_text(c: CellResult | None) -> str:
     if c is None:
         return "-"
     return f"{_pct(c.accuracy)} [{_pct(c.ci_low)}, {_pct(c.ci_high)}] ({c.correct}/{c.n})"
+
+
+def verdict_line(c: PairedCell, floor: float) -> str:
+    """One line on what a paired cell shows: blind, a drop, or no evidence of one (with the
+    largest drop the interval leaves open)."""
+    where = "all" if c.seq_len is None else f"{c.task} at {c.seq_len}" + ("" if c.depth is None else f", depth {c.depth:g}")
+    if c.verdict == "blind":
+        return (f"{where}: blind: dense answers {c.both + c.dense_only}/{c.n} ({100 * c.dense_accuracy:.0f}%, below "
+                f"the {100 * floor:.0f}% floor), so this cell cannot show a drop")
+    span = f"[{100 * c.drop_low:+.0f}, {100 * c.drop_high:+.0f}]"
+    lost = f"{c.dense_only} lost, {c.pbs_only} won, McNemar p {c.p_value:.2f}"
+    if c.verdict == "drop":
+        return f"{where}: DROP of {100 * c.drop:+.0f} points {span} ({lost})"
+    return (f"{where}: no evidence of a drop ({100 * c.drop:+.0f} points {span}: a drop up to "
+            f"{100 * c.drop_high:.0f} points is not ruled out; {lost})")
+
+
+def _paired_rows(cells: list[PairedCell]) -> list[str]:
+    rows = []
+    for c in cells:
+        rows.append(f"| {c.task} | {c.seq_len if c.seq_len is not None else '-'} | "
+                    f"{'-' if c.depth is None else f'{c.depth:g}'} | {c.both + c.dense_only}/{c.n} | "
+                    f"{c.both + c.pbs_only}/{c.n} | {c.dense_only} | {c.pbs_only} | "
+                    f"{100 * c.drop:+.1f} [{100 * c.drop_low:+.1f}, {100 * c.drop_high:+.1f}] | {c.p_value:.3f} | "
+                    f"{c.verdict} |")
+    return rows
 
 
 def _depth_text(d: float | None) -> str:
@@ -65,6 +91,24 @@ def markdown(result: EvalResult) -> str:
     if has_pbs:
         row += [_cell_text(o.get("pbs")), "-" if result.drop_points is None else f"{result.drop_points:+.1f}"]
     lines.append("| " + " | ".join(row) + " |")
+
+    if result.paired:
+        head = ["task", "length", "depth", "dense", "pbs", "dense only", "pbs only", "drop (points) [95%]",
+                "McNemar p", "verdict"]
+        lines += ["", "## Paired: dense and PBS on the same prompts", "",
+                  f"Drop = dense minus PBS accuracy; its 95% interval is for paired data (Newcombe); McNemar's "
+                  f"exact test uses only the prompts one method answers and the other misses. A cell where dense "
+                  f"answers less than {100 * result.floor:.0f}% is blind: it cannot show a drop.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += _paired_rows(result.paired)
+        if result.paired_overall is not None:
+            lines += _paired_rows([result.paired_overall])
+        lines += _paired_rows(sorted(result.paired_depths, key=lambda c: (c.task, c.seq_len, c.depth)))
+        lines += [""] + [f"- {verdict_line(c, result.floor)}" for c in result.paired]
+        if result.paired_overall is not None:
+            lines.append(f"- {verdict_line(result.paired_overall, result.floor)}")
+    if result.notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in result.notes]
 
     head = ["task", "length", "depth", "dense"] + (["pbs"] if has_pbs else [])
     lines += ["", "## Cells", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

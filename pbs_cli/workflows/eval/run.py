@@ -26,10 +26,17 @@ from typing import Any, Sequence
 from .. import distributed
 from ..progress import ProgressFn, no_progress
 from .errors import LengthBeyondPositions, ProfileMismatchError
-from .tasks import DEPTH_TASKS, TASKS, Haystack, Sample, check_depths, check_tasks, detect_grammar, make_samples
+from .tasks import (DEPTH_TASKS, TASKS, Haystack, Sample, check_depths, check_tasks, default_tasks, detect_grammar,
+                    make_samples)
 
 __all__ = [
+    "DENSE_FLOOR",
     "DEFAULT_DEPTHS",
+    "PairedCell",
+    "mcnemar_exact",
+    "pair_up",
+    "paired_cell",
+    "paired_difference_interval",
     "METHODS",
     "CellResult",
     "EvalResult",
@@ -65,6 +72,43 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar test on the discordant pairs of a paired comparison: b prompts only
+    the first method answers, c only the second. Under "no difference" each discordant prompt is
+    a fair coin, so the p-value is the two-sided binomial tail of min(b, c) in b + c tosses
+    (1.0 when no prompt is discordant)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,
+                               z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% interval for p1 - p2, the difference of two proportions measured on the same items
+    (Newcombe 1998, method 10: Wilson intervals of each proportion, combined with the pairs'
+    correlation phi). A positive phi is shrunk by n/2 in its numerator, as his continuity-corrected
+    method 11 does: uncorrected, 5 prompts both right and 5 both wrong give the empty interval
+    [0, 0]. Stays inside [-1, 1]; (-1, 1) for no items."""
+    n = both + only_first + only_second + neither
+    if n == 0:
+        return -1.0, 1.0
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    l1, u1 = wilson_interval(both + only_first, n, z)
+    l2, u2 = wilson_interval(both + only_second, n, z)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    cross = both * neither - only_first * only_second
+    if cross > 0:
+        cross = max(cross - n / 2.0, 0.0)
+    phi = cross / math.sqrt(margins) if margins > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, lo), min(1.0, hi)
 
 
 _WORD = re.compile(r"\w+|;")
@@ -165,6 +209,79 @@ class CellResult:
     correct: int = 0
 
 
+DENSE_FLOOR = 0.8  # dense accuracy below which a cell cannot show what PBS loses (docs/eval.md)
+
+
+@dataclass
+class PairedCell:
+    """Dense and PBS on the same prompts of one (task, length[, depth]) cell; task "all" with
+    seq_len None sums the cells that can show a drop. dense_only: prompts dense answers and PBS
+    misses; pbs_only: the reverse. drop_low/drop_high: 95% interval of the accuracy drop (dense
+    minus PBS, fraction) for paired data; p_value: exact McNemar test on the discordant pairs.
+    verdict: "blind" (dense below the floor: a loss cannot show), "drop" (the whole interval above
+    zero) or "no evidence of a drop" (the interval reaches zero; it still bounds the drop by
+    drop_high)."""
+
+    task: str
+    seq_len: int | None
+    depth: float | None
+    n: int
+    both: int
+    dense_only: int
+    pbs_only: int
+    neither: int
+    dense_accuracy: float
+    pbs_accuracy: float
+    drop: float
+    drop_low: float
+    drop_high: float
+    p_value: float
+    verdict: str
+
+
+def paired_cell(task: str, seq_len: int | None, depth: float | None, pairs: Sequence[tuple[bool, bool]],
+                floor: float = DENSE_FLOOR) -> PairedCell:
+    """PairedCell of (dense correct, PBS correct) pairs."""
+    both = sum(1 for d, p in pairs if d and p)
+    dense_only = sum(1 for d, p in pairs if d and not p)
+    pbs_only = sum(1 for d, p in pairs if p and not d)
+    n = len(pairs)
+    neither = n - both - dense_only - pbs_only
+    lo, hi = paired_difference_interval(both, dense_only, pbs_only, neither)
+    dense_acc = (both + dense_only) / n if n else float("nan")
+    pbs_acc = (both + pbs_only) / n if n else float("nan")
+    if not n or dense_acc < floor:
+        verdict = "blind"
+    elif lo > 0:
+        verdict = "drop"
+    else:
+        verdict = "no evidence of a drop"
+    return PairedCell(task, seq_len, depth, n, both, dense_only, pbs_only, neither, dense_acc, pbs_acc,
+                      (dense_only - pbs_only) / n if n else float("nan"), lo, hi, mcnemar_exact(dense_only, pbs_only),
+                      verdict)
+
+
+def pair_up(sample_results: Sequence["SampleResult"], floor: float = DENSE_FLOOR) -> tuple[list[PairedCell], list[PairedCell], PairedCell | None]:
+    """(per-depth cells, per task-and-length cells, overall over the cells that are not blind)
+    from the per-sample results of a run with both methods; ([], [], None) without PBS."""
+    by_prompt: dict[tuple, dict[str, bool]] = {}
+    for r in sample_results:
+        by_prompt.setdefault((r.task, r.seq_len, r.depth, r.index), {})[r.method] = r.correct
+    cells: dict[tuple, list] = {}
+    sums: dict[tuple, list] = {}
+    for (task, n, depth, _), m in by_prompt.items():
+        if "dense" in m and "pbs" in m:
+            cells.setdefault((task, n, depth), []).append((m["dense"], m["pbs"]))
+            sums.setdefault((task, n), []).append((m["dense"], m["pbs"]))
+    if not sums:
+        return [], [], None
+    per_depth = [paired_cell(t, n, d, p, floor) for (t, n, d), p in cells.items()]
+    per_length = [paired_cell(t, n, None, p, floor) for (t, n), p in sums.items()]
+    seeing = [pair for c in per_length if c.verdict != "blind" for pair in sums[(c.task, c.seq_len)]]
+    overall = paired_cell("all", None, None, seeing, floor) if seeing else None
+    return per_depth, per_length, overall
+
+
 @dataclass
 class EvalResult:
     """What run_eval measured. results: every cell; summary: per (task, length, method) over
@@ -186,6 +303,13 @@ class EvalResult:
     seconds: dict[str, float]
     sample_results: list[SampleResult] = field(default_factory=list)
     ranks: int = 1  # tensor-parallel processes (torchrun) the model ran on; seconds are the slowest rank's
+    # Paired dense-vs-PBS scoring (pair_up): per depth, per task and length, overall over the
+    # cells dense can be judged on (None when every cell is blind or there is no profile).
+    paired: list[PairedCell] = field(default_factory=list)
+    paired_depths: list[PairedCell] = field(default_factory=list)
+    paired_overall: PairedCell | None = None
+    floor: float = DENSE_FLOOR
+    notes: list[str] = field(default_factory=list)  # e.g. default tasks skipped at a length
 
     def accuracy(self, method: str) -> float:
         return self.overall[method].accuracy
@@ -206,6 +330,12 @@ class EvalResult:
                 d[k] = round(d[k], 4)
             return d
 
+        def pair(c: PairedCell) -> dict[str, Any]:
+            d = dataclasses.asdict(c)
+            for k in ("dense_accuracy", "pbs_accuracy", "drop", "drop_low", "drop_high", "p_value"):
+                d[k] = round(d[k], 4)
+            return d
+
         return {
             "model": self.model,
             "profile": self.profile,
@@ -223,6 +353,11 @@ class EvalResult:
             "drop_points": None if self.drop_points is None else round(self.drop_points, 2),
             "seconds": {m: round(s, 2) for m, s in self.seconds.items()},
             "ranks": self.ranks,
+            "floor": self.floor,
+            "paired": [pair(c) for c in self.paired],
+            "paired_depths": [pair(c) for c in self.paired_depths],
+            "paired_overall": None if self.paired_overall is None else pair(self.paired_overall),
+            "notes": list(self.notes),
             "sample_results": [dataclasses.asdict(s) for s in self.sample_results],
         }
 
@@ -275,8 +410,9 @@ def _short_name(name: str) -> str:
 def _check_length(samples: Sequence[Sample], max_positions: int | None, model: str) -> None:
     if max_positions is None:
         return
-    worst = max(samples, key=lambda s: s.seq_len + s.max_new_tokens)
-    if worst.seq_len + worst.max_new_tokens > max_positions:
+    # Prompts at the limit were shortened to fit their answer (make_sample); longer ones cannot be.
+    worst = max(samples, key=lambda s: s.seq_len)
+    if worst.seq_len > max_positions:
         raise LengthBeyondPositions(worst.seq_len, worst.max_new_tokens, max_positions, model)
 
 
@@ -305,17 +441,26 @@ class EvalPlan:
     # Lengths at which some layer the profile makes sparse still runs dense (prompt not longer
     # than its min_seq_len or its segment): PBS is not measured there for those layers.
     dense_lengths: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # default tasks skipped, prompts shortened to fit
 
 
 def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
-                 tasks: Sequence[str] = TASKS, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
+                 tasks: Sequence[str] | None = None, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
                  seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
-                 max_positions: int | None = None, backend: str = "auto", dense: bool = True) -> EvalPlan:
+                 max_positions: int | None = None, backend: str = "auto", dense: bool = True,
+                 skip_unfit: bool | None = None) -> EvalPlan:
     """Check everything that can be checked before the first forward pass (task names, depths,
-    lengths against `max_positions`, the profile against the model) and generate the prompts."""
+    lengths against `max_positions`, the profile against the model) and generate the prompts.
+
+    tasks None: the default list for the model's grammar (default_tasks); a default task that
+    cannot be posed at a length is skipped with a note (EvalPlan.notes), while a task the caller
+    named raises (skip_unfit=True skips those too). Prompts at `max_positions` are shortened to leave room for their answer."""
     from pbs_kernels.profile import PbsProfile
 
-    tasks = check_tasks(tasks)
+    named = tasks is not None
+    skip = (not named) if skip_unfit is None else skip_unfit
+    grammar = detect_grammar(tokenizer)
+    tasks = check_tasks(tasks if named else default_tasks(grammar))
     depths = check_depths(depths)
     if samples < 1:
         raise ValueError(f"run_eval: samples must be >= 1, got {samples}")
@@ -330,23 +475,41 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
     methods = (["dense"] if dense else []) + (["pbs"] if profile is not None else [])
     if not methods:
         raise ValueError("run_eval: nothing to run (dense=False and no profile)")
-    hay = haystack or Haystack.builtin(tokenizer, n_tokens=max(40_000, 2 * max(seq_lens)), seed=seed)
-    prompts = make_samples(tasks, tokenizer, hay, seq_lens=seq_lens, depths=depths, samples=samples, seed=seed)
+    hay = haystack or Haystack.default(tokenizer, grammar, n_tokens=max(40_000, 2 * max(seq_lens)), seed=seed)
+    fits = max_positions is None or max(seq_lens) <= max_positions
+    skipped: list[tuple[str, int, Exception]] | None = [] if skip else None
+    prompts = make_samples(tasks, tokenizer, hay, seq_lens=seq_lens, depths=depths, samples=samples, seed=seed,
+                           max_positions=max_positions if fits else None, skipped=skipped)
     _check_length(prompts, max_positions, model_name or type(model).__name__)
+    notes = [f"task {t} skipped at {n} tokens: {why}" for t, n, why in skipped or []]
+    if not prompts:
+        # Every default task was skipped: the first reason is the error.
+        raise skipped[0][2]
+    cut = sorted({len(s.input_ids) for s in prompts if len(s.input_ids) < s.seq_len})
+    if cut:
+        span = str(cut[0]) if len(cut) == 1 else f"{cut[0]}-{cut[-1]}"
+        notes.append(f"prompts of {max(seq_lens)} tokens reach the model's {max_positions} positions: "
+                     f"shortened to {span} tokens to leave room for the answer")
     dense_lengths = []
     if profile is not None:
         from pbs_kernels.integrations.hf import attention_layers
 
         cfgs = [profile.layer(m.layer_idx) for m in attention_layers(model)]
-        # min_seq_len "auto" decides at run time (measured), so only an integer one is known here
-        dense_lengths = [n for n in seq_lens if any(
-            not c.dense and (n <= c.segment_size or (c.min_seq_len != "auto" and n < c.min_seq_len)) for c in cfgs)]
+        # The prompts' own lengths: at the model's limit they are a few tokens shorter than asked.
+        # min_seq_len "auto" decides at run time (measured), so only an integer one is known here.
+        shortest = {n: min(len(p.input_ids) for p in prompts if p.seq_len == n) for n in {p.seq_len for p in prompts}}
+        dense_lengths = [n for n in seq_lens if n in shortest
+                         and any(not c.dense and (shortest[n] <= c.segment_size
+                                                  or (c.min_seq_len != "auto" and shortest[n] < c.min_seq_len))
+                                 for c in cfgs)]
+    tasks = [t for t in tasks if any(p.task == t for p in prompts)]
     return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
-                    samples, seed, hay, prompts, backend, dense_lengths)
+                    samples, seed, hay, prompts, backend, dense_lengths, notes)
 
 
-def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalResult:
-    """Run every prompt of `plan` with each method, one prompt at a time, and score them."""
+def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress, floor: float = DENSE_FLOOR) -> EvalResult:
+    """Run every prompt of `plan` with each method, one prompt at a time, and score them (paired
+    where both methods ran; `floor`: the dense accuracy below which a cell is blind)."""
     from pbs_kernels.integrations.hf import pbs_profile
 
     model, tokenizer, profile, methods = plan.model, plan.tokenizer, plan.profile, plan.methods
@@ -388,6 +551,7 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalR
         r.seconds = round(dt, 3)
         seconds[r.method] += dt
     cells, summary, overall = summarize(results)
+    paired_depths, paired, paired_overall = pair_up(results, floor)
     return EvalResult(
         model=plan.model_name or type(model).__name__,
         profile=plan.profile_name,
@@ -405,14 +569,20 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalR
         seconds=seconds,
         sample_results=results,
         ranks=distributed.ranks().world,
+        paired=paired,
+        paired_depths=paired_depths,
+        paired_overall=paired_overall,
+        floor=floor,
+        notes=list(plan.notes),
     )
 
 
 def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
-             tasks: Sequence[str] = TASKS, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
+             tasks: Sequence[str] | None = None, depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 4,
              seed: int = 0, haystack: Haystack | None = None, model_name: str | None = None,
              max_positions: int | None = None, backend: str = "auto", dense: bool = True,
-             progress: ProgressFn = no_progress) -> EvalResult:
+             progress: ProgressFn = no_progress, floor: float = DENSE_FLOOR,
+             skip_unfit: bool | None = None) -> EvalResult:
     """Score `model` on the tasks, dense and (with `profile`, a PbsProfile or a path) with PBS:
     prepare_eval (every check, before any forward pass) then execute_eval.
 
@@ -422,5 +592,5 @@ def run_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,
     """
     plan = prepare_eval(model, tokenizer, profile=profile, seq_lens=seq_lens, tasks=tasks, depths=depths,
                         samples=samples, seed=seed, haystack=haystack, model_name=model_name,
-                        max_positions=max_positions, backend=backend, dense=dense)
-    return execute_eval(plan, progress=progress)
+                        max_positions=max_positions, backend=backend, dense=dense, skip_unfit=skip_unfit)
+    return execute_eval(plan, progress=progress, floor=floor)

@@ -7,6 +7,9 @@
 
 Tasks (names are what `TASKS` lists):
 
+* ``passkey``: a five-digit pass key stated once in natural prose, at a depth, asked at the end
+  (the classic pass-key retrieval test). English only: the haystack is the built-in prose (Lewis
+  Carroll's *Alice's Adventures in Wonderland*, public domain, data/alice.txt) or a user text.
 * ``niah_single``: one key-value fact (the needle) at a depth of a long haystack, asked at the end.
 * ``niah_multikey``: the same, with distractor facts of other keys scattered through the haystack.
 * ``niah_multivalue``: one key written several times with different values; all must be returned.
@@ -15,14 +18,14 @@ Tasks (names are what `TASKS` lists):
 * ``cwe`` (common-word extraction): a long list of words where a few recur far more often than the
   rest; the question asks for the most common ones.
 
-Two renderings ("grammars") of the same tasks. Models whose tokenizer knows the demo corpus's
+Two renderings ("grammars") of the same tasks (``passkey`` has only the English one). Models whose tokenizer knows the demo corpus's
 vocabulary (``put k0412 v017 ;`` records and ``get k0412`` lookups, see pbs_kernels.demo) get the
 record grammar, the only questions the embedded demo model understands; every other model gets
 plain English sentences and questions. Both are pure functions of (task, seed, index, length,
 depth), so the same arguments give the same prompt on every platform.
 
-The haystack is the demo corpus's grammar filler (its records, lookups and quoted spans removed)
-or a user text; prompts are cut on sentence boundaries so a needle never splits a word, and are
+The haystack is a user text, or by default the built-in prose for English prompts and the demo
+corpus's grammar filler (its records, lookups and quoted spans removed) for record prompts; prompts are cut on sentence boundaries so a needle never splits a word, and are
 exactly ``seq_len`` tokens long (the first filler sentence is cut to fit).
 """
 
@@ -30,13 +33,16 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import DepthError, HaystackError, LengthTooShortForTask, UnknownTaskError
+from .errors import DepthError, HaystackError, LengthTooShortForTask, TaskNeedsEnglish, UnknownTaskError
 
 __all__ = [
     "DEPTH_TASKS",
+    "ENGLISH_TASKS",
+    "default_tasks",
     "GRAMMARS",
     "TASKS",
     "Haystack",
@@ -47,9 +53,11 @@ __all__ = [
     "make_samples",
 ]
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
 # Tasks whose needle sits at a chosen depth; the others spread their facts at random positions.
-DEPTH_TASKS = ("niah_single", "niah_multikey")
+DEPTH_TASKS = ("passkey", "niah_single", "niah_multikey")
+# Tasks written in natural English only (a model that reads only the record grammar cannot do them).
+ENGLISH_TASKS = ("passkey",)
 GRAMMARS = ("records", "english")
 
 _N_MULTIVALUE = 4  # values written for one key (RULER's multi-value task uses 4)
@@ -94,6 +102,7 @@ def detect_grammar(tokenizer) -> str:
 # ---------------------------------------------------------------------------------------------
 # Haystack.
 
+_PROSE = Path(__file__).with_name("data") / "alice.txt"
 _STRUCTURED = {"put": ";", "get": ";", "quote": "unquote", "repeat": "unquote"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n+")
 
@@ -140,6 +149,21 @@ class Haystack:
         tokenized with `tokenizer`. Held-out haystacks: another seed."""
         texts = _demo_filler_sentences(n_tokens, 7_000_000 + int(seed))
         return cls._from_sentences(tokenizer, texts, "builtin")
+
+    @classmethod
+    def prose(cls, tokenizer) -> Haystack:
+        """The built-in natural prose (data/alice.txt: Alice's Adventures in Wonderland, 143 KB,
+        about 35K tokens for SmolLM2's tokenizer), cut into sentences. Samples start at offsets
+        drawn from their seed, so other seeds give other stretches of the book."""
+        return cls.from_text(tokenizer, _PROSE.read_text(encoding="utf-8"), source="builtin prose")
+
+    @classmethod
+    def default(cls, tokenizer, grammar: str, *, n_tokens: int = 40_000, seed: int = 0) -> Haystack:
+        """The haystack a grammar's prompts use unless the user gives a text: prose for English,
+        the demo corpus's filler for records."""
+        if grammar == "english":
+            return cls.prose(tokenizer)
+        return cls.builtin(tokenizer, n_tokens=n_tokens, seed=seed)
 
     @classmethod
     def from_text(cls, tokenizer, text: str, source: str = "<text>") -> Haystack:
@@ -322,6 +346,11 @@ def _build_cwe(rng, grammar, tokenizer, budget: int):
     return body, question, common
 
 
+def default_tasks(grammar: str) -> tuple[str, ...]:
+    """The tasks an eval runs when none are named: every task the grammar can pose."""
+    return TASKS if grammar == "english" else tuple(t for t in TASKS if t not in ENGLISH_TASKS)
+
+
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     """Task names, checked (UnknownTaskError naming the allowed ones); order kept, no duplicates."""
     out = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
@@ -388,12 +417,19 @@ def _assemble(prefix: list[int], filler: list[list[int]], facts: list[_Fact], ta
 
 
 def make_sample(task: str, tokenizer, haystack: Haystack, *, seq_len: int, depth: float | None = None,
-                seed: int = 0, index: int = 0, grammar: str | None = None) -> Sample:
+                seed: int = 0, index: int = 0, grammar: str | None = None,
+                max_positions: int | None = None) -> Sample:
     """One prompt of `task`, exactly `seq_len` tokens, deterministic in (task, seed, index,
     seq_len, depth). `depth` (0 = right after BOS, 1 = just before the question) is used by
-    DEPTH_TASKS and ignored (None) by the others. `grammar` defaults to detect_grammar()."""
+    DEPTH_TASKS and ignored (None) by the others. `grammar` defaults to detect_grammar().
+
+    max_positions: the model's limit. A prompt whose answer would run past it is shortened (less
+    haystack) so that prompt plus answer tokens fit: `--seq-len 8k` works on an 8K model, with
+    prompts of 8192 minus the answer's tokens (Sample.seq_len keeps the length asked for)."""
     check_tasks([task])
     grammar = grammar or detect_grammar(tokenizer)
+    if task in ENGLISH_TASKS and grammar != "english":
+        raise TaskNeedsEnglish(task)
     if task not in DEPTH_TASKS:
         depth = None
     elif depth is None:
@@ -402,23 +438,31 @@ def make_sample(task: str, tokenizer, haystack: Haystack, *, seq_len: int, depth
     prefix = _prefix_ids(tokenizer)
     sep = "" if grammar == "records" else "\n"
 
+    def fit(max_new: int) -> int:
+        if max_positions is None or seq_len + max_new <= max_positions:
+            return seq_len
+        return max_positions - max_new
+
     if task == "cwe":
         room = seq_len - len(prefix)
         body, question, answers = _build_cwe(rng, grammar, tokenizer, int(room * 0.8))
+        max_new = _max_new(tokenizer, answers, "all")
+        n = fit(max_new)
         body_ids = _encode(tokenizer, " " + body)
         tail = _encode(tokenizer, " " + sep + question)
-        filler_n = seq_len - len(prefix) - len(body_ids) - len(tail)
+        filler_n = n - len(prefix) - len(body_ids) - len(tail)
         if filler_n < 0:
             raise LengthTooShortForTask(seq_len, "cwe", seq_len - filler_n)
         filler = haystack.take(filler_n, rng)
         # The list sits at the end, right before its question; filler before it pads to length.
-        ids, _ = _assemble(prefix, filler, [_Fact(body_ids, 1.0)], tail, seq_len)
-        match = "all"
-        needle_pos = [seq_len - len(tail) - len(body_ids)]
-        return Sample(task, seq_len, None, index, grammar, ids, answers, match,
-                      _max_new(tokenizer, answers, match), needle_pos)
+        ids, _ = _assemble(prefix, filler, [_Fact(body_ids, 1.0)], tail, n)
+        needle_pos = [n - len(tail) - len(body_ids)]
+        return Sample(task, seq_len, None, index, grammar, ids, answers, "all", max_new, needle_pos)
 
-    if task == "niah_single":
+    if task == "passkey":
+        raw, question, answers, match = _build_passkey(rng)
+        prefix = prefix + _encode(tokenizer, _PASSKEY_INTRO)
+    elif task == "niah_single":
         raw, question, answers, match = _build_niah(rng, grammar, 0)
     elif task == "niah_multikey":
         # Distractor facts about as dense as the demo corpus's records (one per ~512 tokens).
@@ -435,20 +479,33 @@ def make_sample(task: str, tokenizer, haystack: Haystack, *, seq_len: int, depth
             f.depth = rng.random()
     elif task == "vt":
         # Chain links in order through the haystack, each in its own stretch.
-        n = len(facts)
+        k = len(facts)
         for j, f in enumerate(facts):
-            f.depth = (j + rng.random()) / n
+            f.depth = (j + rng.random()) / k
     else:
         for f in facts:
             f.depth = rng.random()
     tail = _encode(tokenizer, " " + sep + question)
+    max_new = _max_new(tokenizer, answers, match)
+    n = fit(max_new)
     need = len(prefix) + len(tail) + sum(len(f.ids) for f in facts) + _MIN_BODY
-    if need > seq_len:
-        raise LengthTooShortForTask(seq_len, task, need)
-    filler = haystack.take(seq_len - need + _MIN_BODY, rng)
-    ids, pos = _assemble(prefix, filler, facts, tail, seq_len)
-    return Sample(task, seq_len, depth, index, grammar, ids, answers, match,
-                  _max_new(tokenizer, answers, match), pos)
+    if need > n:
+        raise LengthTooShortForTask(seq_len, task, need + seq_len - n)
+    filler = haystack.take(n - need + _MIN_BODY, rng)
+    ids, pos = _assemble(prefix, filler, facts, tail, n)
+    return Sample(task, seq_len, depth, index, grammar, ids, answers, match, max_new, pos)
+
+
+# The pass-key prompt (after the format of the pass-key tests of long-context papers): an intro
+# line, prose with the key stated once, the question completed by the answer.
+_PASSKEY_INTRO = "There is a pass key hidden inside the following text. Find it and remember it.\n"
+
+
+def _build_passkey(rng):
+    key = str(rng.randrange(10_000, 100_000))
+    facts = [(f"The pass key is {key}. Remember it.", None)]
+    question = "What is the pass key? The pass key is"
+    return facts, question, [key], "prefix"
 
 
 def _max_new(tokenizer, answers: list[str], match: str) -> int:
@@ -458,19 +515,30 @@ def _max_new(tokenizer, answers: list[str], match: str) -> int:
 
 
 def make_samples(tasks: Sequence[str], tokenizer, haystack: Haystack, *, seq_lens: Sequence[int],
-                 depths: Sequence[float], samples: int, seed: int = 0) -> list[Sample]:
+                 depths: Sequence[float], samples: int, seed: int = 0, max_positions: int | None = None,
+                 skipped: list[tuple[str, int, Exception]] | None = None) -> list[Sample]:
     """Every (task, length, depth, index) prompt: DEPTH_TASKS get `samples` prompts per depth,
-    the others `samples` per length."""
+    the others `samples` per length. With `skipped` (a list), a task that cannot be posed at a
+    length (too short for it, or English-only for a record model) is left out and
+    (task, length, the error) appended; without it that raises."""
     tasks = check_tasks(tasks)
     depths = check_depths(depths)
     grammar = detect_grammar(tokenizer)
     out = []
     for task in tasks:
         for n in seq_lens:
-            for d in (depths if task in DEPTH_TASKS else [None]):
-                for i in range(samples):
-                    out.append(make_sample(task, tokenizer, haystack, seq_len=n, depth=d, seed=seed,
-                                           index=i, grammar=grammar))
+            cell = []
+            try:
+                for d in (depths if task in DEPTH_TASKS else [None]):
+                    for i in range(samples):
+                        cell.append(make_sample(task, tokenizer, haystack, seq_len=n, depth=d, seed=seed,
+                                                index=i, grammar=grammar, max_positions=max_positions))
+            except (LengthTooShortForTask, TaskNeedsEnglish) as e:
+                if skipped is None:
+                    raise
+                skipped.append((task, n, e))
+                continue
+            out.extend(cell)
     return out
 
 
