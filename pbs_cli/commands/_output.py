@@ -51,19 +51,65 @@ class Output:
     def warn(self, message: str) -> None:
         self.console.print(f"warning: {message}", markup=False, style="yellow")
 
-    def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        """A rich table on stderr. Skipped with --format json, whose document carries the data."""
+    def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
+              box: Any = None, row_styles: Optional[Sequence[str]] = None,
+              justify: Optional[Sequence[str]] = None, keys: int = 1) -> None:
+        """A rich table on stderr. Skipped with --format json, whose document carries the data.
+
+        Every cell stays whole: headers may wrap at spaces, values never wrap or get cut. A table
+        wider than the console is printed as several tables, each with the first `keys` columns
+        (the row's name) and as many others as fit; rich would otherwise cut numbers to '0.40…'.
+        """
         if self.json:
             return
         rows = [list(r) for r in rows]
-        table = Table(title=Text(title, style="bold"), title_justify="left")
-        for i, name in enumerate(columns):
+        columns = list(columns)
+        kept = list(range(min(keys, len(columns))))
+        parts: list[list[int]] = []
+        part = list(kept)
+        for i in range(len(kept), len(columns)):
+            if len(part) > len(kept) and not self._fits(columns, rows, [*part, i], box):
+                parts.append(part)
+                part = [*kept, i]
+            else:
+                part.append(i)
+        parts.append(part)
+        for n, cols in enumerate(parts):
+            # The title on its own line: as the table's title rich would wrap it to the table's width.
+            self.console.print(Text(title if n == 0 else "(continued)", style="bold"))
+            # Narrower than its natural width, each column gets exactly its widest value (or header
+            # word): rich's own shrinking can leave the table a few columns too wide, then cropped.
+            tight = self._width(self._rich_table(columns, rows, cols, box, None, None), False) > self.console.width
+            self.console.print(self._rich_table(columns, rows, cols, box, row_styles, justify, tight))
+
+    def _rich_table(self, columns, rows, cols, box, row_styles, justify=None, tight=False) -> Table:
+        from rich import box as boxes
+
+        table = Table(box=box if box is not None else boxes.HEAVY_HEAD)
+        for i in cols:
             numeric = bool(rows) and all(_is_number(r[i]) or r[i] is None for r in rows)
-            table.add_column(name, justify="right" if numeric else "left")
-        for r in rows:
+            # min_width: the widest value, so rich narrows only the header (which wraps at spaces).
+            widest = max((len(_cell(r[i])) for r in rows), default=1)
+            side = justify[i] if justify is not None else ("right" if numeric else "left")
+            word = max((len(w) for w in str(columns[i]).split()), default=1)
+            table.add_column(columns[i], justify=side, no_wrap=False, min_width=widest, overflow="fold",
+                             width=max(widest, word) if tight else None)
+        for j, r in enumerate(rows):
             # Text, not str: a value like "[dense]" must not be read as rich markup.
-            table.add_row(*(Text(_cell(v)) for v in r))
-        self.console.print(table)
+            table.add_row(*(Text(_cell(r[i])) for i in cols),
+                          style=row_styles[j] if row_styles is not None else None)
+        return table
+
+    def _fits(self, columns, rows, cols, box) -> bool:
+        """Whether these columns fit the console with every value and header word whole."""
+        table = self._rich_table(columns, rows, cols, box, None, None)
+        return self._width(table, True) <= self.console.width
+
+    def _width(self, table: Table, minimum: bool) -> int:
+        from rich.measure import Measurement
+
+        m = Measurement.get(self.console, self.console.options.update(max_width=10**6), table)
+        return m.minimum if minimum else m.maximum
 
     @contextmanager
     def progress(self) -> Iterator[ProgressFn]:

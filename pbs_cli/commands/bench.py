@@ -294,46 +294,31 @@ def _title(r) -> str:
             f"reference {r.reference}, fastest dense {fastest}")
 
 
-def print_report(o: Output, report: BenchReport) -> None:
-    """Rich tables on stderr. Not a terminal (logs, CI): drawn 130 columns wide rather than
-    wrapped at 80, so method names and numbers stay whole."""
+def print_report(o: Output, report: BenchReport, *, skip_notes: tuple[str, ...] = ()) -> None:
+    """Rich tables on stderr, at the console's width: a table too wide for it continues in a
+    second table keyed by the method name (Output.table), so every number stays whole."""
     from rich import box
-    from rich.table import Table
-    from rich.text import Text
 
-    from rich.console import Console
-
-    console = o.console
-    if not console.is_terminal:
-        console = Console(stderr=True, highlight=False, soft_wrap=False, width=max(console.width, 130),
-                          quiet=console.quiet)
     o.info("pbs bench: " + _header_line(report))
     o.info(_config_line(report))
     for r in report.results:
-        table = Table(title=Text(_title(r), style="bold"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         # Columns nothing filled (ms, TFLOP/s, speedup on the CPU pass) are left out: with them the
         # CPU table took 98 columns. results.md keeps every column.
         shown = [i for i, (_, name, _) in enumerate(_COLUMNS) if any(getattr(m, name) is not None for m in r.methods)]
-        for i in shown:
-            header, _, spec = _COLUMNS[i]
-            table.add_column(header, justify="left" if spec is None else "right", no_wrap=True)
-        for m in r.methods:
-            style = "bold red" if m.status == "FAILED" else ("dim" if m.status in ("unavailable", "skipped") else "")
-            cells = _cells(m)
-            table.add_row(*(Text(cells[i]) for i in shown), style=style)
-        console.print(table)
+        styles = ["bold red" if m.status == "FAILED" else ("dim" if m.status in ("unavailable", "skipped") else "")
+                  for m in r.methods]
+        o.table(_title(r), [_COLUMNS[i][0] for i in shown],
+                [[c for i, c in enumerate(_cells(m)) if i in shown] for m in r.methods], box=box.SIMPLE_HEAD,
+                row_styles=styles, justify=["left" if _COLUMNS[i][2] is None else "right" for i in shown])
         for m in r.methods:
             if m.note and m.status in ("FAILED", "unavailable", "skipped"):
                 o.info(f"  {m.method}: {m.note}")
     if report.e2e:
-        table = Table(title=Text("time to first token", style="bold"), title_justify="left", box=box.SIMPLE_HEAD)
-        for header in _E2E_HEADERS:
-            table.add_column(header, justify="right", no_wrap=True)
-        for e in report.e2e:
-            table.add_row(*_e2e_cells(e))
-        console.print(table)
+        o.table("time to first token", list(_E2E_HEADERS), [_e2e_cells(e) for e in report.e2e], box=box.SIMPLE_HEAD,
+                justify=["right"] * len(_E2E_HEADERS))
     for note in report.notes:
-        o.info(f"note: {note}")
+        if note not in skip_notes:
+            o.info(f"note: {note}")
 
 
 def markdown(report: BenchReport) -> str:
