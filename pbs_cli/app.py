@@ -14,7 +14,7 @@ import typer
 
 from .commands import analyze, bench, eval, profile, tune
 from .commands._messages import message, phrase
-from .workflows.errors import PbsError
+from .workflows.errors import Interrupted, PbsError
 
 
 def _face(name: str, fn: Callable) -> Callable:
@@ -28,6 +28,9 @@ def _face(name: str, fn: Callable) -> Callable:
         except PbsError as e:
             phrase(e, name)
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C: one line and exit 130, not the traceback of wherever the work was.
+            raise phrase(Interrupted(name), name) from None
 
     return command
 
@@ -117,6 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         rank = ranks().rank
         prefix = f"rank {rank}: " if rank else ""
         typer.echo(f"{prefix}error: {' '.join(message.splitlines())}", err=True)
-        if not rank:
+        if not rank and getattr(e, "debug_hint", True):
             typer.echo("(set PBS_DEBUG=1 for the traceback)", err=True)
         raise SystemExit(getattr(e, "exit_code", 1)) from None

@@ -18,7 +18,8 @@ import typer
 from pbs_kernels.limits import HEAD_DIMS
 
 from ..workflows.errors import PbsError, ProfileFileError
-from ._options import DeviceOpt, DtypeOpt, FormatOpt, Lengths, ProfileOpt, SeqLensOpt, parse_length, parse_lengths
+from ._options import (DeviceOpt, DtypeOpt, FormatOpt, Lengths, ProfileOpt, SeqLensOpt, parse_length, parse_lengths,
+                       split_items)
 from ..workflows.bench.results import BASELINES as _BASELINES
 from ..workflows.lengths import format_length
 from ..workflows.outputs import save_files
@@ -41,7 +42,7 @@ def parse_baselines(s: str) -> str:
     text = str(s).strip().lower()
     if text in ("", "none"):
         return ""
-    names = [p.strip() for p in text.split(",") if p.strip()]
+    names = split_items(text, "cudnn,flex")
     bad = [n for n in names if n not in _BASELINES]
     if bad:
         raise typer.BadParameter(f"unknown baseline(s) {', '.join(bad)}; use a comma-separated subset of "
@@ -51,7 +52,7 @@ def parse_baselines(s: str) -> str:
 
 def parse_batch_lengths(s: str) -> Lengths:
     """'4k,4k,16k' -> [4096, 4096, 16384]: a batch, so repeated lengths stay."""
-    items = s if isinstance(s, (list, tuple)) else [p for p in str(s).split(",") if p.strip()]
+    items = s if isinstance(s, (list, tuple)) else split_items(s, "4k,16k")
     if not items:
         raise typer.BadParameter(f"{s!r} is not a list of lengths; use comma-separated lengths such as 4k,16k")
     return Lengths(parse_length(p) for p in items)

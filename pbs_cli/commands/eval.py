@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, ProfileOpt, SeqLensOpt
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, ProfileOpt, SeqLensOpt, split_items
 
 DEFAULT_OUT = Path("pbs-out/eval")
 DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,vt,cwe"
@@ -21,7 +21,7 @@ SAMPLES_CPU, SAMPLES_CUDA = 2, 10
 
 
 def _tasks(value: str) -> list[str]:
-    items = [t.strip() for t in str(value).split(",") if t.strip()]
+    items = split_items(value, "niah_single,vt")
     if not items:
         raise typer.BadParameter(f"{value!r} is not a list of tasks; use comma-separated names like niah_single,vt")
     return items
@@ -29,7 +29,7 @@ def _tasks(value: str) -> list[str]:
 
 def _depths(value: str) -> list[float]:
     out = []
-    for part in (p for p in str(value).split(",") if p.strip()):
+    for part in split_items(value, "0,0.5,1"):
         try:
             d = float(part)
         except ValueError:

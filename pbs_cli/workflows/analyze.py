@@ -156,8 +156,8 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
     chosen: set[int] = set()
     for part in str(spec).split(","):
         part = part.strip()
-        if not part:
-            continue
+        if not part:  # '0,,3': a typo, not a skip
+            raise LayerSpecInvalid(f"{spec!r} has an empty item between commas; use e.g. 0,2,5-7")
         lo, sep, hi = part.partition("-")
         try:
             a = int(lo)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -229,12 +230,31 @@ def check_storage(spec: str | None, out: Path) -> None:
     from ..errors import OutputUnwritable
     from ..outputs import check_out_file
 
+    if spec is not None:
+        kind, url = parse_storage(spec)
+        if kind == "rdb":
+            check_database_url(url)
     path = storage_file(spec, out)
     if path is not None:
         try:
             check_out_file(path)
         except OutputUnwritable as e:
             raise StorageUnwritable(path, e.reason) from None
+
+
+def check_database_url(url: str) -> None:
+    """A database URL SQLAlchemy can parse, of a database it knows, with its driver installed:
+    checked without connecting, so a typo fails before the calibration prefill, not after."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(url).get_dialect()
+        getattr(dialect, "import_dbapi", getattr(dialect, "dbapi", lambda: None))()  # the driver
+    except ImportError as e:
+        raise StorageDriverMissing(storage_label(url), str(e)) from None
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise StorageInvalid(storage_label(url)) from None
 
 
 def open_storage(spec: str | None, out: Path):
@@ -528,7 +548,13 @@ def run_study(
         # First thing: a worker that dies from now on leaves a trial that `fail_orphans` can tell
         # from one still running.
         trial.set_user_attr(WORKER_ATTR, worker)
-        return objective(trial)
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            # Optuna records the trial as FAIL; the note makes it an orphan to re-run, not a
+            # finished trial: the samplers' count (`_counted`) then matches an uninterrupted run.
+            _interrupted(study, trial._trial_id)
+            raise
 
     def report(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal ran
@@ -536,6 +562,10 @@ def run_study(
         if on_trial is not None:
             on_trial(len(completed(st)))
 
+    state = "done"
+    quiet = _QuietInterrupt()
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addFilter(quiet)
     try:
         study.optimize(
             tagged,
@@ -543,9 +573,38 @@ def run_study(
             catch=catch,
             callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
         )
+    except KeyboardInterrupt:
+        # Ctrl-C while Optuna sampled (before `tagged`) leaves a RUNNING trial nobody claimed: a
+        # worker not marked done lets the next run's `fail_orphans` fail and re-run it.
+        state = "interrupted"
+        raise
     finally:  # an exception fails its trial itself (Optuna); only a kill leaves one RUNNING
-        study.set_user_attr(_worker_key(worker), {**worker, "state": "done"})
+        logger.removeFilter(quiet)
+        study.set_user_attr(_worker_key(worker), {**worker, "state": state})
     return before, ran
+
+
+class _QuietInterrupt(logging.Filter):
+    """Drops Optuna's "Trial N failed" warning (with its 30-60-line traceback) for a Ctrl-C: the
+    command says "interrupted" in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
+
+
+def _interrupted(study: optuna.Study, trial_id: int) -> None:
+    """Note on a trial that Ctrl-C stopped, and its fixed settings (a seed) queued again."""
+    from datetime import datetime
+
+    storage = study._storage
+    frozen = storage.get_trial(trial_id)
+    note = (f"interrupted (Ctrl-C) at {datetime.now().isoformat(timespec='seconds')}; "
+            "its settings are evaluated again on resume")
+    storage.set_trial_user_attr(trial_id, NOTE_ATTR, note)
+    fixed = frozen.system_attrs.get("fixed_params")
+    if fixed:
+        study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: frozen.number})
 
 
 def trial_point(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

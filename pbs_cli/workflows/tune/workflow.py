@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..capture import CapturedLayer, capture_prefill
-from ..errors import AccuracyUnreachableError, TargetUnreachableError, TrialsTooFew, UsageError
+from ..errors import (AccuracyUnreachableError, TargetAboveBound, TargetUnreachableError, TrialsTooFew,
+                      UsageError)
 from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
 
@@ -255,6 +256,15 @@ def _build_profile(layers: list[LayerResult], settings: TuneSettings, seq_len: i
 # The workflow.
 
 
+def speedup_bound(space) -> float:
+    """The most attention speedup any setting of `space` could give: the cost model at density 0
+    (no tile computed), where only the fixed share for selection and permutation is left."""
+    from .cost import predicted_cost
+
+    return 1.0 / min(predicted_cost(block_size=b, permute=p, density=0.0, n_tokens=space.n_tokens)
+                     for b in space.block_sizes for p in (False, True))
+
+
 def check_tune(settings: TuneSettings, n_tokens: int) -> None:
     """Everything about a tune that can be known before its work: trials, the length, the profile
     path and the storage's file. `run_tune` calls it; a caller that prints a banner first calls
@@ -264,7 +274,10 @@ def check_tune(settings: TuneSettings, n_tokens: int) -> None:
 
     if settings.trials < 1:
         raise TrialsTooFew(settings.trials)
-    ts.SearchSpace.for_length(n_tokens)
+    space = ts.SearchSpace.for_length(n_tokens)
+    bound = speedup_bound(space)
+    if settings.target_speedup > bound:
+        raise TargetAboveBound(settings.target_speedup, bound, "predicted", n_tokens)
     check_out_file(settings.out)
     ts.check_storage(settings.storage, settings.out)
 
@@ -308,6 +321,10 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
     space = ts.SearchSpace.for_length(N, min_seq_len=min_seq_len)
     notes: list[str] = []
 
+    # The storage first: one that cannot be opened fails before the prefill, not after it.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, storage_label = ts.open_storage(settings.storage, settings.out)
+
     # 1. Calibration.
     progress("calibration prefill", 0, 1)
     caps = capture_layers(model, calib_ids, name=name)
@@ -315,8 +332,6 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
     layer_ids = sorted(caps)
 
     # 2. Studies.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage, storage_label = ts.open_storage(settings.storage, settings.out)
     shape = list(caps[layer_ids[0]].q.shape[1:2]) + list(caps[layer_ids[0]].k.shape[1:2]) + [caps[layer_ids[0]].q.shape[3]]
     identity = {
         **space.identity(),
