@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -43,6 +44,7 @@ __all__ = [
     "default_storage_url",
     "fingerprint",
     "check_storage",
+    "interruptible",
     "open_storage",
     "open_study",
     "parse_storage",
@@ -342,6 +344,7 @@ WORKER_ATTR = "pbs_worker"  # on a trial: the worker running it, set as its obje
 WORKERS_PREFIX = "pbs_worker:"  # on the study, one key per worker process: where and whether it runs
 NOTE_ATTR = "pbs_note"  # why pbs failed a trial itself
 RETRY_ATTR = "pbs_retry_of"  # on a re-enqueued trial: the number of the orphan it replaces
+INTERRUPTED_PREFIX = "pbs_interrupted:"  # on the study, one key per trial Ctrl-C stopped: the note
 # A RUNNING trial no worker claimed, in a study that records no workers (made before they were
 # recorded), is an orphan once this old.
 UNTAGGED_GRACE_S = 60
@@ -451,8 +454,10 @@ def _counted(study: optuna.Study) -> int:
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
     retried = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    interrupted = {k for k in study.user_attrs if k.startswith(INTERRUPTED_PREFIX)}
     return sum(1 for t in trials if t.state != TrialState.FAIL
-               or (NOTE_ATTR not in t.user_attrs and t.number not in retried))
+               or (NOTE_ATTR not in t.user_attrs and t.number not in retried
+                   and f"{INTERRUPTED_PREFIX}{t.number}" not in interrupted))
 
 
 @functools.cache
@@ -548,35 +553,37 @@ def run_study(
         # First thing: a worker that dies from now on leaves a trial that `fail_orphans` can tell
         # from one still running.
         trial.set_user_attr(WORKER_ATTR, worker)
-        try:
-            return objective(trial)
-        except KeyboardInterrupt:
-            # Optuna records the trial as FAIL; the note makes it an orphan to re-run, not a
-            # finished trial: the samplers' count (`_counted`) then matches an uninterrupted run.
-            _interrupted(study, trial._trial_id)
-            raise
+        interrupts.check()  # a Ctrl-C that came while Optuna started the trial
+        return objective(trial)
 
     def report(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal ran
         ran += trial.state == TrialState.COMPLETE
         if on_trial is not None:
             on_trial(len(completed(st)))
+        interrupts.check()  # a Ctrl-C that came while Optuna stored the trial
 
     state = "done"
     quiet = _QuietInterrupt()
     logger = logging.getLogger("optuna.study._optimize")
     logger.addFilter(quiet)
     try:
-        study.optimize(
-            tagged,
-            n_trials=trials - before,
-            catch=catch,
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
-        )
+        with _deferred_interrupts() as interrupts:
+            study.optimize(
+                tagged,
+                n_trials=trials - before,
+                catch=catch,
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
+            )
+            interrupts.check()
     except KeyboardInterrupt:
-        # Ctrl-C while Optuna sampled (before `tagged`) leaves a RUNNING trial nobody claimed: a
-        # worker not marked done lets the next run's `fail_orphans` fail and re-run it.
+        # Optuna records the trial Ctrl-C stopped as FAIL (or leaves it RUNNING when it came
+        # between two of its steps). The note makes it an orphan to re-run, not a finished trial:
+        # the samplers' count (`_counted`) then matches an uninterrupted run. Ctrl-C while Optuna
+        # sampled (before `tagged`) leaves a RUNNING trial nobody claimed: a worker not marked
+        # done lets the next run's `fail_orphans` fail and re-run it.
         state = "interrupted"
+        _interrupted(study, worker)
         raise
     finally:  # an exception fails its trial itself (Optuna); only a kill leaves one RUNNING
         logger.removeFilter(quiet)
@@ -584,27 +591,113 @@ def run_study(
     return before, ran
 
 
+class _Interrupts:
+    """Ctrl-C (SIGINT) during a study: raised at once inside a trial's computation
+    (`interruptible`), held back while Optuna writes the storage, where a KeyboardInterrupt
+    can break a journal file's lock (seen: FileNotFoundError on its .rename file) and leave
+    a trial half-recorded. A held-back Ctrl-C is raised at the next safe point; a second one
+    at once."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.open = False
+
+    def handler(self, signum, frame) -> None:
+        if self.open or self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+_INTERRUPTS: _Interrupts | None = None
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Install `_Interrupts` as the SIGINT handler (main thread only) for the block."""
+    import signal
+    import threading
+
+    global _INTERRUPTS
+    it = _Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield it  # no handler outside the main thread: Ctrl-C acts as Python's default there
+        return
+    previous = signal.signal(signal.SIGINT, it.handler)
+    _INTERRUPTS = it
+    try:
+        yield it
+    finally:
+        _INTERRUPTS = None
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Where a Ctrl-C may stop a trial at once: its computation, which writes no storage.
+
+        with interruptible():
+            m = evaluator.evaluate(cfg)
+    """
+    it = _INTERRUPTS
+    if it is None:
+        yield
+        return
+    it.check()
+    it.open = True
+    try:
+        yield
+    finally:
+        it.open = False
+
+
 class _QuietInterrupt(logging.Filter):
-    """Drops Optuna's "Trial N failed" warning (with its 30-60-line traceback) for a Ctrl-C: the
-    command says "interrupted" in one line instead."""
+    """Drops Optuna's two "Trial N failed" warnings (one with a 30-60-line traceback) for a
+    Ctrl-C: the command says "interrupted" in one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trial: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
+        text = record.getMessage()
+        if isinstance(exc, KeyboardInterrupt):
+            self._trial = text.split(" failed", 1)[0]  # "Trial 7"
+            return False
+        # The second warning, "Trial 7 failed with value None.", carries no exception.
+        return not (self._trial is not None and text.startswith(f"{self._trial} failed with value"))
 
 
-def _interrupted(study: optuna.Study, trial_id: int) -> None:
-    """Note on a trial that Ctrl-C stopped, and its fixed settings (a seed) queued again."""
+def _interrupted(study: optuna.Study, worker: dict[str, Any]) -> None:
+    """The last trial `worker` claimed, if Ctrl-C stopped it: FAIL, recorded as interrupted on
+    the study (Optuna refuses attributes on a finished trial), so it is re-run and not counted,
+    and its fixed settings (a seed) queued again."""
     from datetime import datetime
 
-    storage = study._storage
-    frozen = storage.get_trial(trial_id)
-    note = (f"interrupted (Ctrl-C) at {datetime.now().isoformat(timespec='seconds')}; "
-            "its settings are evaluated again on resume")
-    storage.set_trial_user_attr(trial_id, NOTE_ATTR, note)
-    fixed = frozen.system_attrs.get("fixed_params")
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WORKER_ATTR) == worker]
+    if not mine:
+        return
+    last = max(mine, key=lambda t: t.number)
+    key = f"{INTERRUPTED_PREFIX}{last.number}"
+    if last.state not in (TrialState.FAIL, TrialState.RUNNING) or key in study.user_attrs:
+        return
+    if last.state == TrialState.RUNNING:
+        try:
+            study._storage.set_trial_state_values(last._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # finished meanwhile after all
+            pass
+    study.set_user_attr(key, f"interrupted (Ctrl-C) at {datetime.now().isoformat(timespec='seconds')}; "
+                             "its settings are evaluated again on resume")
+    fixed = last.system_attrs.get("fixed_params")
     if fixed:
-        study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: frozen.number})
+        study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: last.number})
 
 
 def trial_point(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

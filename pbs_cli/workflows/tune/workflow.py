@@ -384,7 +384,8 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
 
             def objective(trial: optuna.Trial, evaluator=evaluator):
                 cfg = space.suggest(trial)
-                m = evaluator.evaluate(cfg)
+                with ts.interruptible():  # Ctrl-C stops the computation at once, never a storage write
+                    m = evaluator.evaluate(cfg)
                 # Two attributes, not one per figure: each is a storage write (a commit on SQLite).
                 trial.set_user_attr("config", _config_dict(cfg))
                 trial.set_user_attr("measure", {k: getattr(m, k) for k in ("recall", "density", "predicted_cost", "time_ms")})
