@@ -35,6 +35,33 @@ def _face(name: str, fn: Callable) -> Callable:
     return command
 
 
+def _help_keeps_words_whole() -> None:
+    """Help at 80 columns must not break a flag or a word at its hyphen ('--block-' / 'size',
+    'density-' / 'based'): Click wraps with textwrap's break_on_hyphens. Typer exposes no
+    setting for it, so the wrapper class Click uses (in Typer's vendored copy since 0.26, or
+    Click itself before) gets that default turned off; if neither is found, help just wraps as
+    before. Long defaults are shown with spaces (eval's --tasks) so no word is cut either."""
+    import importlib
+
+    for name in ("typer._click._textwrap", "click._textwrap"):
+        try:
+            cls = importlib.import_module(name).TextWrapper
+        except (ImportError, AttributeError):
+            continue
+        if getattr(cls, "_pbs_whole_words", False):
+            continue
+        init = cls.__init__
+
+        def __init__(self, *args, _init=init, **kwargs):
+            kwargs.setdefault("break_on_hyphens", False)
+            _init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        cls._pbs_whole_words = True
+
+
+_help_keeps_words_whole()
+
 app = typer.Typer(
     name="pbs",
     help="Permuted Block-Sparse attention for long-prompt prefill: analyze, tune, bench, apply.",

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, ProfileOpt, SeqLensOpt, split_items
+from ..workflows.lengths import format_length
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, Lengths, ModelArg, ProfileOpt, parse_lengths, split_items
 
 DEFAULT_OUT = Path("pbs-out/eval")
 DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,vt,cwe"
@@ -53,11 +54,17 @@ class DepthList(list):
 def command(
     model: ModelArg = None,
     profile: ProfileOpt = None,
-    seq_len: SeqLensOpt = None,
+    seq_len: Annotated[
+        Optional[Lengths],
+        typer.Option("--seq-len", parser=parse_lengths, metavar="LENS", help="Comma-separated prompt lengths: 8k,32k,128k.",
+                     show_default=",".join(format_length(n) for n in DEFAULT_LENS)),
+    ] = None,
     tasks: Annotated[
         TaskList,
         typer.Option("--tasks", metavar="LIST", parser=lambda v: TaskList(_tasks(v)),
-                     help="Comma-separated tasks: niah_single, niah_multikey, niah_multivalue, vt, cwe."),
+                     help="Comma-separated tasks: niah_single, niah_multikey, niah_multivalue, vt, cwe.",
+                     # With spaces: Click would cut the comma-joined names mid-word at 80 columns.
+                     show_default=", ".join(DEFAULT_TASKS.split(","))),
     ] = DEFAULT_TASKS,
     samples: Annotated[
         Optional[int],

@@ -110,13 +110,18 @@ def command(
     """
     from ..workflows.errors import TargetMissed
     from ..workflows.lengths import format_length
-    from ..workflows.model import check_seq_len, load_model
+    from ..workflows.model import check_seq_len, load_model, read_text_input
+    from ..workflows.tune.study import check_storage
     from ..workflows.outputs import check_out_file, save_file
     from ..workflows.tune import TuneSettings, run_tune
     from ..workflows.tune.workflow import check_tune, slug
 
     if out is not None:
         check_out_file(out)  # before the model load; the default path needs the model's name
+    if storage is not None:
+        check_storage(storage, out or Path("pbs-out/x.yaml"))  # the database and its driver, before the model load
+    if input is not None:
+        read_text_input(input)  # a missing or binary file: one line before the model loads
     o = Output(format)
     loaded = load_model(model, device=device, dtype=dtype)
     n = seq_len or (DEFAULT_LEN_CUDA if loaded.device.type == "cuda" else DEFAULT_LEN_CPU)
