@@ -163,6 +163,8 @@ def _print(o, result, paths) -> None:
         doc["files"] = {k: str(v) for k, v in paths.items()}
         o.emit_json(doc)
         return
+    from ..workflows.eval.report import ran_note
+
     has_pbs = "pbs" in result.methods
 
     def cell(c):
@@ -175,7 +177,8 @@ def _print(o, result, paths) -> None:
             d, p = by.get((task, n, "dense")), by.get((task, n, "pbs"))
             row = [task, n, cell(d)]
             if has_pbs:
-                row += [cell(p), None if d is None or p is None else round(100 * (d.accuracy - p.accuracy), 1)]
+                row += [cell(p) + ran_note(result, n),
+                        None if d is None or p is None else round(100 * (d.accuracy - p.accuracy), 1)]
             rows.append(row)
     cols = ["task", "length", "dense"] + (["pbs", "drop (points)"] if has_pbs else [])
     o.table("Exact-match accuracy [95% Wilson interval]", cols, rows)

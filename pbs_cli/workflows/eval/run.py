@@ -186,6 +186,9 @@ class EvalResult:
     seconds: dict[str, float]
     sample_results: list[SampleResult] = field(default_factory=list)
     ranks: int = 1  # tensor-parallel processes (torchrun) the model ran on; seconds are the slowest rank's
+    # What the "pbs" method ran at each length (ran_label): "pbs", "pbs on 2 of 4 layers", or
+    # "dense" where every layer is below its min_seq_len (or segment) and the profile falls back.
+    pbs_ran: dict[int, str] = field(default_factory=dict)
 
     def accuracy(self, method: str) -> float:
         return self.overall[method].accuracy
@@ -223,6 +226,7 @@ class EvalResult:
             "drop_points": None if self.drop_points is None else round(self.drop_points, 2),
             "seconds": {m: round(s, 2) for m, s in self.seconds.items()},
             "ranks": self.ranks,
+            "pbs_ran": {str(n): label for n, label in self.pbs_ran.items()},
             "sample_results": [dataclasses.asdict(s) for s in self.sample_results],
         }
 
@@ -305,6 +309,16 @@ class EvalPlan:
     # Lengths at which some layer the profile makes sparse still runs dense (prompt not longer
     # than its min_seq_len or its segment): PBS is not measured there for those layers.
     dense_lengths: list[int] = field(default_factory=list)
+    pbs_ran: dict[int, str] = field(default_factory=dict)  # EvalResult.pbs_ran
+
+
+def ran_label(cfgs, n: int) -> str:
+    """What a profile (its layers' configs `cfgs`) runs on an `n`-token prompt: "pbs", "pbs on
+    k of L layers", or "dense" (pbs_attention falls back below min_seq_len and at one segment)."""
+    sparse = sum(1 for c in cfgs if not c.dense and n >= c.min_seq_len and n > c.segment_size)
+    if sparse == 0:
+        return "dense"
+    return "pbs" if sparse == len(cfgs) else f"pbs on {sparse} of {len(cfgs)} layers"
 
 
 def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
@@ -340,8 +354,9 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
         cfgs = [profile.layer(m.layer_idx) for m in attention_layers(model)]
         dense_lengths = [n for n in seq_lens
                          if any(not c.dense and (n < c.min_seq_len or n <= c.segment_size) for c in cfgs)]
+        pbs_ran = {n: ran_label(cfgs, n) for n in seq_lens}
     return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
-                    samples, seed, hay, prompts, backend, dense_lengths)
+                    samples, seed, hay, prompts, backend, dense_lengths, pbs_ran if profile is not None else {})
 
 
 def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalResult:
@@ -404,6 +419,7 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress) -> EvalR
         seconds=seconds,
         sample_results=results,
         ranks=distributed.ranks().world,
+        pbs_ran=dict(plan.pbs_ran),
     )
 
 
