@@ -106,6 +106,7 @@ def command(
     Example: pbs bench --seq-len 128k --chunk 8k,16k --lengths 2k,8k,32k,64k --serving-only
     """
     from ..workflows.bench import BenchSettings, run_bench
+    from ..workflows.bench.workflow import cpu_cap_note
     from ..workflows.outputs import check_out_dir
 
     out_dir = check_out_dir(Path(out) if out is not None else DEFAULT_OUT)  # before the bench runs
@@ -130,6 +131,9 @@ def command(
         lengths=list(lengths or []),
         prompt_rows=not serving_only,
     )
+    cap = cpu_cap_note(settings.seq_lens) if settings.device == "cpu" else None
+    if cap is not None:
+        o.warn(cap)  # before the run, not only among the notes at the end
     try:
         with o.progress() as report_progress:
             report = run_bench(settings, progress=report_progress)
@@ -145,7 +149,7 @@ def command(
     if o.json:
         o.emit_json(document)
     else:
-        print_report(o, report)
+        print_report(o, report, skip_notes=(cap,) if cap else ())
     if saved.paths:
         o.info("wrote " + ", ".join(str(f) for f in saved.paths))
     saved.raise_failure()

@@ -180,6 +180,15 @@ def _setting(cfg: dict) -> str:
     return f"b{cfg['block_size']} S{cfg['segment_size']} t{cfg['threshold']:g} {'perm' if cfg['permute'] else 'noperm'}"
 
 
+FRONT_NEIGHBOURS = 2  # Pareto points shown either side of the chosen one (a 4-layer demo front had ~100 rows)
+
+
+def _near_chosen(front: list, chosen) -> list:
+    """The chosen point of a layer's front (ordered by cost) and its neighbours."""
+    i = next((k for k, p in enumerate(front) if p is chosen), 0)
+    return front[max(0, i - FRONT_NEIGHBOURS):i + FRONT_NEIGHBOURS + 1]
+
+
 def _print(o: Output, result, out_path: Optional[Path]) -> None:
     """out_path: where the profile went (None: nowhere, the write failed)."""
     if o.json:
@@ -189,13 +198,19 @@ def _print(o: Output, result, out_path: Optional[Path]) -> None:
         return
     unit = result.cost_model
     rows = []
+    shown = total = 0
     for lr in result.layers:
-        for p in lr.front:
+        front = _near_chosen(lr.front, lr.chosen)
+        shown, total = shown + len(front), total + len(lr.front)
+        for p in front:
             mark = "*" if lr.chosen is not None and p is lr.chosen else ""
             rows.append([lr.layer, mark, _setting(p["config"]), p["error"], p["recall"], p["density"], p["cost"],
                          p["trial"]])
     o.table(f"Pareto front of each layer (cost: {unit} time / dense; * = chosen)",
             ["layer", "", "setting", "error", "recall", "density", "cost", "trial"], rows)
+    if shown < total:
+        o.info(f"showing {shown} of {total} Pareto points: the chosen one and up to {FRONT_NEIGHBOURS} on each side "
+               "per layer; every point is in --format json")
     rows = []
     for lr in result.layers:
         h = lr.heldout or {}

@@ -342,7 +342,10 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
         "dtype": dtype,
         "shape": shape,
     }
-    base = settings.study or f"pbs-{slug(name)}-{format_length(N)}-{ts.fingerprint(identity)[:8]}"
+    model_slug = slug(name)
+    if not model_slug.startswith("pbs-"):  # the demo model is 'pbs-demo': no 'pbs-pbs-demo-...'
+        model_slug = f"pbs-{model_slug}"
+    base = settings.study or f"{model_slug}-{format_length(N)}-{ts.fingerprint(identity)[:8]}"
     results: list[LayerResult] = []
     dense_ms: dict[tuple, tuple[float, str]] = {}
     total = settings.trials * sum(1 for i in layer_ids if caps[i].unsupported is None)
