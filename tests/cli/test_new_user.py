@@ -175,3 +175,139 @@ def test_ctrl_c_tune_says_so_and_resumes_to_the_uninterrupted_profile(files, uni
         "the resumed profile differs from the uninterrupted one"
     for la, lb in zip(whole["layers"], again["layers"]):
         assert sorted((p["error"], p["cost"]) for p in la["front"]) == sorted((p["error"], p["cost"]) for p in lb["front"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One-line refusals before any work (rows 6, 7, 8, 11, 12, 13, 14, 15): the test_errors.py contract.
+
+FAST_T = ["--seq-len", "256", "--trials", "2", "--device", "cpu"]
+FAST_E = ["--seq-len", "1024", "--samples", "1", "--tasks", "niah_single", "--depths", "0.5", "--device", "cpu"]
+FAST_B = ["--device", "cpu", "--seq-len", "1024", "--heads", "2", "--kv-heads", "1", "--head-dim", "64"]
+
+# (id, args, exit code, substrings the message must hold, substrings it must not)
+REFUSALS = [
+    # Row 7: a binary --input is not text: one line before the model loads, for every command.
+    ("analyze-binary-input", ["analyze", "--seq-len", "256", "--device", "cpu", "--input", "{binary}"], 1,
+     ["random.bin", "not a text file"], []),
+    ("eval-binary-input", ["eval", *FAST_E, "--input", "{binary}"], 1, ["random.bin", "not a text file"], []),
+    ("tune-binary-input", ["tune", "--target-speedup", "1.5", *FAST_T, "--input", "{binary}"], 1,
+     ["random.bin", "not a text file"], []),
+    # Row 8: a target no setting could reach even computing no tile: refused with the bound.
+    ("tune-target-above-bound", ["tune", "--target-speedup", "1000x", *FAST_T], 1,
+     ["1000x", "50.0x", "below"], ["--trials"]),
+    # Row 12: --out that names a folder.
+    ("tune-out-trailing-slash", ["tune", "--target-speedup", "1.5", *FAST_T, "--out", "{cwd}/dir.yaml/"], 2,
+     ["dir.yaml/", "folder"], []),
+    ("tune-out-existing-folder", ["tune", "--target-speedup", "1.5", *FAST_T, "--out", "{cwd}/adir"], 2,
+     ["adir", "folder", ".yaml"], ["not a .yaml path"]),
+    # Row 13: a storage URL of no database: before the model loads, no SQLAlchemy internals.
+    ("tune-storage-bogus-url", ["tune", "--target-speedup", "1.5", *FAST_T, "--storage", "bogus://x"], 1,
+     ["bogus://x", "sqlite:///"], ["sqlalchemy", "dialect"]),
+    # Row 14: an empty item in a list is a typo, not a skip.
+    ("eval-seq-len-empty-item", ["eval", *FAST_E, "--seq-len", "1k,,2k"], 2, ["--seq-len", "empty item"], []),
+    ("eval-tasks-empty-item", ["eval", *FAST_E, "--tasks", "niah_single,,vt"], 2, ["--tasks", "empty item"], []),
+    ("eval-depths-empty-item", ["eval", *FAST_E, "--depths", "0,,1"], 2, ["--depths", "empty item"], []),
+    ("bench-seq-len-trailing-comma", ["bench", *FAST_B, "--seq-len", "1k,"], 2, ["--seq-len", "empty item"], []),
+    ("bench-baselines-empty-item", ["bench", *FAST_B, "--baselines", "cudnn,,flex"], 2, ["--baselines", "empty item"], []),
+    ("bench-lengths-empty-item", ["bench", *FAST_B, "--lengths", "1k,,2k"], 2, ["--lengths", "empty item"], []),
+    ("analyze-layers-empty-item", ["analyze", "--seq-len", "256", "--device", "cpu", "--layers", "0,,1"], 2,
+     ["--layers", "empty item"], []),
+]
+
+
+@pytest.mark.parametrize("args,code,needles,banned", [pytest.param(*c[1:], id=c[0]) for c in REFUSALS])
+def test_refused_in_one_line_before_the_work(files, cwd, capsys, monkeypatch, args, code, needles, banned):
+    (cwd / "adir").mkdir()
+    before = snapshot(cwd)
+    rc, out, err = run_pbs(fill(args, files, cwd), capsys, monkeypatch)
+    assert rc == code, f"exit {rc}, expected {code}:\n{err}"
+    assert "Traceback" not in out + err and out == ""
+    if code == 2:
+        message = usage_text(err)
+    else:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"more than the one error line:\n{err}"
+        message = lines[0]
+        assert "PBS_DEBUG" not in err  # row 15: no traceback hint after a plain refusal
+    for needle in needles:
+        assert needle.lower() in message.lower(), f"{needle!r} missing from: {message}"
+    for word in banned:
+        assert word.lower() not in message.lower(), f"{word!r} in: {message}"
+    assert snapshot(cwd) == before, "the refused command left files behind"
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 6: a command pbs suggests works when pasted.
+
+
+def test_suggested_tune_command_accepts_the_printed_model_name(files, cwd, capsys, monkeypatch):
+    rc, _, err = run_pbs(["bench", *FAST_B, "--e2e", "--profile", files["other"]], capsys, monkeypatch)
+    assert rc == 1, err
+    suggested = re.search(r"\(pbs (tune \S+) \.\.\.", err)
+    assert suggested, f"no `pbs tune MODEL ...` suggested:\n{err}"
+    assert suggested.group(1) == "tune pbs-demo", err
+    # Pasted with a target: the model name is accepted (the refusal is about the target, which
+    # comes after the model is found), not "no such folder".
+    rc, _, err = run_pbs([*suggested.group(1).split(), "--target-speedup", "1000x", *FAST_T], capsys, monkeypatch)
+    assert rc == 1 and "--target-speedup 1000x" in err, err
+
+
+@pytest.mark.parametrize("command", [["analyze", "--seq-len", "256", "--layers", "0"], ["profile", "validate"]],
+                         ids=["analyze", "profile-validate"])
+def test_printed_model_name_works_as_model(files, cwd, capsys, monkeypatch, command):
+    if command[0] == "profile":  # the demo profile names its model pbs-demo: that name loads
+        from pbs_kernels.profile import PbsProfile
+
+        assert PbsProfile.load(files["demo_profile"]).model == "pbs-demo"
+        command = ["analyze", "--seq-len", "256", "--layers", "0"]
+    rc, out, err = run_pbs([command[0], "pbs-demo", *command[1:], "--device", "cpu", "--format", "json"],
+                           capsys, monkeypatch)
+    assert rc == 0, err
+    assert json.loads(out)["model"] == "pbs-demo"
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 11: every command takes --format json.
+
+
+@pytest.mark.parametrize("which,code", [("demo_profile", 0), ("other", 0)], ids=["demo", "other-model"])
+def test_profile_validate_format_json(files, capsys, monkeypatch, which, code):
+    rc, out, err = run_pbs(["profile", "validate", "--format", "json", files[which]], capsys, monkeypatch)
+    assert rc == code, err
+    doc = json.loads(out)
+    assert doc["ok"] is True and doc["path"] == str(files[which]) and doc["layers"]
+
+
+def test_profile_validate_format_json_on_a_broken_file(tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("schema_version: 1\nlayers: {3: {threshold: 1.5}}\n")
+    rc, out, err = run_pbs(["profile", "validate", "--format", "json", broken], capsys, monkeypatch)
+    assert rc == 1 and out == "" and "threshold" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 10: help at 80 columns keeps words and flags whole, and shows eval's defaults.
+
+HELP = [
+    (["eval"], ["[default: (8k)]", "niah_multivalue"]),
+    (["analyze"], ["--block-size."]),
+    (["tune"], ["--keep-best", "density-based"]),
+    (["bench"], []),
+    (["profile", "validate"], ["--format"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", HELP, ids=[" ".join(a) for a, _ in HELP])
+def test_help_at_80_columns_breaks_no_word(args, needles):
+    from typer.testing import CliRunner
+
+    from pbs_cli.app import app
+
+    r = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+    assert r.exit_code == 0, r.output
+    for line in r.stdout.splitlines():
+        assert len(line) <= 80, line
+        assert not re.search(r"[A-Za-z]-$", line.rstrip()), f"a word broken at its hyphen: {line!r}"
+    words = set(r.stdout.split())
+    for needle in needles:
+        assert needle in words or needle in r.stdout, f"{needle!r} not whole in the help of {args}"
