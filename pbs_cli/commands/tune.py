@@ -119,7 +119,8 @@ def command(
     if out is not None:
         check_out_file(out)  # before the model load; the default path needs the model's name
     if storage is not None:
-        check_storage(storage, out or Path("pbs-out/x.yaml"))  # the database and its driver, before the model load
+        # The database URL and its driver, before the model load (out only names the default storage).
+        check_storage(storage, out or Path("pbs-out/profile.yaml"))
     if input is not None:
         read_text_input(input)  # a missing or binary file: one line before the model loads
     o = Output(format)
