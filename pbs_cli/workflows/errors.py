@@ -31,9 +31,9 @@ class PbsError(Exception):
 
     exit_code = 1
     shown_as: str | None = None
-    # Whether a traceback could tell the user more (a library's failure underneath). Not for an
-    # outcome that is the whole story, such as a target out of reach or an option that does
-    # not fit: the `PBS_DEBUG=1` hint would send them looking for a bug that is not there.
+    # Whether the `PBS_DEBUG=1` hint is printed. Not after an outcome that is the whole story (a
+    # target out of reach, missed or above the bound, Ctrl-C): it would send the user looking
+    # for a bug that is not there.
     debug_hint = True
 
     def __str__(self) -> str:
@@ -42,8 +42,6 @@ class PbsError(Exception):
 
 class UsageError(PbsError):
     """Settings that parse but cannot work together, or do not fit the model or the input."""
-
-    debug_hint = False
 
 
 class Interrupted(PbsError):
@@ -244,6 +242,8 @@ class SeqLenTooShort(UsageError):
 class TargetAboveBound(UsageError):
     """A target speedup above what attention could reach with no tiles computed at all: the
     cost model's fixed share (selection, sorting, launches) bounds the speedup (Amdahl)."""
+
+    debug_hint = False
 
     def __init__(self, target: float, bound: float, cost_model: str, seq_len: int) -> None:
         self.target, self.bound, self.cost_model, self.seq_len = target, bound, cost_model, seq_len

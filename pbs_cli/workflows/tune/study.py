@@ -553,8 +553,14 @@ def run_study(
         # First thing: a worker that dies from now on leaves a trial that `fail_orphans` can tell
         # from one still running.
         trial.set_user_attr(WORKER_ATTR, worker)
-        interrupts.check()  # a Ctrl-C that came while Optuna started the trial
-        return objective(trial)
+        try:
+            interrupts.check()  # a Ctrl-C that came while Optuna started the trial
+            return objective(trial)
+        except KeyboardInterrupt:
+            # Still RUNNING here, so the trial itself can carry the note (`_interrupted` also
+            # records it on the study, which is what the samplers' count reads).
+            trial.set_user_attr(NOTE_ATTR, "interrupted (Ctrl-C); its settings are evaluated again on resume")
+            raise
 
     def report(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal ran
