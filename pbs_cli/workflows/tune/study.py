@@ -559,6 +559,7 @@ def run_study(
         except KeyboardInterrupt:
             # Still RUNNING here, so the trial itself can carry the note (`_interrupted` also
             # records it on the study, which is what the samplers' count reads).
+            stopped.append(trial._trial_id)
             trial.set_user_attr(NOTE_ATTR, "interrupted (Ctrl-C); its settings are evaluated again on resume")
             raise
 
@@ -570,6 +571,7 @@ def run_study(
         interrupts.check()  # a Ctrl-C that came while Optuna stored the trial
 
     state = "done"
+    stopped: list[int] = []  # the trial Ctrl-C stopped (its id)
     quiet = _QuietInterrupt()
     logger = logging.getLogger("optuna.study._optimize")
     logger.addFilter(quiet)
@@ -583,13 +585,14 @@ def run_study(
             )
             interrupts.check()
     except KeyboardInterrupt:
-        # Optuna records the trial Ctrl-C stopped as FAIL (or leaves it RUNNING when it came
-        # between two of its steps). The note makes it an orphan to re-run, not a finished trial:
-        # the samplers' count (`_counted`) then matches an uninterrupted run. Ctrl-C while Optuna
-        # sampled (before `tagged`) leaves a RUNNING trial nobody claimed: a worker not marked
-        # done lets the next run's `fail_orphans` fail and re-run it.
+        # Optuna records the trial Ctrl-C stopped as FAIL. Recorded as interrupted it is an
+        # orphan to re-run, not a finished trial: the samplers' count (`_counted`) then matches
+        # an uninterrupted run. A Ctrl-C outside a trial's computation is raised only between
+        # trials (`_Interrupts`), so nothing else is half-done; a worker marked "interrupted"
+        # rather than done still lets the next run's `fail_orphans` fail any RUNNING trial left.
         state = "interrupted"
-        _interrupted(study, worker)
+        if stopped:
+            _interrupted(study, stopped[-1])
         raise
     finally:  # an exception fails its trial itself (Optuna); only a kill leaves one RUNNING
         logger.removeFilter(quiet)
@@ -678,32 +681,27 @@ class _QuietInterrupt(logging.Filter):
         return not (self._trial is not None and text.startswith(f"{self._trial} failed with value"))
 
 
-def _interrupted(study: optuna.Study, worker: dict[str, Any]) -> None:
-    """The last trial `worker` claimed, if Ctrl-C stopped it: FAIL, recorded as interrupted on
-    the study (Optuna refuses attributes on a finished trial), so it is re-run and not counted,
-    and its fixed settings (a seed) queued again."""
+def _interrupted(study: optuna.Study, trial_id: int) -> None:
+    """The trial Ctrl-C stopped: FAIL, recorded as interrupted on the study (where the samplers'
+    count reads it; Optuna refuses attributes on a finished trial), and its fixed settings (a
+    seed) queued again, so the study evaluates every seed once."""
     from datetime import datetime
 
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WORKER_ATTR) == worker]
-    if not mine:
-        return
-    last = max(mine, key=lambda t: t.number)
-    key = f"{INTERRUPTED_PREFIX}{last.number}"
-    if last.state not in (TrialState.FAIL, TrialState.RUNNING) or key in study.user_attrs:
-        return
-    if last.state == TrialState.RUNNING:
+    trial = study._storage.get_trial(trial_id)
+    if trial.state == TrialState.RUNNING:
         try:
-            study._storage.set_trial_state_values(last._trial_id, state=TrialState.FAIL)
+            study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # finished meanwhile after all
             pass
-    study.set_user_attr(key, f"interrupted (Ctrl-C) at {datetime.now().isoformat(timespec='seconds')}; "
-                             "its settings are evaluated again on resume")
-    fixed = last.system_attrs.get("fixed_params")
+    study.set_user_attr(f"{INTERRUPTED_PREFIX}{trial.number}",
+                        f"interrupted (Ctrl-C) at {datetime.now().isoformat(timespec='seconds')}; "
+                        "its settings are evaluated again on resume")
+    fixed = trial.system_attrs.get("fixed_params")
     if fixed:
-        study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: last.number})
+        study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: trial.number})
 
 
 def trial_point(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
