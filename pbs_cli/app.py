@@ -14,7 +14,7 @@ import typer
 
 from .commands import analyze, bench, eval, profile, tune
 from .commands._messages import message, phrase
-from .workflows.errors import PbsError
+from .workflows.errors import Interrupted, PbsError
 
 
 def _face(name: str, fn: Callable) -> Callable:
@@ -28,9 +28,39 @@ def _face(name: str, fn: Callable) -> Callable:
         except PbsError as e:
             phrase(e, name)
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C: one line and exit 130, not the traceback of wherever the work was.
+            raise phrase(Interrupted(name), name) from None
 
     return command
 
+
+def _help_keeps_words_whole() -> None:
+    """Help at 80 columns must not break a flag or a word at its hyphen ('--block-' / 'size',
+    'density-' / 'based'): Click wraps with textwrap's break_on_hyphens. Typer exposes no
+    setting for it, so the wrapper class Click uses (in Typer's vendored copy since 0.26, or
+    Click itself before) gets that default turned off; if neither is found, help just wraps as
+    before. Long defaults are shown with spaces (eval's --tasks) so no word is cut either."""
+    import importlib
+
+    for name in ("typer._click._textwrap", "click._textwrap"):
+        try:
+            cls = importlib.import_module(name).TextWrapper
+        except (ImportError, AttributeError):
+            continue
+        if getattr(cls, "_pbs_whole_words", False):
+            continue
+        init = cls.__init__
+
+        def __init__(self, *args, _init=init, **kwargs):
+            kwargs.setdefault("break_on_hyphens", False)
+            _init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        cls._pbs_whole_words = True
+
+
+_help_keeps_words_whole()
 
 app = typer.Typer(
     name="pbs",
@@ -117,6 +147,6 @@ def main(argv: list[str] | None = None) -> None:
         rank = ranks().rank
         prefix = f"rank {rank}: " if rank else ""
         typer.echo(f"{prefix}error: {' '.join(message.splitlines())}", err=True)
-        if not rank:
+        if not rank and getattr(e, "debug_hint", True):
             typer.echo("(set PBS_DEBUG=1 for the traceback)", err=True)
         raise SystemExit(getattr(e, "exit_code", 1)) from None

@@ -109,6 +109,17 @@ MESSAGES: dict[type, Message] = {
     E.E2EUnavailable: lambda e, c: (
         f"--e2e needs pbs_kernels.integrations.hf, which cannot be imported here ({e.reason})"),
     E.TrialsTooFew: lambda e, c: "--trials must be at least 1",
+    E.Interrupted: lambda e, c: (
+        "interrupted; rerun the same command to resume (finished trials are kept in --storage)" if c == "tune"
+        else "interrupted; rerun the command to start again"),
+    E.TargetAboveBound: lambda e, c: (
+        f"--target-speedup {e.target:g}x is above {e.bound:.1f}x, the most any setting could give at "
+        f"{e.seq_len} tokens even computing no tiles (the {e.cost_model} cost model's fixed share for "
+        f"selection, Amdahl's bound); use a --target-speedup below {e.bound:.1f}x"),
+    E.TargetMissed: lambda e, c: (
+        f"the tuned profile gives {e.speedup:.2f}x ({e.cost_model}) on held-out text, below the "
+        f"--target-speedup {e.target:g}x, so it was not saved; rerun with --keep-best to save it (the trials are "
+        "stored: no new ones run), or lower --target-speedup"),
     E.SeqLenTooShort: lambda e, c: f"--seq-len {e.seq_len} is too short to tune; use at least {e.minimum} tokens",
     E.TargetUnreachableError: lambda e, c: (
         f"target {e.target:g}x is out of reach: the fastest settings found give {e.best_speedup:.2f}x "

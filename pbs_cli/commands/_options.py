@@ -48,9 +48,21 @@ class Lengths(list):
     a repeatable option and hand the parser one item at a time."""
 
 
+def split_items(s: str, example: str) -> list[str]:
+    """'a,b,c' -> ['a', 'b', 'c']; an empty item ('1k,,2k', '1k,') is a typo, not a skip: the
+    user meant something there (BadParameter, exit 2). Nothing at all gives []."""
+    text = str(s).strip()
+    if not text:
+        return []
+    items = [p.strip() for p in text.split(",")]
+    if any(not p for p in items):
+        raise typer.BadParameter(f"{s!r} has an empty item between commas; use comma-separated values like {example}")
+    return items
+
+
 def parse_lengths(s: str) -> Lengths:
     """'8k,32k,128k' -> [8192, 32768, 131072]; order kept, duplicates dropped."""
-    items = s if isinstance(s, (list, tuple)) else [p for p in str(s).split(",") if p.strip()]
+    items = s if isinstance(s, (list, tuple)) else split_items(s, "1k,2k")
     if not items:
         raise typer.BadParameter(f"{s!r} is not a list of lengths; use comma-separated {_LENGTH_FORMS}")
     return Lengths(dict.fromkeys(parse_length(p) for p in items))

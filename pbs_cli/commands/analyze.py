@@ -71,11 +71,13 @@ def command(
     # Heavy imports here, not at module level: `pbs --help` must stay instant.
     import torch
 
-    from ..workflows.model import build_prompt, check_seq_len, load_model
+    from ..workflows.model import build_prompt, check_seq_len, load_model, read_text_input
     from ._messages import prompt_remarks
     from ._output import Output, to_jsonable
     from ..workflows.analyze import parse_layers, render_pictures, run_analysis
 
+    if input is not None:
+        read_text_input(input)  # a missing, empty-of-text or binary file: one line before the model loads
     output = Output(format)
     try:
         loaded = load_model(model, device=device, dtype=dtype)

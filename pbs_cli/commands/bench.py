@@ -18,7 +18,8 @@ import typer
 from pbs_kernels.limits import HEAD_DIMS
 
 from ..workflows.errors import PbsError, ProfileFileError
-from ._options import DeviceOpt, DtypeOpt, FormatOpt, Lengths, ProfileOpt, SeqLensOpt, parse_length, parse_lengths
+from ._options import (DeviceOpt, DtypeOpt, FormatOpt, Lengths, ProfileOpt, SeqLensOpt, parse_length, parse_lengths,
+                       split_items)
 from ..workflows.bench.results import BASELINES as _BASELINES
 from ..workflows.lengths import format_length
 from ..workflows.outputs import save_files
@@ -41,7 +42,7 @@ def parse_baselines(s: str) -> str:
     text = str(s).strip().lower()
     if text in ("", "none"):
         return ""
-    names = [p.strip() for p in text.split(",") if p.strip()]
+    names = split_items(text, "cudnn,flex")
     bad = [n for n in names if n not in _BASELINES]
     if bad:
         raise typer.BadParameter(f"unknown baseline(s) {', '.join(bad)}; use a comma-separated subset of "
@@ -51,7 +52,7 @@ def parse_baselines(s: str) -> str:
 
 def parse_batch_lengths(s: str) -> Lengths:
     """'4k,4k,16k' -> [4096, 4096, 16384]: a batch, so repeated lengths stay."""
-    items = s if isinstance(s, (list, tuple)) else [p for p in str(s).split(",") if p.strip()]
+    items = s if isinstance(s, (list, tuple)) else split_items(s, "4k,16k")
     if not items:
         raise typer.BadParameter(f"{s!r} is not a list of lengths; use comma-separated lengths such as 4k,16k")
     return Lengths(parse_length(p) for p in items)
@@ -105,6 +106,7 @@ def command(
     Example: pbs bench --seq-len 128k --chunk 8k,16k --lengths 2k,8k,32k,64k --serving-only
     """
     from ..workflows.bench import BenchSettings, run_bench
+    from ..workflows.bench.workflow import cpu_cap_note
     from ..workflows.outputs import check_out_dir
 
     out_dir = check_out_dir(Path(out) if out is not None else DEFAULT_OUT)  # before the bench runs
@@ -129,6 +131,9 @@ def command(
         lengths=list(lengths or []),
         prompt_rows=not serving_only,
     )
+    cap = cpu_cap_note(settings.seq_lens) if settings.device == "cpu" else None
+    if cap is not None:
+        o.warn(cap)  # before the run, not only among the notes at the end
     try:
         with o.progress() as report_progress:
             report = run_bench(settings, progress=report_progress)
@@ -144,7 +149,7 @@ def command(
     if o.json:
         o.emit_json(document)
     else:
-        print_report(o, report)
+        print_report(o, report, skip_notes=(cap,) if cap else ())
     if saved.paths:
         o.info("wrote " + ", ".join(str(f) for f in saved.paths))
     saved.raise_failure()
@@ -294,46 +299,31 @@ def _title(r) -> str:
             f"reference {r.reference}, fastest dense {fastest}")
 
 
-def print_report(o: Output, report: BenchReport) -> None:
-    """Rich tables on stderr. Not a terminal (logs, CI): drawn 130 columns wide rather than
-    wrapped at 80, so method names and numbers stay whole."""
+def print_report(o: Output, report: BenchReport, *, skip_notes: tuple[str, ...] = ()) -> None:
+    """Rich tables on stderr, at the console's width: a table too wide for it continues in a
+    second table keyed by the method name (Output.table), so every number stays whole."""
     from rich import box
-    from rich.table import Table
-    from rich.text import Text
 
-    from rich.console import Console
-
-    console = o.console
-    if not console.is_terminal:
-        console = Console(stderr=True, highlight=False, soft_wrap=False, width=max(console.width, 130),
-                          quiet=console.quiet)
     o.info("pbs bench: " + _header_line(report))
     o.info(_config_line(report))
     for r in report.results:
-        table = Table(title=Text(_title(r), style="bold"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         # Columns nothing filled (ms, TFLOP/s, speedup on the CPU pass) are left out: with them the
         # CPU table took 98 columns. results.md keeps every column.
         shown = [i for i, (_, name, _) in enumerate(_COLUMNS) if any(getattr(m, name) is not None for m in r.methods)]
-        for i in shown:
-            header, _, spec = _COLUMNS[i]
-            table.add_column(header, justify="left" if spec is None else "right", no_wrap=True)
-        for m in r.methods:
-            style = "bold red" if m.status == "FAILED" else ("dim" if m.status in ("unavailable", "skipped") else "")
-            cells = _cells(m)
-            table.add_row(*(Text(cells[i]) for i in shown), style=style)
-        console.print(table)
+        styles = ["bold red" if m.status == "FAILED" else ("dim" if m.status in ("unavailable", "skipped") else "")
+                  for m in r.methods]
+        o.table(_title(r), [_COLUMNS[i][0] for i in shown],
+                [[c for i, c in enumerate(_cells(m)) if i in shown] for m in r.methods], box=box.SIMPLE_HEAD,
+                row_styles=styles, justify=["left" if _COLUMNS[i][2] is None else "right" for i in shown])
         for m in r.methods:
             if m.note and m.status in ("FAILED", "unavailable", "skipped"):
                 o.info(f"  {m.method}: {m.note}")
     if report.e2e:
-        table = Table(title=Text("time to first token", style="bold"), title_justify="left", box=box.SIMPLE_HEAD)
-        for header in _E2E_HEADERS:
-            table.add_column(header, justify="right", no_wrap=True)
-        for e in report.e2e:
-            table.add_row(*_e2e_cells(e))
-        console.print(table)
+        o.table("time to first token", list(_E2E_HEADERS), [_e2e_cells(e) for e in report.e2e], box=box.SIMPLE_HEAD,
+                justify=["right"] * len(_E2E_HEADERS))
     for note in report.notes:
-        o.info(f"note: {note}")
+        if note not in skip_notes:
+            o.info(f"note: {note}")
 
 
 def markdown(report: BenchReport) -> str:

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import DeviceOpt, DtypeOpt, FormatOpt, ModelArg, ProfileOpt, SeqLensOpt
+from ..workflows.lengths import format_length
+from ._options import DeviceOpt, DtypeOpt, FormatOpt, Lengths, ModelArg, ProfileOpt, parse_lengths, split_items
 
 DEFAULT_OUT = Path("pbs-out/eval")
 DEFAULT_TASKS_HELP = "passkey (English models only), niah_single, niah_multikey, niah_multivalue, vt, cwe"
@@ -21,7 +22,7 @@ SAMPLES_CPU, SAMPLES_CUDA = 2, 10
 
 
 def _tasks(value: str) -> list[str]:
-    items = [t.strip() for t in str(value).split(",") if t.strip()]
+    items = split_items(value, "niah_single,vt")
     if not items:
         raise typer.BadParameter(f"{value!r} is not a list of tasks; use comma-separated names like niah_single,vt")
     return items
@@ -29,7 +30,7 @@ def _tasks(value: str) -> list[str]:
 
 def _depths(value: str) -> list[float]:
     out = []
-    for part in (p for p in str(value).split(",") if p.strip()):
+    for part in split_items(value, "0,0.5,1"):
         try:
             d = float(part)
         except ValueError:
@@ -53,13 +54,19 @@ class DepthList(list):
 def command(
     model: ModelArg = None,
     profile: ProfileOpt = None,
-    seq_len: SeqLensOpt = None,
+    seq_len: Annotated[
+        Optional[Lengths],
+        typer.Option("--seq-len", parser=parse_lengths, metavar="LENS", help="Comma-separated prompt lengths: 8k,32k,128k.",
+                     show_default=",".join(format_length(n) for n in DEFAULT_LENS)),
+    ] = None,
     tasks: Annotated[
         Optional[TaskList],
         typer.Option("--tasks", metavar="LIST", parser=lambda v: TaskList(_tasks(v)),
                      help="Comma-separated tasks: passkey, niah_single, niah_multikey, niah_multivalue, vt, cwe. "
                           "Default tasks that cannot be posed at a length are skipped with a note; named ones "
-                          "are an error.", show_default=DEFAULT_TASKS_HELP),
+                          "are an error.",
+                     # With spaces: Click would cut comma-joined names mid-word at 80 columns.
+                     show_default=DEFAULT_TASKS_HELP),
     ] = None,
     samples: Annotated[
         Optional[int],
@@ -187,11 +194,13 @@ def _print(o, result, paths) -> None:
 
 def _print_paired(o, result) -> None:
     """Dense and PBS on the same prompts: counts, discordant pairs, the drop's interval, McNemar."""
-    from ..workflows.eval.report import verdict_line
+    from ..workflows.eval.report import ran_note, verdict_line
 
     rows = []
     for c in result.paired:
-        rows.append([c.task, c.seq_len, f"{c.both + c.dense_only}/{c.n}", f"{c.both + c.pbs_only}/{c.n}",
+        # ran_note: what the profile really ran at this length ("ran dense" below min_seq_len)
+        rows.append([c.task, c.seq_len, f"{c.both + c.dense_only}/{c.n}",
+                     f"{c.both + c.pbs_only}/{c.n}" + ran_note(result, c.seq_len),
                      f"{c.dense_only}/{c.pbs_only}",
                      f"{100 * c.drop:+.0f} [{100 * c.drop_low:+.0f}, {100 * c.drop_high:+.0f}]", f"{c.p_value:.2f}"])
     o.table("Dense vs PBS on the same prompts (drop in points, 95% interval; p: McNemar)",

@@ -57,10 +57,18 @@ def show(file: FileArg, format: FormatOpt = "table") -> None:
         out.info("no metrics recorded")
 
 
-def validate(file: FileArg) -> None:
+def validate(file: FileArg, format: FormatOpt = "table") -> None:
     """Check a profile; print `ok: FILE` (exit 0) or the problem in one line (exit 1).
+
+    With --format json, a valid profile prints {"ok": true, "path": ..., "model": ...,
+    "layers": [...]} on stdout; an invalid one prints nothing there and the error line on
+    stderr (exit 1), as every command does.
 
     Example: pbs profile validate profiles/llama8b.yaml
     """
-    _load(file)
-    Output().info(f"ok: {file}")
+    profile = _load(file)
+    out = Output(format)
+    if out.json:
+        out.emit_json({"ok": True, "path": str(file), "model": profile.model, "layers": sorted(profile.layers)})
+    else:
+        out.info(f"ok: {file}")

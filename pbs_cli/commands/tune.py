@@ -6,6 +6,7 @@ options, loads the model, prints, and saves the profile.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -28,6 +29,22 @@ def _storage_spec(value: str) -> str:
     except StorageInvalid as e:
         raise typer.BadParameter(str(e)) from None
     return value
+
+
+def _yaml_out(value: str) -> Path:
+    """--out: a file path ending in .yaml. Checked on the text as typed: Path('dir.yaml/') drops
+    the slash, and the command would then write a file where the user meant a folder."""
+    text = str(value)
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{text!r} ends in '/', so it names a folder; pass a file path ending in .yaml, "
+                                 f"e.g. {text}profile.yaml")
+    path = Path(text)
+    if path.is_dir() and path.suffix not in (".yaml", ".yml"):
+        raise typer.BadParameter(f"{text} is an existing folder, not a file; pass a file path ending in .yaml, "
+                                 f"e.g. {path / 'profile.yaml'}")
+    if path.suffix not in (".yaml", ".yml"):
+        raise typer.BadParameter(f"{text} is not a .yaml path; pass a file path ending in .yaml")
+    return path
 
 
 def command(
@@ -59,7 +76,7 @@ def command(
     ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", metavar="PATH",
+        typer.Option("--out", "-o", metavar="PATH", parser=_yaml_out,
                      help="Profile YAML to write (must end in .yaml).", show_default="pbs-out/<model>-<len>.yaml"),
     ] = None,
     format: FormatOpt = "table",
@@ -72,6 +89,12 @@ def command(
                      help="Most accuracy points PBS may lose against dense attention on held-out retrieval "
                           "prompts (pbs eval's needle tasks); the fastest allocation within it is kept."),
     ] = 1.0,
+    keep_best: Annotated[
+        bool,
+        typer.Option("--keep-best",
+                     help="Save the profile even when, on held-out text, it misses --target-speedup "
+                          "(otherwise exit 1 and nothing saved)."),
+    ] = False,
 ) -> None:
     """Search per-layer PBS settings that reach a target attention speedup with the least error.
 
@@ -85,16 +108,21 @@ def command(
 
     Example: pbs tune meta-llama/Llama-3.1-8B --target-speedup 2x --seq-len 32k --out profiles/llama8b.yaml
     """
+    from ..workflows.errors import TargetMissed
     from ..workflows.lengths import format_length
-    from ..workflows.model import check_seq_len, load_model
+    from ..workflows.model import check_seq_len, load_model, read_text_input
+    from ..workflows.tune.study import check_storage
     from ..workflows.outputs import check_out_file, save_file
     from ..workflows.tune import TuneSettings, run_tune
     from ..workflows.tune.workflow import check_tune, slug
 
-    if out is not None and out.suffix not in (".yaml", ".yml"):
-        raise typer.BadParameter(f"{out} is not a .yaml path", param_hint="--out")
     if out is not None:
         check_out_file(out)  # before the model load; the default path needs the model's name
+    if storage is not None:
+        # The database URL and its driver, before the model load (out only names the default storage).
+        check_storage(storage, out or Path("pbs-out/profile.yaml"))
+    if input is not None:
+        read_text_input(input)  # a missing or binary file: one line before the model loads
     o = Output(format)
     loaded = load_model(model, device=device, dtype=dtype)
     n = seq_len or (DEFAULT_LEN_CUDA if loaded.device.type == "cuda" else DEFAULT_LEN_CPU)
@@ -112,6 +140,12 @@ def command(
         result = run_tune(loaded.model, calib, heldout, settings, tokenizer=loaded.tokenizer, progress=report)
     result.notes[:0] = notes
     result.profile.validate()
+    held = result.validation["speedup"]
+    if round(held, 2) < target_speedup:  # below the target as printed (1.29x for 1.3x is a miss)
+        if not keep_best:
+            raise TargetMissed(target_speedup, held, result.cost_model, out_path)
+        result.notes.append(f"kept (--keep-best) although it gives {held:.2f}x on held-out text, below the "
+                            f"{target_speedup:g}x target")
     saved = save_file(out_path, result.profile.dumps(), label="pbs-tune")
     _print(o, result, saved.paths[0] if saved.paths else None)
     saved.raise_failure()
@@ -151,6 +185,15 @@ def _setting(point: dict) -> str:
     return f"b{cfg['block_size']} S{cfg['segment_size']} t{cfg['threshold']:g} {'perm' if cfg['permute'] else 'noperm'}"
 
 
+FRONT_NEIGHBOURS = 2  # Pareto points shown either side of the chosen one (a 4-layer demo front had ~100 rows)
+
+
+def _near_chosen(front: list, chosen) -> list:
+    """The chosen point of a layer's front (ordered by cost) and its neighbours."""
+    i = next((k for k, p in enumerate(front) if p is chosen), 0)
+    return front[max(0, i - FRONT_NEIGHBOURS):i + FRONT_NEIGHBOURS + 1]
+
+
 def _print(o: Output, result, out_path: Optional[Path]) -> None:
     """out_path: where the profile went (None: nowhere, the write failed)."""
     if o.json:
@@ -160,13 +203,19 @@ def _print(o: Output, result, out_path: Optional[Path]) -> None:
         return
     unit = result.cost_model
     rows = []
+    shown = total = 0
     for lr in result.layers:
-        for p in lr.front:
+        front = _near_chosen(lr.front, lr.chosen)
+        shown, total = shown + len(front), total + len(lr.front)
+        for p in front:
             mark = "*" if lr.chosen is not None and p is lr.chosen else ""
             rows.append([lr.layer, mark, _setting(p), p["error"], p["recall"], p["density"], p["cost"],
                          p["trial"]])
     o.table(f"Pareto front of each layer (cost: {unit} time / dense; * = chosen)",
             ["layer", "", "setting", "error", "recall", "density", "cost", "trial"], rows)
+    if shown < total:
+        o.info(f"showing {shown} of {total} Pareto points: the chosen one and up to {FRONT_NEIGHBOURS} on each side "
+               "per layer; every point is in --format json")
     rows = []
     for lr in result.layers:
         h = lr.heldout or {}

@@ -165,8 +165,8 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
     chosen: set[int] = set()
     for part in str(spec).split(","):
         part = part.strip()
-        if not part:
-            continue
+        if not part:  # '0,,3': a typo, not a skip
+            raise LayerSpecInvalid(f"{spec!r} has an empty item between commas; use e.g. 0,2,5-7")
         lo, sep, hi = part.partition("-")
         try:
             a = int(lo)
@@ -426,6 +426,7 @@ def render_pictures(report: AnalysisReport) -> dict[str, bytes]:
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     pictures: dict[str, bytes] = {}
     for hm in report.heatmaps:
@@ -438,6 +439,9 @@ def render_pictures(report: AnalysisReport) -> dict[str, bytes]:
             ax.set_title(f"{label}\noracle density {dens:.3f} at coverage {report.coverage:g}", fontsize=10)
             ax.set_xlabel(f"key block ({report.block_size} tokens)")
             ax.set_ylabel("query block")
+            # Blocks are whole: matplotlib's default ticks put 2.5 or 7.5 on a 16-block axis.
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=axes, shrink=0.8, label="log10 attention mass")
         fig.suptitle(f"{report.model}: layer {hm.layer} head {hm.head} ({hm.kind}), {report.seq_len} tokens", y=1.02)
         name = "heatmap_most_sparse.png" if hm.kind == "most sparse" else "heatmap_least_sparse.png"
@@ -457,6 +461,7 @@ def render_pictures(report: AnalysisReport) -> dict[str, bytes]:
             ax.set_title(f"oracle density, {label}", fontsize=10)
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             step = max(1, len(layers) // 16)
             ax.set_yticks(range(0, len(layers), step))
             ax.set_yticklabels([str(layers[i]) for i in range(0, len(layers), step)])

@@ -31,6 +31,10 @@ class PbsError(Exception):
 
     exit_code = 1
     shown_as: str | None = None
+    # Whether the `PBS_DEBUG=1` hint is printed. Not after an outcome that is the whole story (a
+    # target out of reach, missed or above the bound, Ctrl-C): it would send the user looking
+    # for a bug that is not there.
+    debug_hint = True
 
     def __str__(self) -> str:
         return self.shown_as if self.shown_as is not None else super().__str__()
@@ -38,6 +42,17 @@ class PbsError(Exception):
 
 class UsageError(PbsError):
     """Settings that parse but cannot work together, or do not fit the model or the input."""
+
+
+class Interrupted(PbsError):
+    """Ctrl-C (SIGINT) stopped the work. `command`: which one (tune resumes on a rerun)."""
+
+    exit_code = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+    debug_hint = False
+
+    def __init__(self, command: str | None = None) -> None:
+        self.command = command
+        super().__init__("interrupted")
 
 
 class ModelError(PbsError):
@@ -224,8 +239,35 @@ class SeqLenTooShort(UsageError):
         super().__init__(f"{seq_len} tokens is too short to tune; use at least {minimum} tokens")
 
 
+class TargetAboveBound(UsageError):
+    """A target speedup above what attention could reach with no tiles computed at all: the
+    cost model's fixed share (selection, sorting, launches) bounds the speedup (Amdahl)."""
+
+    debug_hint = False
+
+    def __init__(self, target: float, bound: float, cost_model: str, seq_len: int) -> None:
+        self.target, self.bound, self.cost_model, self.seq_len = target, bound, cost_model, seq_len
+        super().__init__(f"target {target:g}x is above {bound:.1f}x, the most any setting could give at {seq_len} "
+                         f"tokens even computing no tiles (the {cost_model} cost model's fixed share for "
+                         f"selection); use a target below {bound:.1f}x")
+
+
+class TargetMissed(PbsError):
+    """The tuned profile, checked on held-out text, is slower than the target (`speedup`)."""
+
+    debug_hint = False
+
+    def __init__(self, target: float, speedup: float, cost_model: str, path) -> None:
+        self.target, self.speedup, self.cost_model, self.path = target, speedup, cost_model, path
+        super().__init__(f"the tuned profile gives {speedup:.2f}x ({cost_model}) on held-out text, below the "
+                         f"{target:g}x target; it was not saved: keep it anyway, lower the target, or tune on "
+                         "more typical text")
+
+
 class TargetUnreachableError(PbsError):
     """No combination of the settings found reaches the target speedup."""
+
+    debug_hint = False
 
     def __init__(self, target: float, best_speedup: float, cost_model: str, seq_len: int) -> None:
         self.target, self.best_speedup, self.cost_model, self.seq_len = target, best_speedup, cost_model, seq_len
@@ -238,6 +280,8 @@ class AccuracyUnreachableError(PbsError):
     """No allocation at the target speedup keeps task accuracy within the allowed drop.
     best: the fastest (speedup, accuracy) pair found within the drop, or, when none held, the
     most accurate one checked; accuracies are fractions."""
+
+    debug_hint = False
 
     def __init__(self, target: float, max_drop: float, dense_accuracy: float, best_speedup: float,
                  best_accuracy: float, within: bool, cost_model: str, seq_len: int) -> None:

@@ -178,6 +178,10 @@ def _resolve_source(model: str | None) -> _Source:
         except (ImportError, FileNotFoundError) as e:
             raise ModelError(f"no MODEL given and the embedded demo model is unavailable ({e}); pass a model id or folder") from None
     path = Path(model).expanduser()
+    if model == DEMO_NAME and not path.exists():
+        # The name pbs prints for the demo model (and writes into its profiles) names it back, so
+        # a suggested `pbs tune pbs-demo ...` works when pasted.
+        return _resolve_source(None)
     if path.is_dir():
         if (path / "config.json").is_file():
             return _Source(model, str(path))
@@ -439,11 +443,31 @@ def read_text_input(path: str | os.PathLike) -> str:
     cannot be read."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputFileError(path, f"{path}: file not found; pass an existing text file") from None
     except OSError as e:
         raise InputFileError(path, f"{path}: cannot read it ({e.strerror or e}); pass a readable text file") from None
+    text = data.decode("utf-8", errors="replace")
+    if _looks_binary(data, text):
+        raise InputFileError(path, f"{path}: not a text file (binary data); pass a UTF-8 text file, e.g. a .txt "
+                                   "or .md document")
+    return text
+
+
+# A file is text when it has no NUL byte and at most this share of characters that are not
+# UTF-8 or are control characters: a Latin-1 document with a few accents (each one replacement
+# character) passes, random or compressed bytes (about half of them) do not.
+BINARY_SHARE = 0.05
+
+
+def _looks_binary(data: bytes, text: str) -> bool:
+    if b"\x00" in data:
+        return True
+    if not text:
+        return False
+    odd = sum(1 for c in text if c == "\ufffd" or (ord(c) < 32 and c not in "\t\n\r\f\v"))
+    return odd > BINARY_SHARE * len(text)
 
 
 def build_prompt(loaded: LoadedModel, seq_len: int, input_file: str | os.PathLike | None = None, *,

@@ -33,7 +33,8 @@ Metrics (docs/design.md, Metrics):
 
 Correctness gate, in the same run: a row whose kernel_error exceeds the kernel tolerance
 (2e-2 in bf16/fp16, 1e-3 in fp32), or whose error exceeds `max_error` (default 0.05, or 2e-2
-at threshold 1.0), is FAILED and gets no speedup. A dense backend fails above 2e-2.
+at threshold 1.0), is FAILED and gets no speedup. A dense backend fails above 2e-2. pbs-noperm is
+an ablation: only its kernel_error is gated, its error is what turning permutation off costs.
 
 The workflow never prints: it reports progress through `progress(desc, done, total)` and returns
 a `BenchReport` of plain dataclasses.
@@ -247,11 +248,15 @@ class _Bench:
 
     # -- gate ----------------------------------------------------------------------------
 
-    def gate(self, row: MethodResult) -> MethodResult:
+    def gate(self, row: MethodResult, *, accuracy: bool = True) -> MethodResult:
+        """FAILED when the kernel is wrong on its own tiles, or (accuracy=True) when the output is
+        further from dense than max_error. accuracy=False for an ablation such as pbs-noperm:
+        its error is the figure it exists to show (2k tokens, default shape, CPU: 5.17% against
+        PBS's 4.36%), not a fault of the run."""
         problems = []
         if row.kernel_error is not None and not row.kernel_error <= self.kernel_tol:
             problems.append(f"kernel_error {row.kernel_error:.3g} > {self.kernel_tol:g} vs exact attention on the same tiles")
-        if row.error is not None and not row.error <= self.max_error:
+        if accuracy and row.error is not None and not row.error <= self.max_error:
             problems.append(f"error {row.error:.3g} > max error {self.max_error:g}")
         if problems:
             row.status = FAILED
@@ -539,7 +544,16 @@ class _Bench:
         del out, lse, blocks, plan, ref_rows
         noperm = dict(cfg.runtime_kwargs(), min_seq_len=0, permute=False)
         row.ms = self.time(lambda: pbs_attention(q, k, v, scale=scale, backend=be, **noperm), N)
-        return self.gate(row)
+        return self.gate(row, accuracy=False)
+
+
+def cpu_cap_note(seq_lens) -> Optional[str]:
+    """What the CPU pass does to lengths above CPU_MAX_SEQ_LEN (None when none is)."""
+    over = [n for n in seq_lens if n > CPU_MAX_SEQ_LEN]
+    if not over:
+        return None
+    return (f"cpu: {', '.join(format_length(n) for n in over)} token(s) capped to {format_length(CPU_MAX_SEQ_LEN)}, "
+            f"the CPU pass's limit (correctness only, no timing); run on a GPU for longer lengths")
 
 
 def dtype_is_fp32(dtype) -> bool:
@@ -579,8 +593,9 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
     seq_lens = list(s.seq_lens)
     if device.type == "cpu":
         capped = [min(n, CPU_MAX_SEQ_LEN) for n in seq_lens]
-        if capped != seq_lens:
-            notes.append(f"cpu: sequence lengths capped at {CPU_MAX_SEQ_LEN} tokens (correctness-only pass, no timing)")
+        note = cpu_cap_note(seq_lens)
+        if note is not None:
+            notes.append(note)
         seq_lens = list(dict.fromkeys(capped))
     for n in seq_lens:
         if n <= cfg.segment_size:

@@ -84,7 +84,7 @@ def markdown(result: EvalResult) -> str:
             if has_pbs:
                 p = by.get((task, n, "pbs"))
                 drop = "-" if d is None or p is None else f"{100 * (d.accuracy - p.accuracy):+.1f}"
-                row += [_cell_text(p), drop]
+                row += [_cell_text(p) + ran_note(result, n), drop]
             lines.append("| " + " | ".join(row) + " |")
     o = result.overall
     row = ["all", "-", _cell_text(o.get("dense"))]
@@ -118,7 +118,7 @@ def markdown(result: EvalResult) -> str:
     for t, n, dep in keys:
         row = [t, str(n), _depth_text(dep), _cell_text(cells.get((t, n, dep, "dense")))]
         if has_pbs:
-            row.append(_cell_text(cells.get((t, n, dep, "pbs"))))
+            row.append(_cell_text(cells.get((t, n, dep, "pbs"))) + ran_note(result, n))
         lines.append("| " + " | ".join(row) + " |")
     secs = ", ".join(f"{m} {s:.1f} s" for m, s in result.seconds.items())
     lines += ["", f"Time: {secs}.", ""]
@@ -156,13 +156,16 @@ def heatmap_png(result: EvalResult, task: str | None = None) -> bytes | None:
                     ax.text(j, i, f"{c.correct}/{c.n}", ha="center", va="center", fontsize=8,
                             color="black" if c.accuracy > 0.5 else "white")
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(lens)), [_short(n) for n in lens])
+        ax.set_xticks(range(len(lens)), [_short(n) + (ran_note(result, n).replace(" (", "\n(")
+                                                      if method == "pbs" else "") for n in lens])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
         acc = [cells[k].accuracy for k in cells if k[2] == method]
         mean = sum(acc) / len(acc) if acc else float("nan")
-        ax.set_title(f"{method}: {100 * mean:.0f}%", fontsize=10)
+        ran = {result.pbs_ran.get(n, "pbs") for n in lens} if method == "pbs" else {method}
+        name = "pbs profile, ran dense" if ran == {"dense"} else method
+        ax.set_title(f"{name}: {100 * mean:.0f}%", fontsize=10)
     fig.suptitle(f"{task}, {result.model}" + (f" with {Path(result.profile).name}" if result.profile else ""),
                  fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
@@ -170,6 +173,13 @@ def heatmap_png(result: EvalResult, task: str | None = None) -> bytes | None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def ran_note(result: EvalResult, n: int) -> str:
+    """' (ran dense)' or ' (pbs on 2 of 4 layers)' after a pbs figure at length n; '' where
+    PBS ran on every layer."""
+    label = result.pbs_ran.get(n, "pbs")
+    return "" if label == "pbs" else f" (ran {label})" if label == "dense" else f" ({label})"
 
 
 def _short(n: int) -> str:

@@ -310,6 +310,9 @@ class EvalResult:
     paired_overall: PairedCell | None = None
     floor: float = DENSE_FLOOR
     notes: list[str] = field(default_factory=list)  # e.g. default tasks skipped at a length
+    # What the "pbs" method ran at each length (ran_label): "pbs", "pbs on 2 of 4 layers", or
+    # "dense" where every layer is below its min_seq_len (or segment) and the profile falls back.
+    pbs_ran: dict[int, str] = field(default_factory=dict)
 
     def accuracy(self, method: str) -> float:
         return self.overall[method].accuracy
@@ -358,6 +361,7 @@ class EvalResult:
             "paired_depths": [pair(c) for c in self.paired_depths],
             "paired_overall": None if self.paired_overall is None else pair(self.paired_overall),
             "notes": list(self.notes),
+            "pbs_ran": {str(n): label for n, label in self.pbs_ran.items()},
             "sample_results": [dataclasses.asdict(s) for s in self.sample_results],
         }
 
@@ -442,6 +446,20 @@ class EvalPlan:
     # than its min_seq_len or its segment): PBS is not measured there for those layers.
     dense_lengths: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # default tasks skipped, prompts shortened to fit
+    pbs_ran: dict[int, str] = field(default_factory=dict)  # EvalResult.pbs_ran
+
+
+def ran_label(cfgs, n: int) -> str:
+    """What a profile (its layers' configs `cfgs`) runs on an `n`-token prompt: "pbs", "pbs on
+    k of L layers", or "dense" (pbs_attention falls back below min_seq_len and at one segment).
+    A layer with min_seq_len "auto" counts as sparse: it runs PBS where PBS measured faster."""
+    sparse = sum(1 for c in cfgs if not c.dense and n > c.segment_size
+                 and (c.min_seq_len == "auto" or n >= c.min_seq_len))
+    auto = any(not c.dense and c.min_seq_len == "auto" for c in cfgs)
+    if sparse == 0:
+        return "dense"
+    label = "pbs" if sparse == len(cfgs) else f"pbs on {sparse} of {len(cfgs)} layers"
+    return label + " (auto)" if auto else label
 
 
 def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8192,),
@@ -502,9 +520,10 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
                          and any(not c.dense and (shortest[n] <= c.segment_size
                                                   or (c.min_seq_len != "auto" and shortest[n] < c.min_seq_len))
                                  for c in cfgs)]
+        pbs_ran = {n: ran_label(cfgs, shortest.get(n, n)) for n in seq_lens}
     tasks = [t for t in tasks if any(p.task == t for p in prompts)]
     return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
-                    samples, seed, hay, prompts, backend, dense_lengths, notes)
+                    samples, seed, hay, prompts, backend, dense_lengths, notes, pbs_ran if profile is not None else {})
 
 
 def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress, floor: float = DENSE_FLOOR) -> EvalResult:
@@ -574,6 +593,7 @@ def execute_eval(plan: EvalPlan, *, progress: ProgressFn = no_progress, floor: f
         paired_overall=paired_overall,
         floor=floor,
         notes=list(plan.notes),
+        pbs_ran=dict(plan.pbs_ran),
     )
 
 

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ __all__ = [
     "default_storage_url",
     "fingerprint",
     "check_storage",
+    "interruptible",
     "open_storage",
     "open_study",
     "parse_storage",
@@ -229,12 +232,31 @@ def check_storage(spec: str | None, out: Path) -> None:
     from ..errors import OutputUnwritable
     from ..outputs import check_out_file
 
+    if spec is not None:
+        kind, url = parse_storage(spec)
+        if kind == "rdb":
+            check_database_url(url)
     path = storage_file(spec, out)
     if path is not None:
         try:
             check_out_file(path)
         except OutputUnwritable as e:
             raise StorageUnwritable(path, e.reason) from None
+
+
+def check_database_url(url: str) -> None:
+    """A database URL SQLAlchemy can parse, of a database it knows, with its driver installed:
+    checked without connecting, so a typo fails before the calibration prefill, not after."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(url).get_dialect()
+        getattr(dialect, "import_dbapi", getattr(dialect, "dbapi", lambda: None))()  # the driver
+    except ImportError as e:
+        raise StorageDriverMissing(storage_label(url), str(e)) from None
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise StorageInvalid(storage_label(url)) from None
 
 
 def open_storage(spec: str | None, out: Path):
@@ -322,6 +344,7 @@ WORKER_ATTR = "pbs_worker"  # on a trial: the worker running it, set as its obje
 WORKERS_PREFIX = "pbs_worker:"  # on the study, one key per worker process: where and whether it runs
 NOTE_ATTR = "pbs_note"  # why pbs failed a trial itself
 RETRY_ATTR = "pbs_retry_of"  # on a re-enqueued trial: the number of the orphan it replaces
+INTERRUPTED_PREFIX = "pbs_interrupted:"  # on the study, one key per trial Ctrl-C stopped: the note
 # A RUNNING trial no worker claimed, in a study that records no workers (made before they were
 # recorded), is an orphan once this old.
 UNTAGGED_GRACE_S = 60
@@ -431,8 +454,10 @@ def _counted(study: optuna.Study) -> int:
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
     retried = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    interrupted = {k for k in study.user_attrs if k.startswith(INTERRUPTED_PREFIX)}
     return sum(1 for t in trials if t.state != TrialState.FAIL
-               or (NOTE_ATTR not in t.user_attrs and t.number not in retried))
+               or (NOTE_ATTR not in t.user_attrs and t.number not in retried
+                   and f"{INTERRUPTED_PREFIX}{t.number}" not in interrupted))
 
 
 @functools.cache
@@ -528,24 +553,155 @@ def run_study(
         # First thing: a worker that dies from now on leaves a trial that `fail_orphans` can tell
         # from one still running.
         trial.set_user_attr(WORKER_ATTR, worker)
-        return objective(trial)
+        try:
+            interrupts.check()  # a Ctrl-C that came while Optuna started the trial
+            return objective(trial)
+        except KeyboardInterrupt:
+            # Still RUNNING here, so the trial itself can carry the note (`_interrupted` also
+            # records it on the study, which is what the samplers' count reads).
+            stopped.append(trial._trial_id)
+            trial.set_user_attr(NOTE_ATTR, "interrupted (Ctrl-C); its settings are evaluated again on resume")
+            raise
 
     def report(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal ran
         ran += trial.state == TrialState.COMPLETE
         if on_trial is not None:
             on_trial(len(completed(st)))
+        interrupts.check()  # a Ctrl-C that came while Optuna stored the trial
 
+    state = "done"
+    stopped: list[int] = []  # the trial Ctrl-C stopped (its id)
+    quiet = _QuietInterrupt()
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addFilter(quiet)
     try:
-        study.optimize(
-            tagged,
-            n_trials=trials - before,
-            catch=catch,
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
-        )
+        with _deferred_interrupts() as interrupts:
+            study.optimize(
+                tagged,
+                n_trials=trials - before,
+                catch=catch,
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), report],
+            )
+            interrupts.check()
+    except KeyboardInterrupt:
+        # Optuna records the trial Ctrl-C stopped as FAIL. Recorded as interrupted it is an
+        # orphan to re-run, not a finished trial: the samplers' count (`_counted`) then matches
+        # an uninterrupted run. A Ctrl-C outside a trial's computation is raised only between
+        # trials (`_Interrupts`), so nothing else is half-done; a worker marked "interrupted"
+        # rather than done still lets the next run's `fail_orphans` fail any RUNNING trial left.
+        state = "interrupted"
+        if stopped:
+            _interrupted(study, stopped[-1])
+        raise
     finally:  # an exception fails its trial itself (Optuna); only a kill leaves one RUNNING
-        study.set_user_attr(_worker_key(worker), {**worker, "state": "done"})
+        logger.removeFilter(quiet)
+        study.set_user_attr(_worker_key(worker), {**worker, "state": state})
     return before, ran
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) during a study: raised at once inside a trial's computation
+    (`interruptible`), held back while Optuna writes the storage, where a KeyboardInterrupt
+    can break a journal file's lock (seen: FileNotFoundError on its .rename file) and leave
+    a trial half-recorded. A held-back Ctrl-C is raised at the next safe point; a second one
+    at once."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.open = False
+
+    def handler(self, signum, frame) -> None:
+        if self.open or self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+_INTERRUPTS: _Interrupts | None = None
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Install `_Interrupts` as the SIGINT handler (main thread only) for the block."""
+    import signal
+    import threading
+
+    global _INTERRUPTS
+    it = _Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield it  # no handler outside the main thread: Ctrl-C acts as Python's default there
+        return
+    previous = signal.signal(signal.SIGINT, it.handler)
+    _INTERRUPTS = it
+    try:
+        yield it
+    finally:
+        _INTERRUPTS = None
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Where a Ctrl-C may stop a trial at once: its computation, which writes no storage.
+
+        with interruptible():
+            m = evaluator.evaluate(cfg)
+    """
+    it = _INTERRUPTS
+    if it is None:
+        yield
+        return
+    it.check()
+    it.open = True
+    try:
+        yield
+    finally:
+        it.open = False
+
+
+class _QuietInterrupt(logging.Filter):
+    """Drops Optuna's two "Trial N failed" warnings (one with a 30-60-line traceback) for a
+    Ctrl-C: the command says "interrupted" in one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trial: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage()
+        if isinstance(exc, KeyboardInterrupt):
+            self._trial = text.split(" failed", 1)[0]  # "Trial 7"
+            return False
+        # The second warning, "Trial 7 failed with value None.", carries no exception.
+        return not (self._trial is not None and text.startswith(f"{self._trial} failed with value"))
+
+
+def _interrupted(study: optuna.Study, trial_id: int) -> None:
+    """The trial Ctrl-C stopped: FAIL, recorded as interrupted on the study (where the samplers'
+    count reads it; Optuna refuses attributes on a finished trial), and its fixed settings (a
+    seed) queued again, so the study evaluates every seed once."""
+    from datetime import datetime
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    trial = study._storage.get_trial(trial_id)
+    if trial.state == TrialState.RUNNING:
+        try:
+            study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # finished meanwhile after all
+            pass
+    study.set_user_attr(f"{INTERRUPTED_PREFIX}{trial.number}",
+                        f"interrupted (Ctrl-C) at {datetime.now().isoformat(timespec='seconds')}; "
+                        "its settings are evaluated again on resume")
+    fixed = trial.system_attrs.get("fixed_params")
+    if fixed:
+        study.enqueue_trial(dict(fixed), user_attrs={RETRY_ATTR: trial.number})
 
 
 def trial_point(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

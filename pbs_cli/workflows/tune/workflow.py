@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..capture import CapturedLayer, capture_prefill
-from ..errors import AccuracyUnreachableError, TargetUnreachableError, TrialsTooFew, UsageError
+from ..errors import (AccuracyUnreachableError, TargetAboveBound, TargetUnreachableError, TrialsTooFew,
+                      UsageError)
 from ..lengths import format_length
 from ..progress import ProgressFn, no_progress
 
@@ -287,6 +288,15 @@ def _windowed_option(space, cap, n_tokens: int) -> tuple[dict[str, Any], float]:
 # The workflow.
 
 
+def speedup_bound(space) -> float:
+    """The most attention speedup any setting of `space` could give: the cost model at density 0
+    (no tile computed), where only the fixed share for selection and permutation is left."""
+    from .cost import predicted_cost
+
+    return 1.0 / min(predicted_cost(block_size=b, permute=p, density=0.0, n_tokens=space.n_tokens)
+                     for b in space.block_sizes for p in (False, True))
+
+
 def check_tune(settings: TuneSettings, n_tokens: int) -> None:
     """Everything about a tune that can be known before its work: trials, the length, the profile
     path and the storage's file. `run_tune` calls it; a caller that prints a banner first calls
@@ -296,7 +306,10 @@ def check_tune(settings: TuneSettings, n_tokens: int) -> None:
 
     if settings.trials < 1:
         raise TrialsTooFew(settings.trials)
-    ts.SearchSpace.for_length(n_tokens)
+    space = ts.SearchSpace.for_length(n_tokens)
+    bound = speedup_bound(space)
+    if settings.target_speedup > bound:
+        raise TargetAboveBound(settings.target_speedup, bound, "predicted", n_tokens)
     check_out_file(settings.out)
     ts.check_storage(settings.storage, settings.out)
 
@@ -345,6 +358,10 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
     space = ts.SearchSpace.for_length(N, min_seq_len=min_seq_len)
     notes: list[str] = []
 
+    # The storage first: one that cannot be opened fails before the prefill, not after it.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, storage_label = ts.open_storage(settings.storage, settings.out)
+
     # 1. Calibration.
     progress("calibration prefill", 0, 1)
     caps = capture_layers(model, calib_ids, name=name)
@@ -352,8 +369,6 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
     layer_ids = sorted(caps)
 
     # 2. Studies.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage, storage_label = ts.open_storage(settings.storage, settings.out)
     shape = list(caps[layer_ids[0]].q.shape[1:2]) + list(caps[layer_ids[0]].k.shape[1:2]) + [caps[layer_ids[0]].q.shape[3]]
     identity = {
         **space.identity(),
@@ -364,7 +379,10 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
         "dtype": dtype,
         "shape": shape,
     }
-    base = settings.study or f"pbs-{slug(name)}-{format_length(N)}-{ts.fingerprint(identity)[:8]}"
+    model_slug = slug(name)
+    if not model_slug.startswith("pbs-"):  # the demo model is 'pbs-demo': no 'pbs-pbs-demo-...'
+        model_slug = f"pbs-{model_slug}"
+    base = settings.study or f"{model_slug}-{format_length(N)}-{ts.fingerprint(identity)[:8]}"
     results: list[LayerResult] = []
     dense_ms: dict[tuple, tuple[float, str]] = {}
     total = settings.trials * sum(1 for i in layer_ids if caps[i].unsupported is None)
@@ -423,7 +441,8 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
 
             def objective(trial: optuna.Trial, evaluator=evaluator):
                 cfg = space.suggest(trial)
-                m = evaluator.evaluate(cfg)
+                with ts.interruptible():  # Ctrl-C stops the computation at once, never a storage write
+                    m = evaluator.evaluate(cfg)
                 # Two attributes, not one per figure: each is a storage write (a commit on SQLite).
                 trial.set_user_attr("config", _config_dict(cfg))
                 trial.set_user_attr("measure", {k: getattr(m, k) for k in ("recall", "density", "predicted_cost", "time_ms")})
