@@ -348,7 +348,7 @@ def tune_table_args(files, uninterrupted) -> list[str]:
 
 TABLES = [
     pytest.param("analyze", ["analyze", "--seq-len", "512", "--device", "cpu", "--out", "a"], id="analyze"),
-    pytest.param("bench", ["bench", *FAST_B, "--out", "b"], id="bench"),
+    pytest.param("bench", ["bench", *FAST_B, "--seq-len", "512", "--out", "b"], id="bench"),
     pytest.param("eval", ["eval", *FAST_E, "--profile", "{demo_profile}", "--out", "e"], id="eval"),
     pytest.param("profile", ["profile", "show", "{demo_profile}"], id="profile-show"),
     pytest.param("tune", None, id="tune", marks=pytest.mark.slow),
