@@ -72,6 +72,12 @@ def command(
                      help="Most accuracy points PBS may lose against dense attention on held-out retrieval "
                           "prompts (pbs eval's needle tasks); the fastest allocation within it is kept."),
     ] = 1.0,
+    accuracy_samples: Annotated[
+        Optional[int],
+        typer.Option("--accuracy-samples", min=1, metavar="N",
+                     help="Held-out prompts per task and depth for the accuracy check (3 depths, 2 tasks).",
+                     show_default="2 on the CPU, 6 on a GPU"),
+    ] = None,
 ) -> None:
     """Search per-layer PBS settings that reach a target attention speedup with the least error.
 
@@ -101,7 +107,8 @@ def command(
     check_seq_len(loaded, n)
     out_path = out if out is not None else Path("pbs-out") / f"{slug(loaded.name)}-{format_length(n)}.yaml"
     settings = TuneSettings(target_speedup=target_speedup, out=out_path, trials=trials, storage=storage,
-                            study=study, seed=seed, model_name=loaded.name, max_accuracy_drop=max_accuracy_drop)
+                            study=study, seed=seed, model_name=loaded.name, max_accuracy_drop=max_accuracy_drop,
+                            eval_samples=accuracy_samples)
     check_tune(settings, n)
     calib, heldout, notes = split_prompt(loaded, n, input)
     for note in notes:
