@@ -7,8 +7,9 @@ on prompts tune never saw (issue 21).
 OUT (default $OUT, else pbs-out/gpu_real_model) receives every eval/tune JSON, the profiles, a
 log and summary.json; the tables print to stdout. Env: SAMPLES (pass keys per depth, default 4:
 20 prompts per length over 5 depths), HELDOUT_SAMPLES (default 8: 40 per length), TRIALS (tune's
-trials per layer, default 12), GUARD_SAMPLES (tune's --accuracy-samples, default 7), LENS (default "4k,8k"; 8k runs at the model's 8192 positions, its
-prompts shortened by the answer's tokens).
+trials per layer, default 12), GUARD_SAMPLES (tune's --accuracy-samples, default 7), LENS
+(default "4k,8k"; 8k runs at the model's 8192 positions, its prompts shortened by the answer's
+tokens).
 
 1. `pbs eval MODEL --profile P --tasks passkey --seq-len 4k,8k` for the settings of the issue's
    table, every layer sparse (min_seq_len 0): paired counts per length (dense, PBS, prompts lost /
