@@ -7,8 +7,9 @@ on prompts tune never saw (issue 21).
 OUT (default $OUT, else pbs-out/gpu_real_model) receives every eval/tune JSON, the profiles, a
 log and summary.json; the tables print to stdout. Env: SAMPLES (pass keys per depth, default 4:
 20 prompts per length over 5 depths), HELDOUT_SAMPLES (default 8: 40 per length), TRIALS (tune's
-trials per layer, default 12), LENS (default "4k,8k"; 8k runs at the model's 8192 positions, its
-prompts shortened by the answer's tokens).
+trials per layer, default 12), GUARD_SAMPLES (tune's --accuracy-samples, default 7), LENS
+(default "4k,8k"; 8k runs at the model's 8192 positions, its prompts shortened by the answer's
+tokens).
 
 1. `pbs eval MODEL --profile P --tasks passkey --seq-len 4k,8k` for the settings of the issue's
    table, every layer sparse (min_seq_len 0): paired counts per length (dense, PBS, prompts lost /
@@ -39,6 +40,7 @@ def main() -> int:
     samples = int(os.environ.get("SAMPLES", "4"))
     heldout = int(os.environ.get("HELDOUT_SAMPLES", "8"))
     trials = os.environ.get("TRIALS", "12")
+    guard = os.environ.get("GUARD_SAMPLES", "7")  # tune's check: 7 x 3 depths x 2 tasks = 42 prompts
     lens = os.environ.get("LENS", "4k,8k")
     depths = "0,0.25,0.5,0.75,1"
     log = open(out / "log.txt", "a")
@@ -92,11 +94,12 @@ def main() -> int:
     for n in lens.split(","):
         prof = out / f"tuned-{n}.yaml"
         t = pbs(f"tune-{n}", "tune", gguf, "--seq-len", n, "--target-speedup", "2x", "--max-accuracy-drop", "1",
-                "--trials", trials, "--device", "cuda", "--out", str(prof))
+                "--trials", trials, "--accuracy-samples", guard, "--device", "cuda", "--out", str(prof))
         if t is None:
             # Out of reach at 2x: the error line says the best pair; try a lower target once.
             t = pbs(f"tune-{n}-1.5x", "tune", gguf, "--seq-len", n, "--target-speedup", "1.5x",
-                    "--max-accuracy-drop", "1", "--trials", trials, "--device", "cuda", "--out", str(prof))
+                    "--max-accuracy-drop", "1", "--trials", trials, "--accuracy-samples", guard, "--device", "cuda",
+                    "--out", str(prof))
         if t is None:
             continue
         acc = t.get("accuracy") or {}

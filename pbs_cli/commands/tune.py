@@ -95,6 +95,12 @@ def command(
                      help="Save the profile even when, on held-out text, it misses --target-speedup "
                           "(otherwise exit 1 and nothing saved)."),
     ] = False,
+    accuracy_samples: Annotated[
+        Optional[int],
+        typer.Option("--accuracy-samples", min=1, metavar="N",
+                     help="Held-out prompts per task and depth for the accuracy check (3 depths, 2 tasks).",
+                     show_default="2 on the CPU, 6 on a GPU"),
+    ] = None,
 ) -> None:
     """Search per-layer PBS settings that reach a target attention speedup with the least error.
 
@@ -129,7 +135,8 @@ def command(
     check_seq_len(loaded, n)
     out_path = out if out is not None else Path("pbs-out") / f"{slug(loaded.name)}-{format_length(n)}.yaml"
     settings = TuneSettings(target_speedup=target_speedup, out=out_path, trials=trials, storage=storage,
-                            study=study, seed=seed, model_name=loaded.name, max_accuracy_drop=max_accuracy_drop)
+                            study=study, seed=seed, model_name=loaded.name, max_accuracy_drop=max_accuracy_drop,
+                            eval_samples=accuracy_samples)
     check_tune(settings, n)
     calib, heldout, notes = split_prompt(loaded, n, input)
     for note in notes:

@@ -163,11 +163,12 @@ def test_tune_real_model_short(smollm2, tmp_path):
     dense and the profile on held-out pass keys and must see no loss."""
     out = tmp_path / "smollm2.yaml"
     r = invoke("tune", "smollm2", "--seq-len", "256", "--target-speedup", "1x", "--trials", "1", "--device", "cpu",
-               "--out", out, "--format", "json")
+               "--accuracy-samples", "1", "--out", out, "--format", "json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     acc = doc["accuracy"]
     assert acc["status"] == "checked" and "passkey" in acc["tasks"] and acc["dense_by_task"]["passkey"] >= 0.8
+    assert acc["samples"] == 1 and acc["chosen"]["n"] == 3 * len(acc["tasks"])  # 3 depths
     assert acc["chosen"]["passed"] and acc["chosen"]["dense_only"] == 0
     m = doc["metrics"]
     assert m["accuracy_check"] == "checked" and m["accuracy_drop_points"] <= 1.0
