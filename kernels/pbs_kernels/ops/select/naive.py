@@ -71,7 +71,9 @@ def final_rows(last_q: torch.Tensor, end, block_size: int) -> torch.Tensor:
     Why: those are the rows that produce the answer (the question and the template after it),
     and the rules that pool a threshold over many rows (`head`) or count the own segment
     (`total`) can leave them almost nothing of the earlier segments, where the fact asked for
-    lies (issue 21, scripts/real_model_passkey.py --diagnose). Two rows of N/b tiles are at most
+    lies. On SmolLM2-135M at 4K (scripts/real_model_passkey.py --diagnose 2, one prompt) the head
+    rule at tau 0.93 computed 2-19% of the last 16 rows' attention to the pass-key sentence in
+    layers 20-24, where those rows attend to it most; the row rule 34-99%. Two rows of N/b tiles are at most
     4 / (N/b + 1) of dense attention's tiles: 12% at 4K with b = 128, under 0.4% at 128K."""
     return last_q >= end - block_size
 
