@@ -198,7 +198,7 @@ def _resolve_source(model: str | None) -> _Source:
     if model.lower() in KNOWN_GGUF:
         return _gguf_source(model, known_gguf_path(model.lower()))
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or model.lower().endswith(".gguf"):
-        raise ModelError(f"{model}: no such file or folder; pass an existing model folder, GGUF file or a Hugging Face id")
+        raise ModelError(f"{model}: no such folder or GGUF file; pass an existing model folder, GGUF file or a Hugging Face id")
     return _Source(model, model)
 
 

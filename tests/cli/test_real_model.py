@@ -72,7 +72,7 @@ def test_gguf_bad_input_one_line(tmp_path, capsys, monkeypatch):
     code, line = main_error(capsys, "analyze", two, "--device", "cpu", "--out", tmp_path / "o")
     assert code == 1 and "holds 2 GGUF files (a.gguf, b.gguf)" in line and "pass the path of the one" in line
     code, line = main_error(capsys, "eval", tmp_path / "missing.gguf", "--device", "cpu", "--out", tmp_path / "o")
-    assert code == 1 and "no such file or folder" in line
+    assert code == 1 and "no such folder or GGUF file" in line
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
     code, line = main_error(capsys, "analyze", damaged, "--device", "cpu", "--out", tmp_path / "o")
