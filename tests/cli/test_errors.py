@@ -193,7 +193,7 @@ CASES = [
      ["neither a local folder"]),
     # -- bench
     ("bench-seq-len-word", ["bench", *FAST_B, "--seq-len", "long"], 2, ["--seq-len"], []),
-    ("bench-head-dim", ["bench", *FAST_B, "--head-dim", "96"], 2, ["--head-dim", "96"], []),
+    ("bench-head-dim", ["bench", *FAST_B, "--head-dim", "72"], 2, ["--head-dim", "72"], []),  # 96 runs since issue 23
     ("bench-baselines", ["bench", *FAST_B, "--baselines", "cudnn,foo"], 2, ["--baselines", "foo"], []),
     ("bench-max-error", ["bench", *FAST_B, "--max-error", "-1"], 2, ["--max-error"], []),
     ("bench-workload", ["bench", *FAST_B, "--workload", "mystery"], 2, ["--workload"], []),

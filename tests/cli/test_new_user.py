@@ -81,7 +81,9 @@ def snapshot(folder: Path) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # Rows 1 and 2: Ctrl-C during `pbs tune`, then the same command again.
 
-TUNE_N, TUNE_TRIALS = "512", "8"
+# 1024 tokens, as tests/cli/test_tune.py: at 512 the final rows (kept whole since issue 21) are a
+# quarter of the prompt and no setting of the tiny model beats 1.00x.
+TUNE_N, TUNE_TRIALS = "1024", "8"
 
 
 def tune_args(model: Path, out: Path, log: Path) -> list[str]:
@@ -390,8 +392,9 @@ def test_eval_labels_dense_below_min_seq_len(files, cwd, capsys, monkeypatch):
     args = fill(["eval", *FAST_E, "--profile", "{demo_profile}", "--out", "e"], files, cwd)
     rc, _, err, ran_in = rendered("eval", args, capsys, monkeypatch, 80, cwd)
     assert rc == 0, err
-    table = err.split("Exact-match", 1)[1]
-    assert "ran dense" in " ".join(table.split()), err
+    table = err.split("Dense vs PBS on the same prompts", 1)[1]
+    # The label may wrap inside its cell ("(ran" on one line, "dense)" on the next).
+    assert "(ran" in table and "dense)" in table, err
     doc = json.loads((ran_in / "e" / "eval.json").read_text())
     assert doc["pbs_ran"] == {"1024": "dense"}
     md = (ran_in / "e" / "eval.md").read_text()

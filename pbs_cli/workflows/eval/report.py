@@ -45,12 +45,13 @@ def verdict_line(c: PairedCell, floor: float) -> str:
             f"{100 * c.drop_high:.0f} points is not ruled out; {lost})")
 
 
-def _paired_rows(cells: list[PairedCell]) -> list[str]:
+def _paired_rows(cells: list[PairedCell], result: EvalResult) -> list[str]:
     rows = []
     for c in cells:
+        ran = "" if c.seq_len is None else ran_note(result, c.seq_len)  # what the profile ran there
         rows.append(f"| {c.task} | {c.seq_len if c.seq_len is not None else '-'} | "
                     f"{'-' if c.depth is None else f'{c.depth:g}'} | {c.both + c.dense_only}/{c.n} | "
-                    f"{c.both + c.pbs_only}/{c.n} | {c.dense_only} | {c.pbs_only} | "
+                    f"{c.both + c.pbs_only}/{c.n}{ran} | {c.dense_only} | {c.pbs_only} | "
                     f"{100 * c.drop:+.1f} [{100 * c.drop_low:+.1f}, {100 * c.drop_high:+.1f}] | {c.p_value:.3f} | "
                     f"{c.verdict} |")
     return rows
@@ -100,10 +101,10 @@ def markdown(result: EvalResult) -> str:
                   f"exact test uses only the prompts one method answers and the other misses. A cell where dense "
                   f"answers less than {100 * result.floor:.0f}% is blind: it cannot show a drop.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += _paired_rows(result.paired)
+        lines += _paired_rows(result.paired, result)
         if result.paired_overall is not None:
-            lines += _paired_rows([result.paired_overall])
-        lines += _paired_rows(sorted(result.paired_depths, key=lambda c: (c.task, c.seq_len, c.depth)))
+            lines += _paired_rows([result.paired_overall], result)
+        lines += _paired_rows(sorted(result.paired_depths, key=lambda c: (c.task, c.seq_len, c.depth)), result)
         lines += [""] + [f"- {verdict_line(c, result.floor)}" for c in result.paired]
         if result.paired_overall is not None:
             lines.append(f"- {verdict_line(result.paired_overall, result.floor)}")
