@@ -28,6 +28,7 @@ from pbs_kernels.reference import dense_reference
 
 from ..lengths import format_length
 from ._util import _free
+from .harness import DENSE_TOL
 from .results import FAILED, OK, UNAVAILABLE, MethodResult, SeqLenResult
 
 DENSE_ROWS = ("sdpa-lower-right", "varlen-flash", "dense-per-seq")
@@ -74,8 +75,6 @@ def _row(bench, name: str, fn: Callable[[], Any], ref, n: int, *, dense: bool, d
     del out
     row.ms = bench.time(fn, n)
     if dense:
-        from .workflow import DENSE_TOL
-
         if not row.error <= DENSE_TOL:
             row.status, row.note = FAILED, f"error {row.error:.3g} > {DENSE_TOL:g} vs the fp32 reference"
         return row
