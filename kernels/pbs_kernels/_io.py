@@ -1,4 +1,5 @@
-"""Atomic file writes, shared by the runtime (profiles) and the toolkit (reports)."""
+"""Atomic file writes, shared by the runtime (profiles) and the toolkit (reports), and the one
+cache folder both use (measured crossovers, dequantized GGUF models)."""
 from __future__ import annotations
 
 import os
@@ -28,3 +29,12 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
             pass
         raise
     return path
+
+
+def cache_dir() -> Path | None:
+    """Where pbs keeps what it can recompute: $PBS_CACHE_DIR, else $XDG_CACHE_HOME/pbs, else
+    ~/.cache/pbs; PBS_CACHE_DIR=off (or none, 0, false, no, an empty value) turns caching off."""
+    value = os.environ.get("PBS_CACHE_DIR")
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false", "no") else Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pbs"

@@ -6,21 +6,21 @@ where it crosses over depends on the GPU, the heads, the head dim and the settin
 
 The first call in a length bucket (the next power of two of the key length) times both paths on
 that call's own inputs, as they will run (eager or graph), and keeps the answer for the bucket:
-in this process, and on CUDA also in a JSON file under the user's cache directory
-($PBS_CACHE_DIR, else $XDG_CACHE_HOME/pbs, else ~/.cache/pbs), keyed by the GPU's name and the
-torch and Triton versions. Sparse must beat dense by `MARGIN` to be chosen, so a timing's noise
+in this process, and on CUDA also in a JSON file in pbs's cache folder (`_io.cache_dir`: off with
+PBS_CACHE_DIR=off), keyed by the GPU's name and the torch and Triton versions. Sparse must beat dense by `MARGIN` to be chosen, so a timing's noise
 cannot make a call slower than dense attention.
 """
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ._io import cache_dir, write_atomic
 
 AUTO = "auto"
 MARGIN = 0.95  # sparse is chosen when it takes at most 95% of dense's time
@@ -49,13 +49,14 @@ def choice_key(q: torch.Tensor, k: torch.Tensor, settings: tuple) -> tuple:
     return (_device_name(q.device), str(q.dtype), B, HQ, k.shape[1], D, length_bucket(N), M == N) + tuple(settings)
 
 
-def cache_path() -> Path:
-    root = os.environ.get("PBS_CACHE_DIR")
+def cache_path() -> Path | None:
+    """The crossover file for this torch and Triton, or None with caching off."""
+    root = cache_dir()
     if root is None:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pbs")
+        return None
     import triton
 
-    return Path(root) / f"crossover-torch{torch.__version__}-triton{triton.__version__}.json"
+    return root / f"crossover-torch{torch.__version__}-triton{triton.__version__}.json"
 
 
 def _load(path: Path) -> None:
@@ -74,12 +75,9 @@ def _load(path: Path) -> None:
 def _save(path: Path) -> None:
     rows = [{"key": list(k), "sparse": v} for k, v in _CHOICES.items()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, path)  # whole file or none
+        write_atomic(path, json.dumps(rows, indent=1))
     except OSError:
-        pass  # a read-only cache directory only costs a measurement per process
+        pass  # a read-only cache folder only costs a measurement per process
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:

@@ -236,16 +236,6 @@ def _config_problem(e: Exception, name: str, src: _Source, local: bool, model_ty
     return None
 
 
-def _cache_root() -> Path | None:
-    """Where pbs keeps dequantized GGUF models: $PBS_CACHE_DIR, else $XDG_CACHE_HOME/pbs, else
-    ~/.cache/pbs; PBS_CACHE_DIR=off (or none, 0, an empty value) turns the cache off."""
-    value = os.environ.get("PBS_CACHE_DIR")
-    if value is not None:
-        return None if value.strip().lower() in ("", "0", "off", "none", "false", "no") else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pbs"
-
-
 def gguf_cache(src: _Source, *, offline: bool = True) -> Path | None:
     """A save_pretrained folder holding the GGUF model of `src` dequantized to fp32 (the exact
     values of the quantized weights) with its tokenizer, written on first use; None when the
@@ -256,7 +246,9 @@ def gguf_cache(src: _Source, *, offline: bool = True) -> Path | None:
     size and mtime and the transformers version, so a changed file or reader makes a new entry."""
     import hashlib
 
-    root = _cache_root()
+    from pbs_kernels._io import cache_dir
+
+    root = cache_dir()
     if root is None:
         return None
     import transformers
