@@ -159,6 +159,12 @@ class LayerConfig:
                     permute=self.permute, estimator=self.estimator, threshold_mass=self.threshold_mass,
                     vertical_keys=self.vertical_keys)
 
+    def short_for(self, n_keys: int) -> bool:
+        """Whether a prompt of `n_keys` keys runs dense by its length alone, as pbs_attention
+        decides: one segment or less, or under an integer min_seq_len ("auto" is decided at run
+        time, by measurement). `dense` is the caller's to check."""
+        return n_keys <= self.segment_size or (self.min_seq_len != "auto" and n_keys < self.min_seq_len)
+
     def validate(self) -> LayerConfig:
         """Raise ProfileError naming the field and its allowed range; return self when valid."""
         _check_layer(dataclasses.asdict(self), "LayerConfig")

@@ -218,7 +218,7 @@ def _dense_reason(state: _State, module, query, key, value, attention_mask, drop
         return "non-causal"
     if q_len == 1 or (q_len != kv_len and attention_mask is None and not _has_cu_seqlens(kwargs)):
         return "decode"  # one query per step (a chunk always comes with a mask from transformers)
-    if kv_len <= cfg.segment_size or (cfg.min_seq_len != "auto" and kv_len < cfg.min_seq_len):
+    if cfg.short_for(kv_len):
         return "short prompt"  # dense by design: no warning for what PBS would not run anyway
     if dropout and module.training:
         state.warn_once("dropout", "pbs: attention dropout is on (training mode); PBS is an inference kernel, so "

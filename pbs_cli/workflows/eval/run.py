@@ -453,8 +453,7 @@ def ran_label(cfgs, n: int) -> str:
     """What a profile (its layers' configs `cfgs`) runs on an `n`-token prompt: "pbs", "pbs on
     k of L layers", or "dense" (pbs_attention falls back below min_seq_len and at one segment).
     A layer with min_seq_len "auto" counts as sparse: it runs PBS where PBS measured faster."""
-    sparse = sum(1 for c in cfgs if not c.dense and n > c.segment_size
-                 and (c.min_seq_len == "auto" or n >= c.min_seq_len))
+    sparse = sum(1 for c in cfgs if not c.dense and not c.short_for(n))
     auto = any(not c.dense and c.min_seq_len == "auto" for c in cfgs)
     if sparse == 0:
         return "dense"
@@ -514,12 +513,9 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
 
         cfgs = [profile.layer(m.layer_idx) for m in attention_layers(model)]
         # The prompts' own lengths: at the model's limit they are a few tokens shorter than asked.
-        # min_seq_len "auto" decides at run time (measured), so only an integer one is known here.
         shortest = {n: min(len(p.input_ids) for p in prompts if p.seq_len == n) for n in {p.seq_len for p in prompts}}
         dense_lengths = [n for n in seq_lens if n in shortest
-                         and any(not c.dense and (shortest[n] <= c.segment_size
-                                                  or (c.min_seq_len != "auto" and shortest[n] < c.min_seq_len))
-                                 for c in cfgs)]
+                         and any(not c.dense and c.short_for(shortest[n]) for c in cfgs)]
         pbs_ran = {n: ran_label(cfgs, shortest.get(n, n)) for n in seq_lens}
     tasks = [t for t in tasks if any(p.task == t for p in prompts)]
     return EvalPlan(model, tokenizer, profile, profile_name, model_name, methods, tasks, list(seq_lens), depths,
