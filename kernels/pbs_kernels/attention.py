@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import BlockList, identity_positions
-from .graphs import pbs_graphs, why_eager
+from .graphs import check_graph_mode, pbs_graphs, why_eager
 from .limits import BACKENDS, BLOCK_SIZES, ESTIMATORS, HEAD_DIMS, THRESHOLD_MASS
 from .ops import _common
 from .ops._common import default_scale, interpreting, resolve_backend
@@ -514,8 +514,7 @@ def pbs_attention(
     """
     _validate_cached(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
                      window, sinks, softcap, vertical_keys)
-    if graph not in (False, True, "auto"):
-        raise ValueError(f"pbs_attention: graph {graph!r} must be False, True or 'auto'")
+    check_graph_mode("pbs_attention", graph)
     N = k.shape[2]
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
@@ -769,8 +768,7 @@ def pbs_attention_varlen(
                  min_seq_len=min_seq_len, scale=scale, backend=backend, return_stats=return_stats, window=window,
                  sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass,
                  vertical_keys=vertical_keys, graph=graph)
-    if graph not in (False, True, "auto"):
-        raise ValueError(f"pbs_attention_varlen: graph {graph!r} must be False, True or 'auto'")
+    check_graph_mode("pbs_attention_varlen", graph)
     if (caches is not None or q.shape[0] == 0 or min_seq_len == "auto" or vertical_keys or threshold_mass == "head"
             or packed is False or (packed is None and _one_dominates(bk))):
         return _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs)

@@ -142,6 +142,15 @@ def pbs_graphs() -> PbsGraphs:
     return _DEFAULT
 
 
+GRAPH_MODES = (False, True, "auto")
+
+
+def check_graph_mode(where: str, graph) -> None:
+    """ValueError unless `graph` is one of GRAPH_MODES (pbs_attention, varlen, apply_profile)."""
+    if graph not in GRAPH_MODES:
+        raise ValueError(f"{where}: graph {graph!r} must be False, True or 'auto'")
+
+
 def why_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *, return_stats: bool,
               cache, auto: bool = False) -> str | None:
     """Why a pbs_attention call cannot be captured (None when it can)."""

@@ -42,6 +42,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import pbs_attention, pbs_attention_varlen
+from ..graphs import check_graph_mode
 from ..limits import BACKENDS, HEAD_DIMS
 from ..profile import LayerConfig, PbsProfile
 
@@ -600,8 +601,7 @@ def apply_profile(model, profile: PbsProfile | str | os.PathLike | None = None, 
     register()
     old: _State | None = getattr(model, _STATE_ATTR, None)
     previous = old.previous if old is not None else _current_impl(model)
-    if graph not in (False, True, "auto"):
-        raise ValueError(f"apply_profile: graph {graph!r} must be False, True or 'auto'")
+    check_graph_mode("apply_profile", graph)
     state = _State(profile, previous, backend=backend, collect_stats=collect_stats, graph=graph)
     _select(model, ATTN_NAME)
     _bind(model, modules, state)
