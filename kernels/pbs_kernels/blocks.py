@@ -278,7 +278,7 @@ def window_density(n_tokens: int, block_size: int, window: int | None) -> float:
     FlashAttention's window and PBS's selection do), per causal tile. 1.0 without a window.
     Query block i's earliest visible key is i*b - window + 1, so its tiles are key blocks
     max(0, (i*b - window + 1) // b) .. i."""
-    nb = -(-n_tokens // block_size)
+    nb = cdiv(n_tokens, block_size)
     if window is None or nb == 0:
         return 1.0
     tiles = sum(i - max(0, (i * block_size - window + 1) // block_size) + 1 for i in range(nb))

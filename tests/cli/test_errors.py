@@ -23,13 +23,13 @@ import os
 import re
 import shutil
 import tempfile
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-from pbs_cli.app import app, main
+from _cli import run_pbs, snapshot
+from pbs_cli.app import app
 
 CUDA = torch.cuda.is_available()
 
@@ -91,28 +91,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "garbage_yaml": garbage_yaml, "list_yaml": listing, "nofit": nofit_path, "prompt": prompt,
         "empty": empty, "folder": folder, "weights_file": tiny / "model.safetensors",
     }
-
-
-def run_pbs(args, capsys, monkeypatch) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `pbs ARGS`; an exception escaping main is a traceback the
-    user would see, so the test fails with it."""
-    monkeypatch.delenv("PBS_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - report it as what the user would see
-        out, err = capsys.readouterr()
-        pytest.fail(f"a traceback reached the user of `pbs {' '.join(map(str, args))}`:\n{err[-1500:]}\n"
-                    f"{traceback.format_exc()[-3000:]}")
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 def error_line(err: str) -> str:

@@ -13,12 +13,12 @@ from collections import Counter
 import os
 import re
 import signal
-import traceback
 from pathlib import Path
 
 import pytest
 
-from pbs_cli.app import main
+import _cli
+from _cli import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +41,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def run_pbs(args, capsys, monkeypatch, columns: int = 80) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `pbs ARGS` at a terminal `columns` wide."""
-    monkeypatch.delenv("PBS_DEBUG", raising=False)
-    monkeypatch.setenv("COLUMNS", str(columns))
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - what the user would see
-        out, err = capsys.readouterr()
-        pytest.fail(f"a traceback reached the user of `pbs {' '.join(map(str, args))}`:\n{err[-1500:]}\n"
-                    f"{traceback.format_exc()[-3000:]}")
-    out, err = capsys.readouterr()
-    return code, out, err
+    return _cli.run_pbs(args, capsys, monkeypatch, columns)
 
 
 def fill(args, files, cwd) -> list[str]:
@@ -72,10 +59,6 @@ def cwd(tmp_path, monkeypatch) -> Path:
 
 def usage_text(err: str) -> str:
     return re.sub(r"[\s│╭╮╰╯─]+", " ", err)
-
-
-def snapshot(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 # ---------------------------------------------------------------------------------------------
