@@ -192,8 +192,6 @@ def greedy_answer(model, tok, ids, max_new: int, stats: bool):
 
 
 def run_row(model, tok, prompts, cfg, device: str, backend: str, max_new: int = 20):
-    import torch
-
     from pbs_kernels import LayerConfig, PbsProfile
     from pbs_kernels.integrations.hf import apply_profile, remove_profile
 
@@ -242,7 +240,7 @@ def diagnose(model, tok, p, cfg: dict, last_rows: int = 16):
         plan = pbs_plan(q, k, v, scale=call.scaling, backend="torch", **layer.plan_kwargs())
         _, lse = plan.attend(q, return_lse=True)  # [1, HQ, N]
         kk = k.repeat_interleave(HQ // H, 1)
-        lse_all, needle_share = [], None
+        lse_all = []
         for r0 in range(0, N, 512):
             s = torch.einsum("bhmd,bhnd->bhmn", q[:, :, r0:r0 + 512], kk) * call.scaling
             qpos = torch.arange(r0, min(N, r0 + 512), device=q.device)

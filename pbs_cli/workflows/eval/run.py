@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from .. import distributed
 from ..progress import ProgressFn, no_progress
 from .errors import LengthBeyondPositions, ProfileMismatchError
-from .tasks import (DEPTH_TASKS, TASKS, Haystack, Sample, check_depths, check_tasks, default_tasks, detect_grammar,
+from .tasks import (DEPTH_TASKS, Haystack, Sample, check_depths, check_tasks, default_tasks, detect_grammar,
                     make_samples)
 
 __all__ = [
