@@ -61,7 +61,9 @@ from ._util import _free, _one_line, _sync
 from .e2e import run_e2e
 from .flex import flex_block_mask
 # The data types live in results.py (torch-free); re-exported here, the module tests and callers use.
-from .harness import DENSE_TOL, KERNEL_TOL, causal_flops, check_blocks, kernel_error, plan_flops
+# N_CHECK_BLOCKS and tile_flops are re-exported: callers (tests) read them from this module.
+from .harness import (DENSE_TOL, KERNEL_TOL, N_CHECK_BLOCKS, causal_flops, check_blocks,  # noqa: F401
+                      kernel_error, plan_flops, tile_flops)
 from .results import (BASELINES, CSV_COLUMNS, FAILED, OK, SKIPPED, UNAVAILABLE, WORKLOADS,  # noqa: F401
                       BenchReport, BenchSettings, E2EResult, EnvInfo, MethodResult, PbsConfig, SeqLenResult,
                       csv_rows)
