@@ -155,7 +155,7 @@ def make_prompts(tok, length: int, depths: int, per_depth: int, seed: int) -> li
     return out
 
 
-def settings(fix: bool) -> dict[str, dict | None]:
+def settings() -> dict[str, dict | None]:
     """Rows: name -> LayerConfig fields (None: dense)."""
     base = dict(min_seq_len=0)
     rows = {
@@ -298,7 +298,7 @@ def main() -> None:
     backend = "triton" if args.device == "cuda" else "torch"
     tok, model = load_model(args.device)
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows = settings(fix=True)
+    rows = settings()
     if args.rows:
         rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
     results: dict = {}
