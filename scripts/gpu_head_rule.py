@@ -31,7 +31,7 @@ from pbs_kernels.ops.select.fused import select_blocks_triton
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_vertical_slash, make_workload
 
-from gpu_select_dev import cudnn_fn, fresh_permuted, med  # scripts/ is on the path when run as a script
+from gpu_select_estimators import cudnn_fn, fresh_permuted, med  # scripts/ is on the path when run as a script
 
 CONFIGS = {  # workload -> [(estimator, threshold_mass, threshold, vertical_keys)]
     # first row: the acceptance profile of BENCHMARKS section 12 (row rule), the "before"

@@ -1,7 +1,8 @@
-"""Issue 14 development run for the lent GPU: selection estimators, threshold over the total
-mass, fixed overhead and tile rate, on the vertical-slash and the default synthetic workloads.
+"""Selection estimators (`mean`, `top`) and threshold masses (`earlier`, `total`) on a CUDA GPU:
+error, density, speed and selection efficiency on the vertical-slash and the default synthetic
+workloads, the fixed overhead of a call and the tile rate (BENCHMARKS section 8; issue 14).
 
-    python scripts/gpu_select_dev.py [--len 131072] [--small 32768] [--out DIR]
+    python scripts/gpu_select_estimators.py [--len 131072] [--small 32768] [--out DIR]
 
 1. Correctness on fresh random data: the Triton selection equals the torch reference (tiles) for
    every estimator x threshold mass on odd shapes; threshold 1.0 equals dense attention.
@@ -212,7 +213,7 @@ def main():
                                    ("top", "total", 0.99)], [], rows["runs"])
         if "overhead" in parts:
             overhead(q, k, v, [("mean", "earlier", 0.9)], rows["overhead"])
-    with open(os.path.join(args.out, "gpu_select_dev.json"), "w") as f:
+    with open(os.path.join(args.out, "select_estimators.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
     print("\nsummary")
     for r in rows["runs"]:

@@ -1,6 +1,6 @@
 """Which accuracy proxy ranks PBS settings like task accuracy (docs/eval.md, BENCHMARKS.md).
 
-    python scripts/eval_proxies.py --seq-len 2048 --out pbs-out/proxies.json
+    python scripts/proxy_correlation.py --seq-len 2048 --out pbs-out/proxies.json
 
 Runs pbs_cli.workflows.eval.proxies.proxy_study on the embedded demo model: a grid of settings
 (threshold x permute, every layer alike), their retrieval accuracy and each proxy, and the

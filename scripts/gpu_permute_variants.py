@@ -2,7 +2,7 @@
 kernels on fresh data, then timings at 128K (medians of do_bench), then what TF32 pooled scores
 would change in the selection.
 
-    python scripts/gpu_permute_dev.py [--baseline FILE]
+    python scripts/gpu_permute_variants.py [--baseline FILE]
 
 --baseline: a score.py from an earlier commit (e.g. `git show REV:kernels/pbs_kernels/ops/permute/score.py`)
 to time next to the current kernel in the same process.

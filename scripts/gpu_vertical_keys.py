@@ -1,6 +1,6 @@
 """Vertical keys (`vertical_keys`) on the lent GPU: correctness, then error and speed at 128K.
 
-    python scripts/gpu_vertical.py [--len 131072] [--out DIR]
+    python scripts/gpu_vertical_keys.py [--len 131072] [--out DIR]
 
 1. Correctness on fresh random bf16 data, odd shapes: the Triton attend with vertical keys
    equals the fp32 torch reference (`attend_naive`, which adds the same keys) for whole prompts,
@@ -26,7 +26,7 @@ from pbs_kernels.ops.attend import attend_naive
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_vertical_slash, make_workload
 
-from gpu_select_dev import cudnn_fn, med  # scripts/ is on the path when run as a script
+from gpu_select_estimators import cudnn_fn, med  # scripts/ is on the path when run as a script
 
 SWEEP = {  # workload -> [(estimator, threshold, vertical_keys)]
     "vertical": [(e, t, n) for e in ("mean", "top") for t in (0.8, 0.9, 0.95, 0.98) for n in (0, 2, 8)],

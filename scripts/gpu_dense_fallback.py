@@ -1,7 +1,7 @@
 """The dense fallback at short prompts: cuDNN on K/V copied per query head (the bench's dense
 reference, copy not timed), cuDNN with grouped heads, and pbs_attention below min_seq_len.
 
-    python scripts/gpu_fallback_dev.py [--seq-len 8192]
+    python scripts/gpu_dense_fallback.py [--seq-len 8192]
 
 Three alternating rounds of do_bench medians, so clock drift shows up as spread.
 """

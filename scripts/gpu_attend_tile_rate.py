@@ -1,8 +1,13 @@
-"""Kernel development run for the lent GPU: correctness on fresh random data, then timings.
+"""The attend kernel's tile rate against cuDNN, and permutation / selection times (BENCHMARKS
+sections 1 and 3), on a CUDA GPU: correctness on fresh random data first, then timings.
 
-    python scripts/gpu_kernel_dev.py [--lens 8192,32768,131072] [--variants]
+    python scripts/gpu_attend_tile_rate.py [--lens 8192,32768,131072] [--variants] [--out DIR]
 
-Prints one table; the numbers are medians of triton.testing.do_bench.
+Per length (B=1, 32 / 8 heads, D 128, bf16): dense SDPA (cuDNN, flash), permute, select (torch
+and Triton), and the attend kernel on a fixed random budget of earlier blocks per row and on all
+causal tiles: TFLOP/s of the computed tiles over cuDNN's dense causal rate. --variants times the
+kernel knobs (tensor descriptors, stages, FMA softmax) instead of the defaults. Prints one JSON
+row per measurement (medians of triton.testing.do_bench); writes attend_tile_rate.json to --out.
 """
 from __future__ import annotations
 
@@ -148,7 +153,7 @@ def main():
         for r in rows:
             if r["N"] == N:
                 print(json.dumps({kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in r.items()}), flush=True)
-    with open(os.path.join(args.out, "kernel_dev.json"), "w") as f:
+    with open(os.path.join(args.out, "attend_tile_rate.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
 

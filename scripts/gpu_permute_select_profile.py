@@ -1,7 +1,7 @@
 """Where permutation and selection spend their time at 128K (torch.profiler, CUDA kernels), and
 their share of a whole pbs_attention call.
 
-    python scripts/gpu_profile_overhead.py [--seq-len 131072]
+    python scripts/gpu_permute_select_profile.py [--seq-len 131072]
 
 Kernel times come from the profiler, so the share is GPU time by kernel with no host gaps or
 clock drift between separately timed parts.
