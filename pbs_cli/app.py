@@ -112,13 +112,17 @@ def _user_message(e: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug (which keeps its traceback)."""
     if isinstance(e, PbsError):
         return message(e)
-    # ProfileError is checked only if its module was loaded: importing pbs_kernels here would pull
-    # torch into `pbs --help`. If the error was raised, the module is loaded.
-    profiles = sys.modules.get("pbs_kernels.profile")
-    if profiles is not None and isinstance(e, profiles.ProfileError):
-        from .workflows.errors import ProfileFileError
+    # A backstop, not a second translation: commands read profile files through
+    # workflows.profiles.load_profile, which raises ProfileFileError. A raw ProfileError can still
+    # come from a profile built in code and checked later (tune's result.profile.validate(), a
+    # LayerConfig inside apply_profile) or from a path that reads a file with PbsProfile.load;
+    # it gets the same words through the same function. Checked only if its module was loaded:
+    # importing pbs_kernels here would pull torch into `pbs --help`; if it was raised, it is loaded.
+    kernels_profile = sys.modules.get("pbs_kernels.profile")
+    if kernels_profile is not None and isinstance(e, kernels_profile.ProfileError):
+        from .workflows.profiles import file_error
 
-        return message(ProfileFileError(str(e)))
+        return message(file_error(e))
     return None
 
 

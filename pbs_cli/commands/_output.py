@@ -16,7 +16,6 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from pbs_kernels._io import write_atomic  # noqa: F401  (re-exported for commands)
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text

@@ -1,7 +1,8 @@
 """`pbs eval`: long-context retrieval accuracy, dense and with a PBS profile, side by side.
 
 The work is in workflows/eval (tasks, running and scoring, reports); this module parses the
-options, loads the model, prints and writes the reports.
+options, loads the profile and the model, prints, and writes the reports through
+workflows.outputs (kept in a temporary folder if --out fails after the work).
 """
 
 from __future__ import annotations
@@ -121,23 +122,19 @@ def command(
     """
     from ..workflows.eval import Haystack
     from ..workflows.eval.run import execute_eval, prepare_eval
-    from ..workflows.eval.report import write_reports
+    from ..workflows.eval.report import report_files
     from ..workflows.eval.tasks import check_depths, check_tasks
     from ..workflows.model import load_model, read_text_input
+    from ..workflows.outputs import check_out_dir, save_files
+    from ..workflows.profiles import load_profile
     from ._output import Output
-
-    from ..workflows.outputs import check_out_dir
 
     # Everything that can be checked without the model, before loading it.
     out_dir = check_out_dir(out if out is not None else DEFAULT_OUT)  # before minutes of work
     task_list = check_tasks(tasks) if tasks else None
     depth_list = check_depths(depths)
     lens = list(seq_len) if seq_len else list(DEFAULT_LENS)
-    prof = None
-    if profile is not None:
-        from pbs_kernels.profile import PbsProfile
-
-        prof = PbsProfile.load(profile)  # a ProfileError is a one-line message naming the file
+    prof = load_profile(profile) if profile is not None else None  # no --profile: dense only
     text = None
     if input is not None:
         text = read_text_input(input)
@@ -168,8 +165,12 @@ def command(
         result = execute_eval(plan, progress=report, floor=floor / 100.0)
     if profile is not None:
         result.profile = str(profile)
-    paths = write_reports(result, out_dir)
+    files = report_files(result)
+    saved = save_files(out_dir, files, label="pbs-eval")
+    # By kind (json, md, png), where they are: --out, or the temporary folder after a failure.
+    paths = {Path(name).suffix.lstrip("."): path for name, path in zip(files, saved.paths)}
     _print(o, result, paths)
+    saved.raise_failure()
 
 
 def _print(o, result, paths) -> None:

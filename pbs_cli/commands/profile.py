@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from ..workflows.errors import ProfileFileError
+from ..workflows.profiles import load_profile
 from ._options import FormatOpt
 from ._output import Output
 
-if TYPE_CHECKING:
-    from pbs_kernels.profile import PbsProfile
-
 FileArg = Annotated[Path, typer.Argument(metavar="FILE", help="A PBS profile YAML.", show_default=False)]
-
-
-def _load(file: Path) -> PbsProfile:
-    # Imported here: pbs_kernels may pull in torch, which `pbs --help` must not pay for.
-    from pbs_kernels.profile import PbsProfile, ProfileError
-
-    try:
-        return PbsProfile.load(file)
-    except ProfileError as e:
-        raise ProfileFileError(str(e)) from e
 
 
 def show(file: FileArg, format: FormatOpt = "table") -> None:
@@ -32,7 +19,7 @@ def show(file: FileArg, format: FormatOpt = "table") -> None:
 
     Example: pbs profile show profiles/default.yaml --format json
     """
-    profile = _load(file)
+    profile = load_profile(file)
     out = Output(format)
     if out.json:
         out.emit_json(profile.to_dict())
@@ -66,7 +53,7 @@ def validate(file: FileArg, format: FormatOpt = "table") -> None:
 
     Example: pbs profile validate profiles/llama8b.yaml
     """
-    profile = _load(file)
+    profile = load_profile(file)
     out = Output(format)
     if out.json:
         out.emit_json({"ok": True, "path": str(file), "model": profile.model, "layers": sorted(profile.layers)})

@@ -15,10 +15,7 @@ import io
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from pbs_kernels._io import write_atomic
 
 from .capture import CapturedLayer, capture_prefill
 from .errors import LayerMissing, LayerSpecInvalid
@@ -32,7 +29,6 @@ __all__ = [
     "parse_layers",
     "run_analysis",
     "render_pictures",
-    "write_pictures",
 ]
 
 VERDICT_MARGIN = 0.05
@@ -408,12 +404,6 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
-
-
-def write_pictures(report: AnalysisReport, out_dir: str | Path) -> list[Path]:
-    """`render_pictures` written into `out_dir` (each file atomically); returns the paths."""
-    out_dir = Path(out_dir)
-    return [write_atomic(out_dir / name, data) for name, data in render_pictures(report).items()]
 
 
 def render_pictures(report: AnalysisReport) -> dict[str, bytes]:

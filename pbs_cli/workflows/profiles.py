@@ -3,6 +3,10 @@
     profile = load_profile(path)      # ProfileFileError (one line, exit 1) for a missing or bad file
     profile = load_profile(None)      # the method defaults (PbsProfile.default())
 
+`file_error` is the translation itself (pbs_kernels' ProfileError -> the toolkit's
+ProfileFileError); `load_profile` applies it, and app.main's backstop applies it to a
+ProfileError raised anywhere else.
+
 pbs_kernels is imported inside the function: `pbs --help` must not pay for torch.
 """
 
@@ -12,7 +16,13 @@ import os
 
 from .errors import ProfileFileError
 
-__all__ = ["load_profile"]
+__all__ = ["file_error", "load_profile"]
+
+
+def file_error(e: Exception) -> ProfileFileError:
+    """pbs_kernels' ProfileError `e` as the toolkit's error (its message already names the file
+    and the field; commands._messages adds the fix)."""
+    return ProfileFileError(str(e))
 
 
 def load_profile(path: str | os.PathLike | None):
@@ -25,4 +35,4 @@ def load_profile(path: str | os.PathLike | None):
     try:
         return PbsProfile.load(path)
     except ProfileError as e:
-        raise ProfileFileError(str(e)) from e
+        raise file_error(e) from e

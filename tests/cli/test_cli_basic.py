@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pbs_cli.workflows.errors import ModelError, PbsError
-from pbs_cli.commands._output import Output, to_jsonable, write_atomic
+from pbs_cli.commands._output import Output, to_jsonable
+from pbs_kernels._io import write_atomic
 from pbs_cli.app import app, main
 from pbs_kernels.profile import LayerConfig, PbsProfile
 

@@ -324,6 +324,20 @@ def test_bench_late_write_failure_keeps_the_results(late, capsys, monkeypatch):
     assert results and json.loads(results[0].read_text())["results"]
 
 
+@pytest.mark.skipif("eval" not in {c.name for c in app.registered_commands}, reason="pbs eval is not registered")
+def test_eval_late_write_failure_keeps_the_reports(files, late, capsys, monkeypatch):
+    rc, out, err = run_pbs(["eval", files["tiny"], *FAST_E, "--depths", "0.5", "--out", late, "--format", "json"],
+                           capsys, monkeypatch)
+    assert rc == 1 and "Traceback" not in err
+    doc = json.loads(out)  # the results were still printed
+    saved = _saved_elsewhere(_last_error(err), late)
+    reports = [p for s in saved for p in ([s] if s.is_file() else s.rglob("eval.json"))]
+    assert reports and json.loads(reports[0].read_text())["results"] == doc["results"]
+    # The printed document names where the files are now, not the --out that failed.
+    assert sorted(doc["files"]) == ["json", "md", "png"]
+    assert all(Path(p).is_file() and late.resolve() not in Path(p).resolve().parents for p in doc["files"].values())
+
+
 def _last_error(err: str) -> str:
     """A late failure comes after the command's own output: keep the error line and the hint."""
     lines = err.splitlines()

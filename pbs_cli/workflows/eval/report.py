@@ -1,6 +1,6 @@
-"""Eval reports: JSON, Markdown and a needle heatmap PNG, each written atomically.
+"""Eval reports: JSON, Markdown and a needle heatmap PNG, rendered to text and bytes.
 
-    paths = write_reports(result, "out/eval")   # eval.json, eval.md, eval_needle.png
+    files = report_files(result)   # {"eval.json": "...", "eval.md": "...", "eval_needle.png": b"..."}
 
 matplotlib is imported only when the PNG is drawn.
 """
@@ -12,12 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pbs_kernels._io import write_atomic
-
 from .run import CellResult, EvalResult, PairedCell
 from .tasks import DEPTH_TASKS
 
-__all__ = ["heatmap_png", "markdown", "verdict_line", "write_reports"]
+__all__ = ["heatmap_png", "markdown", "report_files", "verdict_line"]
 
 
 def _pct(x: float) -> str:
@@ -187,21 +185,21 @@ def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def write_reports(result: EvalResult, out_dir: str | Path, *, stem: str = "eval") -> dict[str, Path]:
-    """Write `{stem}.json`, `{stem}.md` and (with a depth task) `{stem}_needle.png` into `out_dir`,
-    each whole or not at all. Everything is rendered before the first file is written. On a
-    torchrun rank other than 0 nothing is written ({}): rank 0 writes the one copy."""
+def report_files(result: EvalResult, *, stem: str = "eval") -> dict[str, str | bytes]:
+    """The reports by file name, rendered in memory: `{stem}.json`, `{stem}.md` and (with a
+    depth task) `{stem}_needle.png`. The command writes them with workflows.outputs.save_files,
+    which keeps them in a temporary folder if the output folder fails. On a torchrun rank other
+    than 0: {} (rank 0 writes the one copy; the others need not draw the PNG)."""
     from ..distributed import is_main
 
     if not is_main():
         return {}
-    out_dir = Path(out_dir)
     doc: dict[str, Any] = result.to_dict()
-    payloads: dict[str, tuple[Path, str | bytes]] = {
-        "json": (out_dir / f"{stem}.json", json.dumps(doc, indent=2, allow_nan=False) + "\n"),
-        "md": (out_dir / f"{stem}.md", markdown(result)),
+    files: dict[str, str | bytes] = {
+        f"{stem}.json": json.dumps(doc, indent=2, allow_nan=False) + "\n",
+        f"{stem}.md": markdown(result),
     }
     png = heatmap_png(result)
     if png is not None:
-        payloads["png"] = (out_dir / f"{stem}_needle.png", png)
-    return {kind: write_atomic(path, data) for kind, (path, data) in payloads.items()}
+        files[f"{stem}_needle.png"] = png
+    return files

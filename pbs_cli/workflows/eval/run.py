@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import distributed
+from ..profiles import load_profile
 from ..progress import ProgressFn, no_progress
 from .errors import LengthBeyondPositions, ProfileMismatchError
 from .tasks import (DEPTH_TASKS, Haystack, Sample, check_depths, check_tasks, default_tasks, detect_grammar,
@@ -483,8 +484,9 @@ def prepare_eval(model, tokenizer, *, profile=None, seq_lens: Sequence[int] = (8
         raise ValueError(f"run_eval: samples must be >= 1, got {samples}")
     profile_name = None
     if profile is not None and not isinstance(profile, PbsProfile):
+        # A path from a Python caller; `pbs eval` passes the PbsProfile it loaded.
         profile_name = str(profile)
-        profile = PbsProfile.load(profile)
+        profile = load_profile(profile)
     elif profile is not None:
         profile_name = profile.model and f"<profile for {profile.model}>"
     if profile is not None:

@@ -2,7 +2,7 @@
 
     result = run_tune(model, calib_ids, heldout_ids, TuneSettings(target_speedup=2.0, out=path),
                       progress=report_fn)
-    result.profile.save(path)
+    save_file(path, result.profile.dumps())   # the command writes it (workflows.outputs)
 
 1. Calibration: one dense prefill of `calib_ids` captures every layer's post-RoPE Q, K, V
    (pbs_kernels.integrations.hf.capture_attention).
