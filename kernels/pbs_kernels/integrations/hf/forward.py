@@ -1,78 +1,30 @@
-"""PBS attention inside Hugging Face transformers models, through the public AttentionInterface.
+"""The "pbs" attention function transformers calls at inference, and the state it reads.
 
-    from pbs_kernels.integrations.hf import apply_profile, remove_profile, pbs_profile
-    apply_profile(model, "profiles/llama8b.yaml")   # long prefills now run PBS attention
-    remove_profile(model)                           # back to the attention the model had
-
-    with pbs_profile(model, profile):               # the same, scoped
-        model(input_ids)
-
-`register()` adds an attention function "pbs" to transformers' `AttentionInterface` and a mask
-function "pbs" to `AttentionMaskInterface` (without one, transformers builds no mask at all for an
-unknown implementation, so padding would be silently dropped). `apply_profile` selects "pbs" on
-the model and binds the profile to every attention module; the function reads the settings of
-`module.layer_idx` at each call.
-
-PBS runs for causal prefill of prompts longer than the layer's `min_seq_len` and its segment:
-whole prompts, prompt chunks against a KV cache (transformers' chunked prefill: the queries are
-the last M of the N cached positions), padded batches and packed sequences (`position_ids` that
-restart, or flash-style `cu_seq_lens_q/k` kwargs), which are unpadded into
-`pbs_attention_varlen`; sliding windows, learned sinks (gpt-oss) and logit soft-capping (Gemma 2)
-run inside the kernels. A mask is used only when it is exactly causal attention over contiguous
-runs of keys (padding, packing, chunks, the layer's window); any other mask runs dense. Exact
-dense attention also serves decode steps (one query), layers marked `dense: true`, short prompts,
-and, with one warning per model, what PBS does not implement: dropout, head dims other than
-64, 80, 96, 128 and 256, other dtypes and custom masks.
-
-`capture_attention` is the hook the toolkit's analysis uses: it hands each layer's post-RoPE Q,
-K and V to a callback during a normal forward pass.
+`pbs_attention_forward` reads the settings of `module.layer_idx` from the `_State` that
+`apply_profile` bound to the module (the default profile when none was bound), decides whether
+the call can run PBS (`_dense_reason`; what the kernels do not implement is `_unsupported`, which
+the capture hook's `AttentionCall.fallback_reason` asks too), turns a padding, packing or chunk
+mask into packed sequences for `pbs_attention_varlen`, and otherwise runs exact dense attention
+(`_dense`, which the capture function also falls back to).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import pbs_attention, pbs_attention_varlen
-from ..graphs import check_graph_mode
-from ..limits import BACKENDS, HEAD_DIMS
-from ..profile import LayerConfig, PbsProfile
+from ...attention import pbs_attention, pbs_attention_varlen
+from ...limits import HEAD_DIMS
+from ...profile import LayerConfig, PbsProfile
+from ._common import _STATE_ATTR
 
-__all__ = [
-    "ATTN_NAME",
-    "CAPTURE_NAME",
-    "AttentionCall",
-    "LayerStats",
-    "PbsFallbackWarning",
-    "PbsIntegrationError",
-    "StopForward",
-    "apply_profile",
-    "attention_layers",
-    "capture_attention",
-    "pbs_profile",
-    "pbs_stats",
-    "register",
-    "remove_profile",
-]
-
-ATTN_NAME = "pbs"
-CAPTURE_NAME = "pbs_capture"
-_STATE_ATTR = "_pbs_state"
-_CAPTURE_ATTR = "_pbs_capture"
 # One instance to look up the stock functions ("sdpa") the dense path delegates to.
 _ATTENTION = AttentionInterface()
-
-
-class PbsIntegrationError(ValueError):
-    """A model PBS cannot be applied to; the message is one line saying why and what to do."""
 
 
 class PbsFallbackWarning(UserWarning):
@@ -395,248 +347,4 @@ def pbs_attention_forward(module, query, key, value, attention_mask, dropout: fl
             float(sum(st.density for st in stats) / len(stats)), [float(x) for x in per_head], len(stats),
         )
     return out, None
-
-
-# ---------------------------------------------------------------------------------------------
-# The capture function used by analysis and tuning.
-
-
-class StopForward(Exception):
-    """Raise it from a `capture_attention` callback to end the forward pass early (after the last
-    layer of interest); catch it around the model call."""
-
-
-@dataclass
-class AttentionCall:
-    """One attention layer's inputs, as the model hands them to its attention function.
-
-    query: [B, HQ, N, D] and key/value: [B, H, KV, D], positions already applied (post-RoPE).
-    scaling: the softmax scale the model uses (Gemma's is not 1/sqrt(D)).
-    softcap, sliding_window: what the module passes, None when it does not use them.
-    """
-
-    layer_idx: int | None
-    module: torch.nn.Module
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    attention_mask: torch.Tensor | None
-    scaling: float
-    softcap: float | None = None
-    sliding_window: int | None = None
-    sinks: Any = None
-
-    def fallback_reason(self) -> str | None:
-        """Why the "pbs" attention function would run this layer dense whatever the profile
-        (e.g. "softcap 30", "sliding window 4096", "head dim 96"), or None when PBS can run it."""
-        found = _unsupported(self.query, self.key, self.value,
-                             {"softcap": self.softcap, "sliding_window": self.sliding_window, "sinks": self.sinks})
-        return None if found is None else found[1]
-
-
-@dataclass
-class _Capture:
-    on_layer: Callable[[AttentionCall], torch.Tensor | None]
-    layers: frozenset[int] | None
-    calls: int = 0  # callback invocations; 0 after a forward means attention bypassed the interface
-    seen: int = 0  # attention calls through the capture function, selected or not
-
-
-def _capture_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs):
-    cap: _Capture | None = getattr(module, _CAPTURE_ATTR, None)
-    layer_idx = getattr(module, "layer_idx", None)
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(query.shape[-1])
-    out = None
-    if cap is not None:
-        cap.seen += 1
-        if cap.layers is None or layer_idx in cap.layers:
-            cap.calls += 1
-            out = cap.on_layer(AttentionCall(
-                layer_idx, module, query, key, value, attention_mask, scaling,
-                kwargs.get("softcap"), kwargs.get("sliding_window"),
-                kwargs.get("s_aux", kwargs.get("sinks")),
-            ))
-    if out is not None:
-        return out.transpose(1, 2).contiguous(), None
-    return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-
-
-@contextmanager
-def capture_attention(model, on_layer: Callable[[AttentionCall], torch.Tensor | None], *,
-                      layers: Iterable[int] | None = None) -> Iterator[_Capture]:
-    """Inside the block, each forward pass of `model` calls `on_layer(call)` for every attention
-    layer in `layers` (all when None), in layer order. The callback may return the layer's output
-    [B, HQ, N, D] to use instead of dense attention (None: exact dense attention), and may raise
-    `StopForward` to end the pass early. Yields a handle whose `calls` counts callback invocations.
-    The model's previous attention implementation is restored on exit.
-    """
-    register()
-    modules = _require_attention_layers(model)
-    previous = _current_impl(model)
-    cap = _Capture(on_layer, None if layers is None else frozenset(int(i) for i in layers))
-    _select(model, CAPTURE_NAME)
-    for m in modules:
-        setattr(m, _CAPTURE_ATTR, cap)
-    try:
-        yield cap
-    finally:
-        for m in modules:
-            if getattr(m, _CAPTURE_ATTR, None) is cap:
-                delattr(m, _CAPTURE_ATTR)
-        _select(model, previous, check=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registration and selection.
-
-
-def register() -> None:
-    """Register "pbs" (and "pbs_capture") with transformers' attention and mask interfaces.
-    Idempotent. After it, `from_pretrained(..., attn_implementation="pbs")` also works (with the
-    default profile until `apply_profile` binds another)."""
-    AttentionInterface.register(ATTN_NAME, pbs_attention_forward)
-    AttentionInterface.register(CAPTURE_NAME, _capture_forward)
-    # sdpa_mask returns None for unpadded causal prefill and decode (the fast path) and a boolean
-    # mask otherwise, which the dense path applies; padding is never dropped.
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-
-
-def attention_layers(model) -> list[torch.nn.Module]:
-    """The model's attention modules: those with an integer `layer_idx` and 'Attention' in
-    their class name (decoder layers and mixers also carry a layer_idx)."""
-    return [
-        m for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and "Attention" in type(m).__name__
-    ]
-
-
-def _require_attention_layers(model) -> list[torch.nn.Module]:
-    modules = attention_layers(model)
-    if not modules:
-        raise PbsIntegrationError(
-            f"{type(model).__name__} has no attention layers with a layer_idx; PBS supports decoder "
-            "models whose attention goes through transformers' AttentionInterface (Llama, Qwen, Mistral, Gemma...)"
-        )
-    return modules
-
-
-def _current_impl(model) -> str | None:
-    return getattr(model.config, "_attn_implementation", None)
-
-
-def _select(model, name: str | None, *, check: bool = True) -> None:
-    setter = getattr(model, "set_attn_implementation", None)
-    if name is None:
-        name = "sdpa"
-    if callable(setter):
-        setter(name)
-    else:  # transformers without the public setter
-        model.config._attn_implementation = name
-    if check and _current_impl(model) != name:
-        raise PbsIntegrationError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
-            f"so attention '{name}' cannot be selected; PBS supports Llama, Qwen2/3, Mistral, Gemma and "
-            "other models built on the attention interface"
-        )
-
-
-def _as_profile(profile) -> PbsProfile:
-    if profile is None:
-        return PbsProfile.default()
-    if isinstance(profile, PbsProfile):
-        return profile
-    if isinstance(profile, (str, os.PathLike)):
-        return PbsProfile.load(profile)
-    raise TypeError(f"profile must be a PbsProfile, a path or None, not {type(profile).__name__}")
-
-
-def _bind(model, modules, state: _State) -> None:
-    for m in modules:
-        setattr(m, _STATE_ATTR, state)
-    # A plain attribute (not a submodule or buffer): nn.Module stores it in __dict__.
-    model._pbs_state = state
-
-
-def _unbind(model, modules) -> None:
-    for m in modules:
-        if hasattr(m, _STATE_ATTR):
-            delattr(m, _STATE_ATTR)
-    if hasattr(model, _STATE_ATTR):
-        delattr(model, _STATE_ATTR)
-
-
-# ---------------------------------------------------------------------------------------------
-# Public entry points.
-
-
-def apply_profile(model, profile: PbsProfile | str | os.PathLike | None = None, *, backend: str = "auto",
-                  collect_stats: bool = False, graph: bool | str = "auto"):
-    """Make `model` use PBS attention with per-layer settings from `profile`.
-
-    profile: a PbsProfile, a path to a profile YAML, or None for `PbsProfile.default()` (whose
-    min_seq_len keeps prompts under 16K tokens dense). backend: "auto" (Triton on CUDA, torch on
-    CPU), "triton" or "torch". collect_stats: record each layer's density in the last forward,
-    read with `pbs_stats(model)` (off: no extra work). graph: pbs_attention's CUDA-graph mode for
-    prefill calls ("auto": a shape and setting seen twice is captured and replayed when the call
-    is small enough for the host to dominate; False: eager). Applying again replaces the profile;
-    `remove_profile` restores the attention the model had before the first apply.
-
-    Raises PbsIntegrationError (one line) when the model has no attention layers PBS can drive,
-    ProfileError for a bad profile file. Returns the model.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"apply_profile: backend {backend!r} is not one of {BACKENDS}")
-    profile = _as_profile(profile)
-    modules = _require_attention_layers(model)
-    n_layers = max(m.layer_idx for m in modules) + 1
-    extra = sorted(i for i in profile.layers if i >= n_layers)
-    if extra:
-        raise PbsIntegrationError(
-            f"the profile sets layer {extra[0]} but {type(model).__name__} has {n_layers} layers "
-            f"(0-{n_layers - 1}); was the profile made for another model ({profile.model or 'unknown'})?"
-        )
-    register()
-    old: _State | None = getattr(model, _STATE_ATTR, None)
-    previous = old.previous if old is not None else _current_impl(model)
-    check_graph_mode("apply_profile", graph)
-    state = _State(profile, previous, backend=backend, collect_stats=collect_stats, graph=graph)
-    _select(model, ATTN_NAME)
-    _bind(model, modules, state)
-    return model
-
-
-def remove_profile(model):
-    """Undo `apply_profile`: restore the previous attention implementation. No-op without one."""
-    state: _State | None = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return model
-    _select(model, state.previous, check=False)
-    _unbind(model, attention_layers(model))
-    return model
-
-
-@contextmanager
-def pbs_profile(model, profile: PbsProfile | str | os.PathLike | None = None, **kwargs):
-    """`with pbs_profile(model, profile): ...` applies the profile for the block only; a profile
-    applied before the block is back in force after it."""
-    old: _State | None = getattr(model, _STATE_ATTR, None)
-    apply_profile(model, profile, **kwargs)
-    try:
-        yield model
-    finally:
-        if old is None:
-            remove_profile(model)
-        else:
-            _select(model, ATTN_NAME, check=False)
-            _bind(model, attention_layers(model), old)
-
-
-def pbs_stats(model) -> dict[Any, LayerStats]:
-    """Per-layer statistics of the last forward (layer_idx -> LayerStats); empty unless the
-    profile was applied with collect_stats=True."""
-    state: _State | None = getattr(model, _STATE_ATTR, None)
-    return dict(state.last_stats) if state is not None else {}
 
