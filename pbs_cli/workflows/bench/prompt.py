@@ -10,6 +10,7 @@ layer's min_seq_len; then the sparse baselines asked for, which reuse PBS's plan
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Optional
 
 from pbs_kernels.analysis import analyze_layer
@@ -170,9 +171,9 @@ def _pbs_rows(c: Prompt) -> list[MethodResult]:
         t_perm = 0.0 if h.timed else None
         perm_row = MethodResult("pbs.permute", SKIPPED, note="permute off")
     keys = permute_stage(q, c.k, c.v, permute=layer.permute, **stage)
-    t_sel = h.time(lambda: select_stage(q, keys, threshold=layer.threshold, estimator=layer.estimator,
-                                        threshold_mass=layer.threshold_mass, **stage), N)
-    del keys
+    t_sel = h.time(partial(select_stage, q, keys, threshold=layer.threshold, estimator=layer.estimator,
+                           threshold_mass=layer.threshold_mass, **stage), N)
+    del keys  # a copy of K/V in slot order
     t_att = h.time(lambda: c.plan.attend(q), N)
     c.stages_ms = t_perm + t_sel if t_perm is not None and t_sel is not None else None
     sel_row = MethodResult("pbs.select", OK, ms=t_sel)

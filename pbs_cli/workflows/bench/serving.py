@@ -158,7 +158,7 @@ def chunk_case(h: Harness, wl: Workload, chunk: int) -> SeqLenResult:
     result.methods.append(h.measure("pbs-chunk-nocache", lambda: pbs_attention(c.qc, k, v, **kw), ref, N,
                                     dense=False, unavailable_on=_UNAVAILABLE_ON, density=st0.density))
     step()
-    del ref, c
+    del ref
     _free(q.device)
     return credit(result)
 
@@ -223,6 +223,6 @@ def varlen_case(h: Harness, seqs: list[Workload]) -> SeqLenResult:
     row.note = f"{len(lengths) - n_dense} sequences PBS, {n_dense} dense; density weighted by n^2"
     result.methods.append(row)
     step()
-    del p, ref
+    del ref
     _free(dev)
     return credit(result)
