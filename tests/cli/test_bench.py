@@ -494,10 +494,12 @@ def test_e2e_on_the_demo_model(small_profile, demo_model):
 
 def test_plot_of_timed_results(tmp_path):
     pytest.importorskip("matplotlib")
-    from pbs_cli.commands.bench import plot_png, write_outputs
+    from pbs_cli.commands.bench import write_outputs
+    from pbs_cli.workflows.bench.render import plot_png
+    from pbs_kernels.profile import LayerConfig
 
     env = bw.EnvInfo("NVIDIA test card", "12.8", None, "2.11", "3.6", None, "bfloat16", "median of do_bench")
-    cfg = bw.PbsConfig(128, 256, 0.9, True, "defaults")
+    cfg = bw.PbsConfig(LayerConfig(128, 256, 0.9, True), "defaults")
     report = bw.BenchReport(env, {}, cfg, "synthetic")
     for n, dense_ms, pbs_ms in ((8192, 2.0, 3.0), (32768, 30.0, 12.0)):
         res = bw.SeqLenResult(n, 1, 32, 8, 128, "fp32", "cudnn", dense_ms)

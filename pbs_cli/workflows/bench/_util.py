@@ -1,6 +1,11 @@
-"""Device housekeeping shared by the bench's attention and end-to-end parts."""
+"""Device housekeeping shared by the bench's attention and end-to-end parts. torch is imported
+inside the functions: baselines.py imports this module and stays torch-free at import."""
 
 from __future__ import annotations
+
+import gc
+
+from ..errors import summary
 
 
 def _sync(device) -> None:
@@ -11,8 +16,6 @@ def _sync(device) -> None:
 
 
 def _free(device) -> None:
-    import gc
-
     import torch
 
     gc.collect()
@@ -21,6 +24,4 @@ def _free(device) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    from ..errors import summary
-
     return summary(e)

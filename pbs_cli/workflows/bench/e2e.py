@@ -5,12 +5,16 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
+from .. import distributed
 from ..capture import logits_kwargs
 from ..errors import E2EUnavailable, ModelUnsupported, ProfileNotForModel
+from ..model import build_prompt, check_seq_len, load_model
 from ..progress import ProgressFn
-from .. import distributed
 from ._util import _free, _one_line
-from .results import E2E_REPS, E2E_WARMUP, BenchSettings, E2EResult
+from .results import E2EResult
+from .settings import E2E_REPS, E2E_WARMUP, BenchSettings
 
 
 def _ttft_ms(model, input_ids, device, warmup: int = E2E_WARMUP, reps: int = E2E_REPS):
@@ -18,8 +22,6 @@ def _ttft_ms(model, input_ids, device, warmup: int = E2E_WARMUP, reps: int = E2E
     those logits in fp32 on the CPU). Under torchrun every rep starts with all ranks lined up
     (distributed.sync_all) and counts the slowest rank's time (distributed.slowest): a sharded
     prefill is done when its last rank is."""
-    import torch
-
     kwargs = logits_kwargs(model)
     times = []
     logits = None
@@ -39,20 +41,16 @@ def _ttft_ms(model, input_ids, device, warmup: int = E2E_WARMUP, reps: int = E2E
     return statistics.median(distributed.slowest(times, device)), logits
 
 
-def run_e2e(s: BenchSettings, device, progress: ProgressFn) -> tuple[list[E2EResult], list[str]]:
-    """TTFT of the model as loaded (dense attention), then with the profile applied. Everything
-    that can fail on the user's input (the model, the lengths, the profile and whether it fits
-    the model) is checked before the first timing; `run_bench` runs this before the attention
-    bench, so a profile made for another model fails in seconds, not after the whole bench."""
-    from pbs_kernels.profile import PbsProfile
-
-    from ..model import build_prompt, check_seq_len, load_model
-
-    try:
+def run_e2e(s: BenchSettings, profile, device, progress: ProgressFn) -> tuple[list[E2EResult], list[str]]:
+    """TTFT of the model as loaded (dense attention), then with `profile` (the PbsProfile that
+    run_bench loaded from s.profile, or the defaults) applied. Everything that can fail on the
+    user's input (the model, the lengths, whether the profile fits the model) is checked before
+    the first timing; `run_bench` runs this before the attention bench, so a profile made for
+    another model fails in seconds, not after the whole bench."""
+    try:  # the integration needs transformers, an optional dependency
         from pbs_kernels.integrations.hf import PbsIntegrationError, apply_profile, attention_layers, remove_profile
     except ImportError as e:
         raise E2EUnavailable(_one_line(e)) from None
-    profile = PbsProfile.load(s.profile) if s.profile else PbsProfile.default()
     loaded = load_model(s.model, device=device.type, dtype=s.dtype, tensor_parallel=True)
     for n in s.seq_lens:
         check_seq_len(loaded, n)

@@ -1,49 +1,24 @@
-"""`pbs bench`'s settings and results: plain data, torch-free (the command imports it for --help).
+"""`pbs bench`'s results: plain data, torch-free (the command imports it for --help).
 
-The JSON document, results.csv and results.md are written from these by the command.
+The JSON document, results.csv, results.md and the plot are rendered from these (render.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-BASELINES = ("cudnn", "flash", "efficient", "flex", "noperm")
-WORKLOADS = ("synthetic", "vertical", "captured")  # the first two: pbs_kernels.workloads.WORKLOADS
-E2E_WARMUP, E2E_REPS = 1, 3
+if TYPE_CHECKING:
+    from pbs_kernels.profile import LayerConfig
 
 OK, FAILED, UNAVAILABLE, SKIPPED = "ok", "FAILED", "unavailable", "skipped"
 
 
-# ---------------------------------------------------------------------------------------------
-# Settings and results (plain data).
-
-
-@dataclass
-class BenchSettings:
-    """What to bench. Mirrors `pbs bench`'s options; see the command's help."""
-
-    seq_lens: list[int]
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
-    batch: int = 1
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
-    device: str = "auto"  # auto | cuda | cpu
-    workload: str = "synthetic"  # synthetic | vertical | captured
-    model: Optional[str] = None
-    layer: Optional[int] = None
-    profile: Optional[str] = None  # path of a profile YAML
-    baselines: tuple[str, ...] = BASELINES
-    seed: int = 0
-    max_error: Optional[float] = None  # None: 0.05, or 2e-2 at threshold 1.0
-    e2e: bool = False
-    fp32_ref_max_len: int = 131072
-    e2e_warmup: int = E2E_WARMUP
-    e2e_reps: int = E2E_REPS
-    chunks: list[int] = field(default_factory=list)  # chunked-prefill rows: the last chunk of each seq_len
-    lengths: list[int] = field(default_factory=list)  # one packed varlen batch of these lengths
-    prompt_rows: bool = True  # False: only the chunk and varlen rows
+def is_part(method: str) -> bool:
+    """pbs.permute, pbs.attend, flex.attend...: a part of a pipeline, timed alone, never credited
+    with a speedup (the plot draws them dashed)."""
+    return "." in method
 
 
 @dataclass
@@ -59,25 +34,31 @@ class EnvInfo:
     ranks: int = 1  # tensor-parallel processes (torchrun); 1: one process
 
 
-@dataclass
 class PbsConfig:
-    """The PBS knobs benched (from the profile's layer, or the method defaults)."""
+    """The PBS settings benched: one layer's LayerConfig whole (the profile's layer, or the
+    method defaults) and where it came from. In the JSON document it is the layer's settings
+    with `source` (`dense` left out: the bench times the layer's PBS settings either way, and a
+    note says when the profile runs the layer dense)."""
 
-    block_size: int
-    segment_size: int
-    threshold: float
-    permute: bool
-    source: str  # "defaults" or "PATH layer L"
-    min_seq_len: int | str = 0  # below it (or "auto") a model may run dense: the "pbs-auto" row times that path
-    estimator: str = "mean"
-    threshold_mass: str = "earlier"
-    vertical_keys: int = 0
+    __slots__ = ("layer", "source")
 
-    def runtime_kwargs(self) -> dict:
-        """The pbs_attention keywords of these knobs (min_seq_len included)."""
-        return dict(block_size=self.block_size, segment_size=self.segment_size, threshold=self.threshold,
-                    permute=self.permute, min_seq_len=self.min_seq_len, estimator=self.estimator,
-                    threshold_mass=self.threshold_mass, vertical_keys=self.vertical_keys)
+    def __init__(self, layer: LayerConfig, source: str):
+        self.layer, self.source = layer, source  # source: "defaults" or "PATH layer L"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PbsConfig) and (self.layer, self.source) == (other.layer, other.source)
+
+    def __repr__(self) -> str:
+        return f"PbsConfig({self.layer!r}, {self.source!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self.layer):
+            if f.name != "dense":
+                out[f.name] = getattr(self.layer, f.name)
+            if f.name == "permute":
+                out["source"] = self.source  # where results.json has always had it
+        return out
 
 
 @dataclass
