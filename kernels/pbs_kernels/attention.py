@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .blocks import BlockList, identity_positions
 from .graphs import check_graph_mode, pbs_graphs, why_eager
 from .limits import BACKENDS, BLOCK_SIZES, ESTIMATORS, HEAD_DIMS, THRESHOLD_MASS
-from .ops import _common
+from . import _host
 from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
 from .ops.permute import gather_permuted, segment_order
@@ -205,7 +205,7 @@ _VALID: set = set()
 
 def _validate_cached(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
                      window, sinks, softcap, vertical_keys) -> None:
-    if _common.LEGACY_HOST or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+    if _host.LEGACY_HOST or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator,
                          threshold_mass, window, sinks, softcap, vertical_keys)
     # type() beside values that a bool could stand for (True == 1 hashes like 1)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _common
+from ... import _host
 from .._common import cdiv, interpreting
 from ...blocks import BlockList, block_representatives, key_block_max_pos, key_block_stats, pool_query_blocks
 from .naive import HEAD_BINS, HEAD_BINS_PER_OCTAVE, head_cut
@@ -245,7 +245,7 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
     s = pooled_scores(q_pool, reps.reshape(B, H, nrep * nb, D)).reshape(B, HQ, nqb, nrep, nb)
     logw = s if logw is None else logw  # unused when NREP == 1
     sink = torch.argmin(min_pos, dim=-1)  # the block holding token 0 (int64: the kernel loads either)
-    if _common.LEGACY_HOST:
+    if _host.LEGACY_HOST:
         sink = sink.to(torch.int32).contiguous()
     max_pos = key_block_max_pos(pos, block_size) if window is not None else min_pos
     idx = torch.empty(B, HQ, nqb, nb, device=q.device, dtype=torch.int32)
