@@ -102,6 +102,10 @@ class PbsSettings:
         """The per-layer fields (`LAYER_FIELDS`) as keywords."""
         return {name: getattr(self, name) for name in LAYER_FIELDS}
 
+    def values(self) -> tuple:
+        """Every field's value, in field order (plain ints, floats, bools, strings and None)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     def kwargs(self) -> dict:
         """Every field as pbs_attention keywords."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

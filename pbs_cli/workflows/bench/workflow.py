@@ -392,13 +392,12 @@ class _Bench:
         exact block masses, chunked, never N x N; vertical keys counted in recall and work); None
         when permutation is off (the analysis measures the permuted selection)."""
         from pbs_kernels.analysis import analyze_layer
+        from pbs_kernels.settings import PbsSettings
 
         cfg = self.cfg
         if not cfg.permute:
             return None
-        a = analyze_layer(q, k, block_size=cfg.block_size, segment_size=cfg.segment_size, threshold=cfg.threshold,
-                          scale=scale, backend=self.backend, estimator=cfg.estimator,
-                          threshold_mass=cfg.threshold_mass, vertical_keys=cfg.vertical_keys)
+        a = analyze_layer(q, k, PbsSettings(**cfg.runtime_kwargs(), scale=scale, backend=self.backend))
         return a.selection_efficiency
 
     def _auto(self, q, k, v, scale, ref) -> MethodResult:
