@@ -17,6 +17,7 @@ the ops themselves.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -215,10 +216,13 @@ def _validate_cached(q, k, v, sinks, settings: PbsSettings) -> None:
 # Settings built from a call's keywords, by their values and types (True == 1 hashes like 1): a
 # repeated call skips the construction and its checks.
 _SETTINGS: dict = {}
+_FIELDS = tuple(f.name for f in dataclasses.fields(PbsSettings))
 
 
-def _settings(**fields) -> PbsSettings:
-    """PbsSettings(**fields), built once per distinct set of keyword values."""
+def _settings(args: dict) -> PbsSettings:
+    """The PbsSettings of a public function's keywords (`args`: its locals() on entry; the
+    fields it does not take keep their defaults), built once per distinct set of values."""
+    fields = {name: args[name] for name in _FIELDS if name in args}
     if _host.LEGACY_HOST:
         return PbsSettings(**fields)
     try:
@@ -362,7 +366,7 @@ def permute_stage(q, k, v, *, block_size: int = 128, segment_size: int = 256, pe
     them (`permute=False`: keys stay in order, positions are the identity). q may be the last M
     of the N positions (then the chunk's last block scores); `cache` keeps completed segments'
     order between the chunks of one prompt (PbsPrefixCache)."""
-    s = _settings(block_size=block_size, segment_size=segment_size, permute=permute, scale=scale, backend=backend)
+    s = _settings(locals())
     return permute_with(q, k, v, s, cache)
 
 
@@ -395,8 +399,7 @@ def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: 
     blocks holding the last block_size positions) keep every causal tile. `estimator`: how a tile's
     mass is estimated (`pbs_kernels.limits.ESTIMATORS`). With a sliding `window`: only blocks
     inside some query's window, the straddling ones masked."""
-    s = _settings(block_size=block_size, segment_size=segment_size, threshold=threshold, scale=scale,
-                  backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window)
+    s = _settings(locals())
     return select_with(q, keys, s)
 
 
@@ -470,9 +473,7 @@ def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, thresho
     """Steps 1 and 2 for q [B, HQ, M, D] (the last M of the N positions), k/v [B, H, N, D]: a
     PbsPlan (never dense; see `pbs_attention` for the short-prompt fallback). Same checks and
     knobs as pbs_attention."""
-    s = _settings(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
-                  scale=scale, backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window,
-                  softcap=softcap, vertical_keys=vertical_keys)
+    s = _settings(locals())
     _validate_cached(q, k, v, sinks, s)
     return _plan(q, k, v, s, sinks=sinks, cache=cache)
 
@@ -551,9 +552,7 @@ def pbs_attention(
 
     Returns the output [B, HQ, M, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
-    s = _settings(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
-                  min_seq_len=min_seq_len, scale=scale, backend=backend, estimator=estimator,
-                  threshold_mass=threshold_mass, window=window, softcap=softcap, vertical_keys=vertical_keys)
+    s = _settings(locals())
     return _attention(q, k, v, s, sinks=sinks, cache=cache, return_stats=return_stats, graph=graph)
 
 
@@ -774,9 +773,7 @@ def pbs_attention_varlen(
                              f"{bk[i + 1] - bk[i]} keys; queries must be the last M of the N keys (M <= N)")
     if caches is not None and len(caches) != n_seq:
         raise ValueError(f"pbs_attention_varlen: {len(caches)} caches for {n_seq} sequences; pass one per sequence")
-    s = _settings(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
-                  min_seq_len=min_seq_len, scale=scale, backend=backend, estimator=estimator,
-                  threshold_mass=threshold_mass, window=window, softcap=softcap, vertical_keys=vertical_keys)
+    s = _settings(locals())
     check_graph_mode("pbs_attention_varlen", graph)
     call = dict(sinks=sinks, return_stats=return_stats, graph=graph)
     if (caches is not None or q.shape[0] == 0 or s.min_seq_len == "auto" or s.vertical_keys
