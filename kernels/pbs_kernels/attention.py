@@ -222,20 +222,23 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(PbsSettings))
 def _settings(args: dict) -> PbsSettings:
     """The PbsSettings of a public function's keywords (`args`: its locals() on entry; the
     fields it does not take keep their defaults), built once per distinct set of values."""
-    fields = {name: args[name] for name in _FIELDS if name in args}
     if _host.LEGACY_HOST:
-        return PbsSettings(**fields)
+        return PbsSettings(**{name: args[name] for name in _FIELDS if name in args})
+    values = tuple([args.get(name, _ABSENT) for name in _FIELDS])
     try:
-        key = tuple((name, type(value), value) for name, value in fields.items())
+        key = (values, tuple([type(x) for x in values]))
         hit = _SETTINGS.get(key)
     except TypeError:  # an unhashable value: build it every time
-        return PbsSettings(**fields)
+        return PbsSettings(**{name: args[name] for name in _FIELDS if name in args})
     if hit is None:
-        hit = PbsSettings(**fields)
+        hit = PbsSettings(**{name: args[name] for name in _FIELDS if name in args})
         if len(_SETTINGS) > 4096:
             _SETTINGS.clear()
         _SETTINGS[key] = hit
     return hit
+
+
+_ABSENT = object()  # a field the function does not take
 
 
 # (settings, changes) -> settings.replace(**changes), for the per-call resolutions below
@@ -243,9 +246,7 @@ _REPLACED: dict = {}
 
 
 def _with(s: PbsSettings, **changes) -> PbsSettings:
-    """s.replace(**changes), built once per distinct (s, changes); s itself when nothing changes."""
-    if all(getattr(s, name) == value and type(getattr(s, name)) is type(value) for name, value in changes.items()):
-        return s
+    """s.replace(**changes), built once per distinct (s, changes)."""
     key = (s, tuple(changes.items()))
     hit = _REPLACED.get(key)
     if hit is None:
@@ -256,17 +257,20 @@ def _with(s: PbsSettings, **changes) -> PbsSettings:
     return hit
 
 
+def _with_scale(s: PbsSettings, q: torch.Tensor) -> PbsSettings:
+    """s with its scale a float (None: 1/sqrt(D))."""
+    return s if s.scale is not None else _with(s, scale=default_scale(q.shape[-1]))
+
+
 def _resolve(s: PbsSettings, q: torch.Tensor, n_keys: int | None = None) -> PbsSettings:
     """`s` as the ops run it for q: the backend picked ("auto" per tensor), the scale a float
     (None: 1/sqrt(D)) and, given the key count `n_keys`, a window that reaches every key dropped."""
-    window = s.window
-    if window is not None and n_keys is not None and window >= n_keys:
-        window = None  # no key is outside it
-    return _with(s, backend=resolve_backend(s.backend, q), scale=_scale(s, q), window=window)
-
-
-def _scale(s: PbsSettings, q: torch.Tensor) -> float:
-    return default_scale(q.shape[-1]) if s.scale is None else s.scale
+    be = s.backend if s.backend == "torch" else resolve_backend(s.backend, q)
+    drop = s.window is not None and n_keys is not None and s.window >= n_keys  # no key is outside it
+    if be == s.backend and s.scale is not None and not drop:
+        return s
+    return _with(s, backend=be, scale=default_scale(q.shape[-1]) if s.scale is None else s.scale,
+                 window=None if drop else s.window)
 
 
 def _upcast_for_interpreter(backend: str, *ts: torch.Tensor):
@@ -561,7 +565,7 @@ def _attention(q, k, v, s: PbsSettings, *, sinks=None, cache=None, return_stats=
     _validate_cached(q, k, v, sinks, s)
     check_graph_mode("pbs_attention", graph)
     N = k.shape[2]
-    s = _with(s, scale=_scale(s, q))  # the backend stays as asked: a dense call never needs it
+    s = _with_scale(s, q)  # the backend stays as asked: a dense call never needs it
     eager_reason = (why_eager(q, k, v, s.backend, return_stats=return_stats, cache=cache, auto=graph == "auto")
                     if graph else "graph=False")
 

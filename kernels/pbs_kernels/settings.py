@@ -65,6 +65,11 @@ class PbsSettings:
         for name in ("softcap", "scale"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
+        # Hashed once: the value keys per-call caches (a dataclass would hash its 12 fields each time).
+        object.__setattr__(self, "_hash", hash(self.values()))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def check(self, where: str = "pbs_attention") -> PbsSettings:
         """Raise ValueError naming the first bad field and what is allowed; return self."""
