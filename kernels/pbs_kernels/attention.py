@@ -14,6 +14,11 @@ sinks and logit soft-capping are kernel options.
 
 Tools that need the intermediates (analysis, tuning, benchmarks) call these instead of chaining
 the ops themselves.
+
+Each public function keeps plain keywords and builds one `PbsSettings` from them (cached per set
+of values); everything below carries that value whole: the checks, the plan, the CUDA-graph and
+crossover keys, varlen, the op calls (`permute_with` / `select_with` take it directly). The packed
+varlen path is the same op calls with `packed=layout`: each op package picks Triton or torch.
 """
 from __future__ import annotations
 
