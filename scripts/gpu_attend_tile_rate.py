@@ -30,6 +30,7 @@ from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.blocks import BlockList, block_geometry
 from pbs_kernels.ops.select import select_blocks
 from pbs_kernels.ops.select.naive import compact
+from pbs_kernels.settings import PbsSettings
 
 
 def rel(a, b):
@@ -86,7 +87,8 @@ def main():
             err = rel(o, dense_causal_attention(q.float(), k.float(), v.float()))
         else:
             kp, vp, pos = permute_keys(q, k, v, block_size=128, segment_size=256, scale=D ** -0.5, backend="triton")
-            bl = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=tau, scale=D ** -0.5)
+            bl = select_blocks(q, kp, pos, PbsSettings(block_size=128, segment_size=256, threshold=tau, scale=D ** -0.5,
+                                                       backend="torch"))
             o = torch.full_like(q, float("nan"))
             attend_triton(q, kp, vp, pos, bl, scale=D ** -0.5, out=o)
             sub = slice(0, 4)
@@ -117,13 +119,12 @@ def main():
         t_perm = do_bench(lambda: permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton"),
                           warmup=25, rep=100, return_mode="median")
         kp, vp, pos = permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton")
-        t_sel = do_bench(lambda: select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale),
-                         warmup=25, rep=100, return_mode="median")
-        t_sel_tr = do_bench(lambda: select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9,
-                                                  scale=scale, backend="triton"),
-                            warmup=25, rep=100, return_mode="median")
-        a = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale)
-        b_ = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
+        sel_torch = PbsSettings(block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="torch")
+        sel_triton = sel_torch.replace(backend="triton")
+        t_sel = do_bench(lambda: select_blocks(q, kp, pos, sel_torch), warmup=25, rep=100, return_mode="median")
+        t_sel_tr = do_bench(lambda: select_blocks(q, kp, pos, sel_triton), warmup=25, rep=100, return_mode="median")
+        a = select_blocks(q, kp, pos, sel_torch)
+        b_ = select_blocks(q, kp, pos, sel_triton)
         agree = (a.n_total == b_.n_total).float().mean().item()
         rows.append(dict(N=N, method="permute", ms=t_perm))
         rows.append(dict(N=N, method="select-torch", ms=t_sel))
@@ -131,7 +132,7 @@ def main():
         del a, b_
         # Attend throughput at a fixed per-row budget, and over all causal tiles.
         for name, bl in (("attend-budget", budget_blocks(B, HQ, N, 128, 256, args.budget, dev)),
-                         ("attend-all", select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=1.0, scale=scale))):
+                         ("attend-all", select_blocks(q, kp, pos, sel_torch.replace(threshold=1.0)))):
             tiles = bl.n_total.sum().item()
             dens = bl.density_per_head().mean().item()
             configs = [dict()]

@@ -7,7 +7,7 @@
    usual error of the fp32 dense reference (on 8 sampled query blocks, the last included: a
    full fp32 reference at 128K would take a minute per shape).
 2. Per shape (9/3/64 at 8K and 32K; 8/1/128, 4/1/128 and 32/8/128 at 32K and 128K), per mode:
-     before  eager with the old host path (pbs_kernels.ops._common.LEGACY_HOST = True)
+     before  eager with the old host path (pbs_kernels._host.LEGACY_HOST = True)
      eager   eager with this branch's host path (cached checks, fewer launches)
      graph   graph=True (a replay: input copies, the graph, an output copy)
      auto    min_seq_len="auto", graph=True: whichever path the crossover measured faster
@@ -35,7 +35,7 @@ from pbs_kernels import crossover, pbs_attention
 from pbs_kernels.attention import dense_causal_attention
 from pbs_kernels.graphs import pbs_graphs
 from pbs_kernels.metrics import output_error
-from pbs_kernels.ops import _common
+from pbs_kernels import _host
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_workload
 from pbs_cli.workflows.timing import call_cost, sdpa_runner
@@ -109,7 +109,7 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
     rows = []
     t_cudnn = None
     for name, fn in modes.items():
-        _common.LEGACY_HOST = name == "before"
+        _host.LEGACY_HOST = name == "before"
         try:
             out = fn()
             err = sampled_error(out, q, k, v)
@@ -118,7 +118,7 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
             row = dict(shape=f"{HQ}/{H}/{D}", N=N, mode=name, err=err, **cost)
             row["ms"] = do_bench(fn, warmup=5 if quick else 10, rep=30 if quick else 60, return_mode="median")
         finally:
-            _common.LEGACY_HOST = False
+            _host.LEGACY_HOST = False
         if name == "auto":  # the dense fallback's output is cuDNN's, bit for bit
             row["chose"] = "dense" if torch.equal(fn(), dense_causal_attention(q, k, v)) else "pbs"
         if name == "cudnn":

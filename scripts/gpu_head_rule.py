@@ -29,6 +29,7 @@ from pbs_kernels.metrics import output_error
 from pbs_kernels.ops.select import select_blocks_naive
 from pbs_kernels.ops.select.fused import select_blocks_triton
 from pbs_kernels.reference import dense_reference
+from pbs_kernels.settings import PbsSettings
 from pbs_kernels.workloads import make_vertical_slash, make_workload
 
 from gpu_select_estimators import cudnn_fn, fresh_permuted, med  # scripts/ is on the path when run as a script
@@ -48,8 +49,8 @@ def check():
         for m0 in (0, N - 3000):
             kw = dict(block_size=128, segment_size=256, threshold=0.9, scale=128 ** -0.5, estimator=est,
                       threshold_mass="head")
-            want = select_blocks_naive(q[:, :, m0:].float(), kp.float(), pos, **kw)
-            got = select_blocks_triton(q[:, :, m0:], kp, pos, key_stats=stats, **kw)
+            want = select_blocks_naive(q[:, :, m0:].float(), kp.float(), pos, PbsSettings(**kw))
+            got = select_blocks_triton(q[:, :, m0:], kp, pos, PbsSettings(**kw), key_stats=stats)
             diff = (got.dense_mask() != want.dense_mask()).float().mean().item()
             print(f"check {est} head queries {m0}..{N}: tiles differing from the torch reference {diff:.2e} "
                   f"(density {want.dense_mask().float().mean().item():.3f})", flush=True)
@@ -72,7 +73,7 @@ def sweep(name, make, N, small, rows):
         err = output_error(plan.attend(q), ref)
         dens, vert = float(plan.blocks.density_per_head().mean()), plan.vertical_density()
         t = med(lambda: pbs_attention(q, k, v, **kw))
-        a = analyze_layer(qs, ks, threshold=tau, estimator=est, threshold_mass=mass, vertical_keys=vk)
+        a = analyze_layer(qs, ks, PbsSettings(threshold=tau, estimator=est, threshold_mass=mass, vertical_keys=vk))
         row = dict(workload=name, N=N, estimator=est, mass=mass, threshold=tau, vertical_keys=vk, density=dens,
                    vertical=vert, error=err, pbs_ms=t, cudnn_ms=t_dense, speedup=t_dense / t,
                    recall_small=float(a.pbs_recall.mean()), eff_small=a.selection_efficiency)

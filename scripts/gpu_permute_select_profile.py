@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from pbs_kernels import pbs_attention
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.settings import PbsSettings
 from pbs_kernels.workloads import make_workload
 
 REPS = 5
@@ -36,12 +37,12 @@ def main():
     args = ap.parse_args()
     q, k, v = make_workload(args.seq_len, device="cuda", dtype=torch.bfloat16, seed=0)
     scale = q.shape[-1] ** -0.5
+    sel = PbsSettings(block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
 
     def perm_select():
         kp, vp, pos, stats = permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton",
                                           block_stats=True)
-        select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton",
-                      key_stats=stats)
+        select_blocks(q, kp, pos, sel, key_stats=stats)
 
     prof = profiled(perm_select)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))

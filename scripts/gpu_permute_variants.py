@@ -23,6 +23,7 @@ from pbs_kernels.ops.permute.order import segment_order_triton
 from pbs_kernels.ops.permute.score import score_keys_per_head, score_keys_triton
 from pbs_kernels.ops.select import fused as select_fused
 from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.settings import PbsSettings
 from pbs_kernels.workloads import make_workload
 
 
@@ -99,15 +100,15 @@ def tf32_selection(N=131072):
     scale = q.shape[-1] ** -0.5
     kp, vp, pos, stats = permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton",
                                       block_stats=True)
-    sel = dict(block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
+    sel = PbsSettings(block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     res = {}
     tf32_scores = select_fused.pooled_scores
     for tf32, key_stats in ((False, None), (True, None), (True, stats)):
         select_fused.pooled_scores = tf32_scores if tf32 else _fp32_scores
-        ms = bench(lambda: select_blocks(q, kp, pos, key_stats=key_stats, **sel))
-        blocks = select_blocks(q, kp, pos, key_stats=key_stats, **sel)
+        ms = bench(lambda: select_blocks(q, kp, pos, sel, key_stats=key_stats))
+        blocks = select_blocks(q, kp, pos, sel, key_stats=key_stats)
         out = attend(q, kp, vp, pos, blocks, scale=scale, backend="triton")
         dens = blocks.density_per_head().mean().item()
         res[tf32] = blocks

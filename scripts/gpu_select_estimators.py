@@ -32,6 +32,7 @@ from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks_naive
 from pbs_kernels.ops.select.fused import select_blocks_triton
 from pbs_kernels.reference import dense_reference
+from pbs_kernels.settings import PbsSettings
 from pbs_kernels.workloads import make_vertical_slash, make_workload
 
 CONFIGS = [  # (estimator, threshold_mass, threshold)
@@ -77,10 +78,10 @@ def check_correctness():
         for mass in ("earlier", "total"):
             N = 8191
             q, k, kp, pos, stats = fresh_permuted(N)
-            want = select_blocks_naive(q.float(), kp.float(), pos, block_size=128, segment_size=256, threshold=0.9,
-                                       scale=128 ** -0.5, estimator=est, threshold_mass=mass)
-            got = select_blocks_triton(q, kp, pos, block_size=128, segment_size=256, threshold=0.9,
-                                       scale=128 ** -0.5, key_stats=stats, estimator=est, threshold_mass=mass)
+            s = PbsSettings(block_size=128, segment_size=256, threshold=0.9, scale=128 ** -0.5, estimator=est,
+                            threshold_mass=mass)
+            want = select_blocks_naive(q.float(), kp.float(), pos, s)
+            got = select_blocks_triton(q, kp, pos, s, key_stats=stats)
             diff = (got.dense_mask() != want.dense_mask()).float().mean().item()
             v = torch.randn_like(k)
             out = pbs_attention(q, k, v, threshold=1.0, estimator=est, threshold_mass=mass, backend="triton")
@@ -116,10 +117,10 @@ def run_workload(name, fn, N, small, configs, big_analyze, out_rows):
         t = med(lambda: pbs_attention(q, k, v, **kw))
         t_att = med(lambda: plan.attend(q))
         rate = tile_flops(plan.blocks, b, D) / (t_att * 1e-3) / 1e12
-        a = analyze_layer(qs, ks, threshold=tau, estimator=est, threshold_mass=mass)
+        a = analyze_layer(qs, ks, PbsSettings(threshold=tau, estimator=est, threshold_mass=mass))
         eff_big = float("nan")
         if (est, mass, tau) in big_analyze:
-            eff_big = analyze_layer(q, k, threshold=tau, estimator=est, threshold_mass=mass).selection_efficiency
+            eff_big = analyze_layer(q, k, PbsSettings(threshold=tau, estimator=est, threshold_mass=mass)).selection_efficiency
         row = dict(workload=name, N=N, estimator=est, mass=mass, threshold=tau, density=dens, work=work, error=err,
                    pbs_ms=t, cudnn_ms=t_dense, speedup=t_dense / t, attend_ms=t_att, tile_tflops=rate,
                    x_cudnn_rate=rate / dense_rate, eff_small=a.selection_efficiency, recall_small=float(a.pbs_recall.mean()),

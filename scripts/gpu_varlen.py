@@ -27,6 +27,7 @@ from triton.testing import do_bench
 from pbs_kernels.attention import _varlen_per_sequence, dense_causal_attention, pbs_attention_varlen
 from pbs_kernels.metrics import output_error
 from pbs_kernels.reference import dense_reference
+from pbs_kernels.settings import PbsSettings
 from pbs_kernels.workloads import make_workload
 
 HQ, H, D = 32, 8, 128
@@ -74,7 +75,8 @@ def correctness(dev, threshold, seed):
                      "ok": ok})
     knobs = dict(threshold=threshold, return_stats=True)
     out, st = pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, packed=True, **knobs)
-    ref_out, ref_st = _varlen_per_sequence(q, k, v, cu_q.tolist(), cu_k.tolist(), None, backend="auto", **knobs)
+    ref_out, ref_st = _varlen_per_sequence(q, k, v, cu_q.tolist(), cu_k.tolist(), None,
+                                           PbsSettings(threshold=threshold), return_stats=True)
     same = total = 0
     for a, b in zip(st, ref_st):
         if a is None or b is None or b.dense:
@@ -123,10 +125,11 @@ def timing(dev, name, lens, threshold):
     bounds = cu.tolist()
     ref = pack([dense_reference(*w, scale) for w in ws])
     knobs = dict(threshold=threshold, scale=scale)
+    per_seq = PbsSettings(**knobs)
     views = [tuple(t for t in w) for w in ws]
     methods = {
         "pbs-packed": lambda: pbs_attention_varlen(q, k, v, cu, cu, longest, longest, packed=True, **knobs),
-        "pbs-per-seq": lambda: _varlen_per_sequence(q, k, v, bounds, bounds, None, backend="auto", **knobs),
+        "pbs-per-seq": lambda: _varlen_per_sequence(q, k, v, bounds, bounds, None, per_seq),
         "dense-per-seq": lambda: torch.cat([dense_causal_attention(a, b, c, scale=scale)[0].transpose(0, 1)
                                             for a, b, c in views]),
     }

@@ -20,6 +20,7 @@ _LAZY = {
     "LayerConfig": "profile",
     "ProfileError": "profile",
     "builtin_profile": "profile",
+    "PbsSettings": "settings",
 }
 
 

@@ -35,11 +35,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import check_vertical_keys, permute_stage, select_stage
+from .attention import permute_with, select_with
 from .blocks import window_density
 from .limits import HEAD_DIMS
 from .metrics import oracle_tiles_at_recall, selection_efficiency
-from .ops._common import cdiv, default_scale, resolve_backend
+from .ops._common import default_scale, resolve_backend
+from .blocks import cdiv
+from .settings import PbsSettings
 
 __all__ = ["LayerAnalysis", "analyze_layer", "cover_count"]
 
@@ -108,61 +110,52 @@ def _rows_per_chunk(heads: int, N: int, block_size: int, chunk_bytes: int) -> in
 def analyze_layer(
     q: torch.Tensor,
     k: torch.Tensor,
+    settings: PbsSettings | None = None,
     *,
-    block_size: int = 128,
-    segment_size: int = 256,
     coverage: float = 0.9,
-    threshold: float = 0.9,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    backend: str = "auto",
     return_maps: bool = False,
     chunk_bytes: int | None = None,
-    estimator: str = "mean",
-    threshold_mass: str = "earlier",
-    vertical_keys: int = 0,
 ) -> LayerAnalysis:
     """Sparsity figures of one layer (see the module docstring).
 
-    q: [B, HQ, N, D], k: [B, H, N, D] post-RoPE, HQ a multiple of H. softcap / sliding_window:
-    the model's soft-capping and window, as the model runs the layer: both apply to the true
+    q: [B, HQ, N, D], k: [B, H, N, D] post-RoPE, HQ a multiple of H. settings: the
+    `PbsSettings` PBS's permutation and selection run with (default: the method's defaults):
+    block_size, segment_size, threshold, estimator, threshold_mass, vertical_keys (recall and
+    work count the vertical keys), scale, backend ("auto": Triton on CUDA, torch on CPU), and
+    the model's softcap / window as the model runs the layer: both apply to the true
     attention, and the window to PBS's selection too (the runtime never keeps a tile wholly
     outside the window); densities stay per causal tile, and `window_density` is the share the
-    window alone leaves. backend: for PBS's permutation and selection ("auto": Triton on CUDA, torch on CPU).
+    window alone leaves. `permute` and `min_seq_len` are not read (both orders are measured).
     chunk_bytes: memory for the exact-softmax chunks (default 32 MiB on CPU, 1 GiB on CUDA).
-    vertical_keys: pbs_attention's knob (0 to block_size): recall and work count the vertical keys.
     """
+    s = PbsSettings() if settings is None else settings
     B, HQ, N, D = q.shape
     H = k.shape[1]
     if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D or HQ % H:
         raise ValueError(f"analyze_layer: q {tuple(q.shape)} and k {tuple(k.shape)} do not match")
-    if segment_size % block_size:
-        raise ValueError(f"analyze_layer: segment_size {segment_size} is not a multiple of block_size {block_size}")
-    if not 0.0 < coverage <= 1.0 or not 0.0 < threshold <= 1.0:
-        raise ValueError("analyze_layer: coverage and threshold must be in (0, 1]")
-    check_vertical_keys("analyze_layer", vertical_keys, block_size)
-    n_vert = int(vertical_keys)
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"analyze_layer: coverage {coverage} must be in (0, 1]")
+    block_size, segment_size, threshold = s.block_size, s.segment_size, s.threshold
+    softcap, sliding_window = s.softcap, s.window
+    n_vert = int(s.vertical_keys)
     G = HQ // H
     bs = block_size
     nb = cdiv(N, bs)
-    scale = default_scale(D) if scale is None else float(scale)
+    scale = default_scale(D) if s.scale is None else s.scale
     if chunk_bytes is None:
         chunk_bytes = (1 << 30) if q.is_cuda else (32 << 20)  # CPU: cache-sized chunks ran 1.5x faster than 256 MiB
-    be = resolve_backend(backend, q)
+    be = resolve_backend(s.backend, q)
     if D not in HEAD_DIMS:
         be = "torch"  # the Triton scorer is built for the kernel head dims only
     dev = q.device
 
     # PBS's own view: its permutation and its block selections, with and without permuting.
-    keys = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, scale=scale, backend=be)
+    s = s.replace(scale=scale, backend=be, permute=True)
+    keys = permute_with(q, k, k, s)
     pos = keys.pos
-    sel = select_stage(q, keys, block_size=bs, segment_size=segment_size, threshold=threshold, scale=scale,
-                       backend=be, estimator=estimator, threshold_mass=threshold_mass, window=sliding_window)
-    plain = permute_stage(q, k, k, block_size=bs, segment_size=segment_size, permute=False, backend=be)
-    sel_np = select_stage(q, plain, block_size=bs, segment_size=segment_size, threshold=threshold,
-                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass,
-                          window=sliding_window)
+    sel = select_with(q, keys, s)
+    plain = permute_with(q, k, k, s.replace(permute=False))
+    sel_np = select_with(q, plain, s)
     kept_perm = sel.dense_mask()  # [B, HQ, nb, nb]
     kept_orig = sel_np.dense_mask()
     if n_vert:
@@ -323,8 +316,8 @@ def analyze_layer(
         oracle_density_at_recall=per_head(oracle, causal_tiles),
         pbs_work=per_head(work, causal_tiles),
         selection_efficiency=selection_efficiency(float(oracle.sum()), float(work.sum())),
-        estimator=estimator,
-        threshold_mass=threshold_mass,
+        estimator=s.estimator,
+        threshold_mass=s.threshold_mass,
         vertical_keys=n_vert,
         pbs_vertical_density=per_head(vert_tiles, causal_tiles),
         pbs_vertical_density_noperm=per_head(vert_tiles_np, causal_tiles),

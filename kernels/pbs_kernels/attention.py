@@ -14,23 +14,31 @@ sinks and logit soft-capping are kernel options.
 
 Tools that need the intermediates (analysis, tuning, benchmarks) call these instead of chaining
 the ops themselves.
+
+Each public function keeps plain keywords and builds one `PbsSettings` from them (cached per set
+of values); everything below carries that value whole: the checks, the plan, the CUDA-graph and
+crossover keys, varlen, the op calls (`permute_with` / `select_with` take it directly). The packed
+varlen path is the same op calls with `packed=layout`: each op package picks Triton or torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import _host
 from .blocks import BlockList, identity_positions
 from .graphs import check_graph_mode, pbs_graphs, why_eager
-from .limits import BACKENDS, BLOCK_SIZES, ESTIMATORS, HEAD_DIMS, THRESHOLD_MASS
-from .ops import _common
+from .limits import HEAD_DIMS
 from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
 from .ops.permute import gather_permuted, segment_order
-from .ops.select import select_blocks
+from .ops.select import MAX_ROW, select_blocks
+from .packing import packed_groups, packed_layout
+from .settings import PbsSettings, check_vertical_keys  # noqa: F401  (check_vertical_keys: analysis, tests)
 
 
 @dataclass
@@ -143,8 +151,9 @@ def dense_causal_attention(q, k, v, *, scale: float | None = None, window: int |
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator="mean",
-              threshold_mass="earlier", window=None, sinks=None, softcap=None, vertical_keys=0):
+def _check_tensors(q, k, v, sinks) -> None:
+    """The checks of q, k, v [B, heads, N, D] and sinks that no setting decides (the settings
+    check themselves: `PbsSettings.check`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pbs_attention: {name} must be a 4-D tensor [B, heads, N, D]")
@@ -160,76 +169,113 @@ def _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len
         )
     if M == 0:
         raise ValueError("pbs_attention: the sequence is empty (N = 0); pass at least one token")
-    if HQ % k.shape[1] != 0:
-        raise ValueError(f"pbs_attention: query heads {HQ} must be a multiple of kv heads {k.shape[1]}")
+    _check_heads_and_types(q, k, v, sinks, "pbs_attention")
+
+
+def _check_heads_and_types(q, k, v, sinks, where: str) -> None:
+    """Head counts, head dim, dtypes, devices, strides and sinks: shared by the batch layout
+    [B, heads, N, D] and the packed one [total, heads, D] (heads at dim 1 in both)."""
+    HQ, H, D = q.shape[1], k.shape[1], q.shape[-1]
+    if HQ % H != 0:
+        raise ValueError(f"{where}: query heads {HQ} must be a multiple of kv heads {H}")
     if D not in HEAD_DIMS:
-        raise ValueError(f"pbs_attention: head dim {D} is not supported; allowed {HEAD_DIMS}")
+        raise ValueError(f"{where}: head dim {D} is not supported; allowed {HEAD_DIMS}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"pbs_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
+        raise ValueError(f"{where}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"pbs_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+        raise ValueError(f"{where}: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if q.device != k.device or q.device != v.device:
-        raise ValueError(f"pbs_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+        raise ValueError(f"{where}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
-            raise ValueError(f"pbs_attention: {name} is not contiguous in its last dimension; call .contiguous()")
-    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
-        raise ValueError(f"pbs_attention: block_size {block_size} is not allowed; use one of {BLOCK_SIZES}")
-    if segment_size <= 0 or segment_size % block_size:
-        raise ValueError(
-            f"pbs_attention: segment_size {segment_size} must be a positive multiple of block_size {block_size}"
-        )
-    if not (0.0 < float(threshold) <= 1.0):
-        raise ValueError(f"pbs_attention: threshold {threshold} must be in (0, 1]")
-    if backend not in BACKENDS:
-        raise ValueError(f"pbs_attention: backend {backend!r} is not one of {BACKENDS}")
-    if min_seq_len != "auto" and (isinstance(min_seq_len, (bool, str)) or not min_seq_len >= 0):
-        raise ValueError(f"pbs_attention: min_seq_len {min_seq_len!r} must be an integer >= 0 or 'auto'")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"pbs_attention: estimator {estimator!r} is not one of {ESTIMATORS}")
-    if threshold_mass not in THRESHOLD_MASS:
-        raise ValueError(f"pbs_attention: threshold_mass {threshold_mass!r} is not one of {THRESHOLD_MASS}")
-    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-        raise ValueError(f"pbs_attention: window {window} must be a positive number of tokens (or None)")
+            raise ValueError(f"{where}: {name} is not contiguous in its last dimension; call .contiguous()")
     if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (HQ,)):
-        raise ValueError(f"pbs_attention: sinks must be a tensor of one logit per query head, shape ({HQ},)")
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"pbs_attention: softcap {softcap} must be > 0 (or None)")
-    check_vertical_keys("pbs_attention", vertical_keys, block_size)
+        raise ValueError(f"{where}: sinks must be a tensor of one logit per query head, shape ({HQ},)")
 
 
-# Argument sets that passed _validate: a call with the same shapes, dtypes, devices and settings
-# skips the ~25 checks (part of the per-call host cost that issue 22 measured).
+def _validate(q, k, v, sinks, settings: PbsSettings) -> None:
+    _check_tensors(q, k, v, sinks)
+    settings.check()
+
+
+# (shapes, dtypes, devices, strides, sinks, settings) that passed _validate: a call with the same
+# ones skips the ~25 checks (part of the per-call host cost that issue 22 measured).
 _VALID: set = set()
 
 
-def _validate_cached(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
-                     window, sinks, softcap, vertical_keys) -> None:
-    if _common.LEGACY_HOST or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator,
-                         threshold_mass, window, sinks, softcap, vertical_keys)
-    # type() beside values that a bool could stand for (True == 1 hashes like 1)
+def _validate_cached(q, k, v, sinks, settings: PbsSettings) -> None:
+    if _host.LEGACY_HOST or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return _validate(q, k, v, sinks, settings)
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-           q.stride(-1), k.stride(-1), v.stride(-1), block_size, type(block_size), segment_size, threshold,
-           backend, min_seq_len, type(min_seq_len), estimator, threshold_mass, window, type(window),
-           None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), softcap,
-           vertical_keys, type(vertical_keys))
+           q.stride(-1), k.stride(-1), v.stride(-1),
+           None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), settings)
     if key in _VALID:
         return None
-    _validate(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
-              window, sinks, softcap, vertical_keys)
+    _validate(q, k, v, sinks, settings)
     if len(_VALID) > 4096:
         _VALID.clear()
     _VALID.add(key)
     return None
 
 
-def check_vertical_keys(where: str, vertical_keys, block_size: int) -> None:
-    """ValueError unless `vertical_keys` is an integer from 0 to block_size (shared by the
-    runtime's checks and the analysis)."""
-    if isinstance(vertical_keys, bool) or int(vertical_keys) != vertical_keys or not 0 <= vertical_keys <= block_size:
-        raise ValueError(f"{where}: vertical_keys {vertical_keys} must be an integer from 0 to block_size "
-                         f"{block_size} (the slots lie in a segment's first block)")
+# Settings built from a call's keywords, by their values and types (True == 1 hashes like 1): a
+# repeated call skips the construction and its checks.
+_SETTINGS: dict = {}
+_FIELDS = tuple(f.name for f in dataclasses.fields(PbsSettings))
+
+
+def _settings(args: dict) -> PbsSettings:
+    """The PbsSettings of a public function's keywords (`args`: its locals() on entry; the
+    fields it does not take keep their defaults), built once per distinct set of values."""
+    if _host.LEGACY_HOST:
+        return PbsSettings(**{name: args[name] for name in _FIELDS if name in args})
+    values = tuple([args.get(name, _ABSENT) for name in _FIELDS])
+    try:
+        key = (values, tuple([type(x) for x in values]))
+        hit = _SETTINGS.get(key)
+    except TypeError:  # an unhashable value: build it every time
+        return PbsSettings(**{name: args[name] for name in _FIELDS if name in args})
+    if hit is None:
+        hit = PbsSettings(**{name: args[name] for name in _FIELDS if name in args})
+        if len(_SETTINGS) > 4096:
+            _SETTINGS.clear()
+        _SETTINGS[key] = hit
+    return hit
+
+
+_ABSENT = object()  # a field the function does not take
+
+
+# (settings, changes) -> settings.replace(**changes), for the per-call resolutions below
+_REPLACED: dict = {}
+
+
+def _with(s: PbsSettings, **changes) -> PbsSettings:
+    """s.replace(**changes), built once per distinct (s, changes)."""
+    key = (s, tuple(changes.items()))
+    hit = _REPLACED.get(key)
+    if hit is None:
+        hit = s.replace(**changes)
+        if len(_REPLACED) > 4096:
+            _REPLACED.clear()
+        _REPLACED[key] = hit
+    return hit
+
+
+def _with_scale(s: PbsSettings, q: torch.Tensor) -> PbsSettings:
+    """s with its scale a float (None: 1/sqrt(D))."""
+    return s if s.scale is not None else _with(s, scale=default_scale(q.shape[-1]))
+
+
+def _resolve(s: PbsSettings, q: torch.Tensor, n_keys: int | None = None) -> PbsSettings:
+    """`s` as the ops run it for q: the backend picked ("auto" per tensor), the scale a float
+    (None: 1/sqrt(D)) and, given the key count `n_keys`, a window that reaches every key dropped."""
+    be = s.backend if s.backend == "torch" else resolve_backend(s.backend, q)
+    drop = s.window is not None and n_keys is not None and s.window >= n_keys  # no key is outside it
+    if be == s.backend and s.scale is not None and not drop:
+        return s
+    return _with(s, backend=be, scale=default_scale(q.shape[-1]) if s.scale is None else s.scale,
+                 window=None if drop else s.window)
 
 
 def _upcast_for_interpreter(backend: str, *ts: torch.Tensor):
@@ -329,20 +375,25 @@ def permute_stage(q, k, v, *, block_size: int = 128, segment_size: int = 256, pe
     them (`permute=False`: keys stay in order, positions are the identity). q may be the last M
     of the N positions (then the chunk's last block scores); `cache` keeps completed segments'
     order between the chunks of one prompt (PbsPrefixCache)."""
-    be = resolve_backend(backend, q)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if not permute:
+    s = _settings(locals())
+    return permute_with(q, k, v, s, cache)
+
+
+def permute_with(q, k, v, s: PbsSettings, cache: PbsPrefixCache | None = None) -> PermutedKeys:
+    """permute_stage on a PbsSettings (its block_size, segment_size, permute, scale, backend)."""
+    s = _resolve(s, q)
+    if not s.permute:
         B, H, N, _ = k.shape
         return PermutedKeys(k, v, identity_positions(B, H, N, k.device), None, False)
-    q, k, v = _upcast_for_interpreter(be, q, k, v)
+    q, k, v = _upcast_for_interpreter(s.backend, q, k, v)
     B, H, N, _ = k.shape
-    prefix = cache._prefix_for(B, H, N, q.shape[2], segment_size, k.device) if cache is not None else None
-    pos = segment_order(q, k, block_size=block_size, segment_size=segment_size, scale=scale, backend=be,
-                        prefix_pos=prefix)
+    prefix = cache._prefix_for(B, H, N, q.shape[2], s.segment_size, k.device) if cache is not None else None
+    pos = segment_order(q, k, block_size=s.block_size, segment_size=s.segment_size, scale=s.scale,
+                        backend=s.backend, prefix_pos=prefix)
     if cache is not None:
-        cache._store(pos, segment_size)
+        cache._store(pos, s.segment_size)
     # The Triton gather pools the key blocks while it permutes; selection reuses that.
-    k_p, v_p, key_stats = gather_permuted(k, v, pos, block_size=block_size, backend=be, block_stats=True)
+    k_p, v_p, key_stats = gather_permuted(k, v, pos, block_size=s.block_size, backend=s.backend, block_stats=True)
     return PermutedKeys(k_p, v_p, pos, key_stats, True)
 
 
@@ -357,13 +408,17 @@ def select_stage(q, keys: PermutedKeys, *, block_size: int = 128, segment_size: 
     blocks holding the last block_size positions) keep every causal tile. `estimator`: how a tile's
     mass is estimated (`pbs_kernels.limits.ESTIMATORS`). With a sliding `window`: only blocks
     inside some query's window, the straddling ones masked."""
-    be = resolve_backend(backend, q)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    (q,) = _upcast_for_interpreter(be, q)
+    s = _settings(locals())
+    return select_with(q, keys, s)
+
+
+def select_with(q, keys: PermutedKeys, s: PbsSettings) -> BlockList:
+    """select_stage on a PbsSettings (its block_size, segment_size, threshold, scale, backend,
+    estimator, threshold_mass, window; the window is used as it is)."""
+    s = _resolve(s, q)
+    (q,) = _upcast_for_interpreter(s.backend, q)
     k = keys.k.float() if q.dtype != keys.k.dtype else keys.k
-    return select_blocks(q, k, keys.pos, block_size=block_size, segment_size=segment_size,
-                         threshold=float(threshold), scale=scale, backend=be, key_stats=keys.key_stats,
-                         estimator=estimator, threshold_mass=threshold_mass, window=window)
+    return select_blocks(q, k, keys.pos, s, key_stats=keys.key_stats)
 
 
 @dataclass
@@ -387,6 +442,12 @@ class PbsPlan:
     sinks: torch.Tensor | None = None
     softcap: float | None = None
     vertical_keys: int = 0
+
+    @classmethod
+    def of(cls, keys: PermutedKeys, blocks: BlockList, s: PbsSettings, sinks: torch.Tensor | None = None) -> PbsPlan:
+        """The plan of permuted `keys` and their `blocks` under resolved settings `s`."""
+        return cls(keys.k, keys.v, keys.pos, blocks, s.scale, s.backend, s.block_size, s.segment_size, s.threshold,
+                   keys.permuted, s.estimator, s.threshold_mass, s.window, sinks, s.softcap, int(s.vertical_keys))
 
     def attend(self, q: torch.Tensor, *, return_lse: bool = False):
         """Output [B, HQ, M, D] in q's dtype (and the natural-log LSE [B, HQ, M] fp32 over the
@@ -421,27 +482,15 @@ def pbs_plan(q, k, v, *, block_size: int = 128, segment_size: int = 256, thresho
     """Steps 1 and 2 for q [B, HQ, M, D] (the last M of the N positions), k/v [B, H, N, D]: a
     PbsPlan (never dense; see `pbs_attention` for the short-prompt fallback). Same checks and
     knobs as pbs_attention."""
-    _validate_cached(q, k, v, block_size, segment_size, threshold, backend, 0, estimator, threshold_mass, window,
-                     sinks, softcap, vertical_keys)
-    return _plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
-                 scale=scale, backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window,
-                 sinks=sinks, softcap=softcap, cache=cache, vertical_keys=vertical_keys)
+    s = _settings(locals())
+    _validate_cached(q, k, v, sinks, s)
+    return _plan(q, k, v, s, sinks=sinks, cache=cache)
 
 
-def _plan(q, k, v, *, block_size, segment_size, threshold, permute, scale, backend, estimator, threshold_mass,
-          window, sinks, softcap, cache, vertical_keys) -> PbsPlan:
-    be = resolve_backend(backend, q)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if window is not None and window >= k.shape[2]:
-        window = None  # no key is outside it
-    keys = permute_stage(q, k, v, block_size=block_size, segment_size=segment_size, permute=permute,
-                         scale=scale, backend=be, cache=cache)
-    blocks = select_stage(q, keys, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                          scale=scale, backend=be, estimator=estimator, threshold_mass=threshold_mass,
-                          window=window)
-    return PbsPlan(keys.k, keys.v, keys.pos, blocks, scale, be, block_size, segment_size, float(threshold),
-                   keys.permuted, estimator, threshold_mass, window, sinks, None if softcap is None else float(softcap),
-                   int(vertical_keys))
+def _plan(q, k, v, s: PbsSettings, *, sinks=None, cache=None) -> PbsPlan:
+    s = _resolve(s, q, k.shape[2])
+    keys = permute_with(q, k, v, s, cache)
+    return PbsPlan.of(keys, select_with(q, keys, s), s, sinks)
 
 
 def pbs_attention(
@@ -512,49 +561,48 @@ def pbs_attention(
 
     Returns the output [B, HQ, M, D] in q's dtype, and with `return_stats=True` also a PbsStats.
     """
-    _validate_cached(q, k, v, block_size, segment_size, threshold, backend, min_seq_len, estimator, threshold_mass,
-                     window, sinks, softcap, vertical_keys)
+    s = _settings(locals())
+    return _attention(q, k, v, s, sinks=sinks, cache=cache, return_stats=return_stats, graph=graph)
+
+
+def _attention(q, k, v, s: PbsSettings, *, sinks=None, cache=None, return_stats=False, graph=False):
+    """pbs_attention on built settings."""
+    _validate_cached(q, k, v, sinks, s)
     check_graph_mode("pbs_attention", graph)
     N = k.shape[2]
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
-                 scale=scale, backend=backend, estimator=estimator, threshold_mass=threshold_mass, window=window,
-                 softcap=softcap, vertical_keys=vertical_keys)
-    eager_reason = (why_eager(q, k, v, backend, return_stats=return_stats, cache=cache, auto=graph == "auto")
+    s = _with_scale(s, q)  # the backend stays as asked: a dense call never needs it
+    eager_reason = (why_eager(q, k, v, s.backend, return_stats=return_stats, cache=cache, auto=graph == "auto")
                     if graph else "graph=False")
 
     def run(dense: bool, qs, ks, vs, ss, stats: bool, kv_cache):
         if eager_reason is None:
-            key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, dense) + tuple(knobs.values())
-            return pbs_graphs().run(key, lambda *t: _pbs_eager(*t, dense=dense, **knobs), (qs, ks, vs, ss),
+            key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, dense, s)
+            return pbs_graphs().run(key, lambda *t: _pbs_eager(*t, s, dense=dense), (qs, ks, vs, ss),
                                     auto=graph == "auto")
-        return _pbs_eager(qs, ks, vs, ss, dense=dense, return_stats=stats, cache=kv_cache, **knobs)
+        return _pbs_eager(qs, ks, vs, ss, s, dense=dense, return_stats=stats, cache=kv_cache)
 
-    if N <= segment_size:
+    if N <= s.segment_size:
         dense = True
-    elif min_seq_len == "auto":
+    elif s.min_seq_len == "auto":
         from .crossover import choice_key, sparse_wins
 
-        key = choice_key(q, k, (sinks is not None, eager_reason is None) + tuple(knobs.values()))
+        # the settings as plain values (the choice is also kept in a JSON file); min_seq_len is "auto" here
+        key = choice_key(q, k, (sinks is not None, eager_reason is None) + s.values())
         dense = not sparse_wins(key, lambda: run(False, q, k, v, sinks, False, None),
                                 lambda: run(True, q, k, v, sinks, False, None), q.device)
     else:
-        dense = N < min_seq_len
+        dense = N < s.min_seq_len
     return run(dense, q, k, v, sinks, return_stats, cache)
 
 
-def _pbs_eager(q, k, v, sinks, *, dense: bool, block_size, segment_size, threshold, permute, scale, backend,
-               estimator, threshold_mass, window, softcap, vertical_keys, return_stats=False, cache=None):
+def _pbs_eager(q, k, v, sinks, s: PbsSettings, *, dense: bool, return_stats=False, cache=None):
     """One pbs_attention call as launches (checked inputs, float scale): what a graph records."""
     if dense:
-        out = dense_causal_attention(q, k, v, scale=scale, window=window, sinks=sinks, softcap=softcap)
+        out = dense_causal_attention(q, k, v, scale=s.scale, window=s.window, sinks=sinks, softcap=s.softcap)
         if not return_stats:
             return out
         return out, PbsStats(1.0, torch.ones(q.shape[1]), dense=True)
-    plan = _plan(q, k, v, block_size=block_size, segment_size=segment_size, threshold=threshold,
-                 permute=permute, scale=scale, backend=backend, estimator=estimator,
-                 threshold_mass=threshold_mass, window=window, sinks=sinks, softcap=softcap, cache=cache,
-                 vertical_keys=vertical_keys)
+    plan = _plan(q, k, v, s, sinks=sinks, cache=cache)
     out = plan.attend(q)
     if plan.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _ForwardOnly.apply(out, q, k, v)
@@ -580,27 +628,27 @@ def _varlen_bounds(name: str, cu: torch.Tensor, total: int, max_len: int) -> lis
     return bounds
 
 
-def _per_sequence_into(out, stats, q, k, v, bq, bk, caches, indices, knobs) -> None:
+def _per_sequence_into(out, stats, q, k, v, bq, bk, caches, indices, s: PbsSettings, **call) -> None:
     for i in indices:
         q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
         if q1 == q0:
             continue
         # [1, heads, n, D] views of the packed rows (the kernels take strides)
         qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-        res = pbs_attention(qs, ks, vs, cache=None if caches is None else caches[i], **knobs)
-        o, st = res if knobs.get("return_stats") else (res, None)
+        res = _attention(qs, ks, vs, s, cache=None if caches is None else caches[i], **call)
+        o, st = res if call.get("return_stats") else (res, None)
         out[q0:q1] = o[0].transpose(0, 1)
         stats[i] = st
 
 
-def _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs):
+def _varlen_per_sequence(q, k, v, bq, bk, caches, s: PbsSettings, **call):
     """The batch one sequence at a time: one pbs_attention call per sequence on views of the
     packed rows (the path for prefix caches, and the baseline the packed path is tested and
-    timed against). bq, bk: cu_seqlens as lists."""
+    timed against). bq, bk: cu_seqlens as lists; call: sinks, return_stats, graph."""
     out = torch.empty_like(q)
     stats: list = [None] * (len(bq) - 1)
-    _per_sequence_into(out, stats, q, k, v, bq, bk, caches, range(len(bq) - 1), knobs)
-    return (out, stats) if knobs.get("return_stats") else out
+    _per_sequence_into(out, stats, q, k, v, bq, bk, caches, range(len(bq) - 1), s, **call)
+    return (out, stats) if call.get("return_stats") else out
 
 
 def _sequence_stats(blocks: BlockList, pos: torch.Tensor, s, layout) -> PbsStats:
@@ -618,60 +666,30 @@ def _sequence_stats(blocks: BlockList, pos: torch.Tensor, s, layout) -> PbsStats
                     pos=pos[:, :, s.offset:s.offset + s.n] - s.offset, extra_density=extra)
 
 
-def _varlen_packed(out, stats, q, k, v, layout, *, scale, backend, threshold, window, sinks, softcap, estimator,
-                   threshold_mass, return_stats) -> None:
+def _varlen_packed(out, stats, q, k, v, layout, s: PbsSettings, sinks, return_stats: bool) -> None:
     """The layout's sequences in one virtual sequence (`pbs_kernels.packing`), one launch per
-    op; their rows of `out` (like q) and their entries of `stats` are written."""
-    from .blocks import identity_positions
-    from .ops.attend.naive import attend_packed_naive
-    from .ops.permute.naive import gather_keys_packed, score_keys_packed_naive, sort_within_segments
-    from .ops.select.naive import select_blocks_naive
-
+    op through the op packages (each picks Triton or torch by `s.backend`); their rows of `out`
+    (like q) and their entries of `stats` are written. s: resolved settings (`_resolve`)."""
     b, S = layout.block_size, layout.segment_size
-    qc, kc, vc = _upcast_for_interpreter(backend, q, k, v)
+    if s.window is not None and s.window >= max(x.n for x in layout.seqs):
+        s = _with(s, window=None)  # no key is outside it
+    qc, kc, vc = _upcast_for_interpreter(s.backend, q, k, v)
     # [1, heads, rows, D] views of the packed rows
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (qc, kc, vc))
-    H, nv = k.shape[1], layout.n_virtual
-    triton_be = backend == "triton"
-    if layout.n_scored and triton_be:
-        from .ops.permute.order import segment_order_triton
-        from .ops.permute.score import score_keys_packed_triton
-
-        per_head = score_keys_packed_triton(q4, k4, layout, block_size=b, scale=scale)
-        pos = segment_order_triton(per_head, 1, H, nv, S, sort=layout.seg_sort)
-    elif layout.n_scored:
-        scores = score_keys_packed_naive(q4, k4, layout, block_size=b, scale=scale)
-        pos = sort_within_segments(scores, S, layout.seg_sort).to(torch.int32)
-    else:
-        pos = identity_positions(1, H, nv, q.device)
-    if window is not None and window >= max(s.n for s in layout.seqs):
-        window = None  # no key is outside it
-    if triton_be:
-        from .ops.attend.fwd import attend_packed_triton
-        from .ops.permute.gather import gather_keys_triton
-        from .ops.select.fused import select_blocks_packed_triton
-
-        k_p, v_p, key_stats = gather_keys_triton(k4, v4, pos, pool_block=b, packed=layout)
-        blocks = select_blocks_packed_triton(q4, k_p, pos, layout, threshold=float(threshold), scale=scale,
-                                             key_stats=key_stats, estimator=estimator,
-                                             threshold_mass=threshold_mass, window=window)
-        o = out if qc.dtype == out.dtype else torch.empty_like(qc)  # fp32 under the interpreter
-        attend_packed_triton(q4, k_p, v_p, pos, blocks, layout, out=o.transpose(0, 1).unsqueeze(0), scale=scale,
-                             window=window, sinks=sinks, softcap=softcap)
-    else:
-        k_p, v_p = gather_keys_packed(k4, v4, pos, layout)
-        blocks = select_blocks_naive(q4, k_p, pos, block_size=b, segment_size=S, threshold=float(threshold),
-                                     scale=scale, estimator=estimator, threshold_mass=threshold_mass, window=window,
-                                     packed=layout)
-        o = attend_packed_naive(q4, k_p, v_p, pos, blocks, layout, scale=scale, window=window, sinks=sinks,
-                                softcap=softcap)[0].transpose(0, 1)
+    pos = segment_order(q4, k4, block_size=b, segment_size=S, scale=s.scale, backend=s.backend, packed=layout)
+    k_p, v_p, key_stats = gather_permuted(k4, v4, pos, block_size=b, backend=s.backend, block_stats=True,
+                                          packed=layout)
+    blocks = select_blocks(q4, k_p, pos, s, key_stats=key_stats, packed=layout)
+    o = out if qc.dtype == out.dtype else torch.empty_like(qc)  # fp32 under the interpreter
+    attend(q4, k_p, v_p, pos, blocks, scale=s.scale, backend=s.backend, window=s.window, sinks=sinks,
+           softcap=s.softcap, packed=layout, out=o.transpose(0, 1).unsqueeze(0))
     if o is not out:
         rows = layout.q_rows(q.device)
         out[rows] = o[rows].to(out.dtype)
     if return_stats:
-        for s in layout.seqs:
-            stats[s.index] = (PbsStats(1.0, torch.ones(q.shape[1]), dense=True) if s.dense
-                              else _sequence_stats(blocks, pos, s, layout))
+        for x in layout.seqs:
+            stats[x.index] = (PbsStats(1.0, torch.ones(q.shape[1]), dense=True) if x.dense
+                              else _sequence_stats(blocks, pos, x, layout))
 
 
 def _one_dominates(bk: list[int]) -> bool:
@@ -764,37 +782,29 @@ def pbs_attention_varlen(
                              f"{bk[i + 1] - bk[i]} keys; queries must be the last M of the N keys (M <= N)")
     if caches is not None and len(caches) != n_seq:
         raise ValueError(f"pbs_attention_varlen: {len(caches)} caches for {n_seq} sequences; pass one per sequence")
-    knobs = dict(block_size=block_size, segment_size=segment_size, threshold=threshold, permute=permute,
-                 min_seq_len=min_seq_len, scale=scale, backend=backend, return_stats=return_stats, window=window,
-                 sinks=sinks, softcap=softcap, estimator=estimator, threshold_mass=threshold_mass,
-                 vertical_keys=vertical_keys, graph=graph)
+    s = _settings(locals())
     check_graph_mode("pbs_attention_varlen", graph)
-    if (caches is not None or q.shape[0] == 0 or min_seq_len == "auto" or vertical_keys or threshold_mass == "head"
-            or packed is False or (packed is None and _one_dominates(bk))):
-        return _varlen_per_sequence(q, k, v, bq, bk, caches, **knobs)
-    # The per-sequence checks, once, on the shapes every sequence shares.
-    _validate(q[:1].transpose(0, 1).unsqueeze(0), k[:1].transpose(0, 1).unsqueeze(0),
-              v[:1].transpose(0, 1).unsqueeze(0), block_size, segment_size, threshold, backend, min_seq_len,
-              estimator, threshold_mass, window, sinks, softcap, vertical_keys)
-    from .ops.select.fused import MAX_ROW
-    from .packing import packed_groups, packed_layout
-
-    be = resolve_backend(backend, q)
+    call = dict(sinks=sinks, return_stats=return_stats, graph=graph)
+    if (caches is not None or q.shape[0] == 0 or s.min_seq_len == "auto" or s.vertical_keys
+            or s.threshold_mass == "head" or packed is False or (packed is None and _one_dominates(bk))):
+        return _varlen_per_sequence(q, k, v, bq, bk, caches, s, **call)
+    # The per-sequence checks, once, on the packed tensors themselves.
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"pbs_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in head dim")
+    _check_heads_and_types(q, k, v, sinks, "pbs_attention")
+    s = _resolve(s, q)
     out = torch.empty_like(q)
     stats: list = [None] * n_seq
-    for i0, i1 in packed_groups(bq, bk, block_size=block_size, segment_size=segment_size, heads=q.shape[1],
-                                reps=3 if estimator == "top" else 1):
-        layout = packed_layout(bq, bk, first=i0, last=i1, block_size=block_size, segment_size=segment_size,
-                               min_seq_len=min_seq_len, permute=permute, heads=q.shape[1], device=q.device)
+    for i0, i1 in packed_groups(bq, bk, block_size=s.block_size, segment_size=s.segment_size, heads=q.shape[1],
+                                reps=3 if s.estimator == "top" else 1):
+        layout = packed_layout(bq, bk, first=i0, last=i1, block_size=s.block_size, segment_size=s.segment_size,
+                               min_seq_len=s.min_seq_len, permute=s.permute, heads=q.shape[1], device=q.device)
         if not layout.seqs:
             continue
         if layout.num_blocks > MAX_ROW:  # one sequence of over a million tokens: pbs_attention's own path
-            _per_sequence_into(out, stats, q, k, v, bq, bk, None, range(i0, i1), knobs)
+            _per_sequence_into(out, stats, q, k, v, bq, bk, None, range(i0, i1), s, **call)
             continue
-        _varlen_packed(out, stats, q, k, v, layout, scale=default_scale(q.shape[-1]) if scale is None else float(scale),
-                       backend=be, threshold=threshold, window=window, sinks=sinks,
-                       softcap=None if softcap is None else float(softcap), estimator=estimator,
-                       threshold_mass=threshold_mass, return_stats=return_stats)
-    if be == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        _varlen_packed(out, stats, q, k, v, layout, s, sinks, return_stats)
+    if s.backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _ForwardOnly.apply(out, q, k, v)
     return (out, stats) if return_stats else out

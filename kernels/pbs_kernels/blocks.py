@@ -9,8 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import _common
-from .ops._common import cdiv
+from . import _host
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative integers: blocks of b that cover a rows."""
+    return (a + b - 1) // b
 
 
 @dataclass
@@ -167,7 +171,7 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     B, H, N, D = x.shape
     n_full = N // block_size
-    if N % block_size == 0 and not _common.LEGACY_HOST:
+    if N % block_size == 0 and not _host.LEGACY_HOST:
         # One reduction launch (not sum, fill, divide): the fixed cost of a call at 8K tokens
         # is launches, not bytes.
         return x.reshape(B, H, n_full, block_size, D).mean(dim=3, dtype=torch.float32)

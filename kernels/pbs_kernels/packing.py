@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from .blocks import cdiv
+
 NO_POS = 2**31 - 1  # "no key here": the earliest position of a block with no key
 # Rows of PackedLayout.blk
 KB0, KDELTA, KEND, QLO, QHI, QDELTA, DENSE, BSEQ = range(8)
@@ -105,10 +107,6 @@ def row_widths(nb: int, spb: int) -> list[int]:
     return widths
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def packed_groups(bq: list[int], bk: list[int], *, block_size: int, segment_size: int, heads: int,
                   reps: int = 1) -> list[tuple[int, int]]:
     """Consecutive runs of sequences (first, end) to pack together: the pooled block scores
@@ -117,7 +115,7 @@ def packed_groups(bq: list[int], bk: list[int], *, block_size: int, segment_size
     max_nb = math.isqrt(PACKED_TABLE_BYTES // (4 * heads * (1 + reps)))
     groups, first, nb = [], 0, 0
     for i in range(len(bq) - 1):
-        own = 0 if bq[i + 1] == bq[i] else _cdiv(bk[i + 1] - bk[i], segment_size) * segment_size // block_size
+        own = 0 if bq[i + 1] == bq[i] else cdiv(bk[i + 1] - bk[i], segment_size) * segment_size // block_size
         if nb and nb + own > max_nb:
             groups.append((first, i))
             first, nb = i, 0
@@ -142,7 +140,7 @@ def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size:
             continue
         n = k1 - k0
         seqs.append(PackedSeq(i, q0, q1, k0, k1, off, n <= S or n < min_seq_len))
-        off += _cdiv(n, S) * S
+        off += cdiv(n, S) * S
     n_virtual = off
     nb = n_virtual // b
     blk = torch.empty(8, nb, dtype=torch.int64)
@@ -150,9 +148,9 @@ def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size:
     per_width: dict = {}
     order_keys = []
     scored = []
-    widths = row_widths(max([_cdiv(s.n, b) for s in seqs] + [1]), spb)
+    widths = row_widths(max([cdiv(s.n, b) for s in seqs] + [1]), spb)
     for si, s in enumerate(seqs):
-        j0, j1 = s.offset // b, (s.offset + _cdiv(s.n, S) * S) // b
+        j0, j1 = s.offset // b, (s.offset + cdiv(s.n, S) * S) // b
         j = torch.arange(j0, j1)
         qstart = s.offset + s.n - s.m
         qlo = torch.clamp(j * b, min=qstart)
@@ -165,7 +163,7 @@ def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size:
         if permute and not s.dense and n_full:
             seg_sort[s.offset // S: s.offset // S + n_full] = 1
             scored.append(s)
-        lq0, lq1 = (s.n - s.m) // b, _cdiv(s.n, b)  # local query blocks
+        lq0, lq1 = (s.n - s.m) // b, cdiv(s.n, b)  # local query blocks
         for lq in range(lq0, lq1):
             w = next(w for w in widths if lq < (w // spb + 1) * spb)
             per_width.setdefault(w, []).append(j0 + lq)
@@ -178,9 +176,9 @@ def build_layout(bq: list[int], bk: list[int], *, block_size: int, segment_size:
             qlist.extend(rows)
     attend_order = [jq for _, jq in sorted(order_keys)]
     # Scoring chunks: each sequence's key tiles in runs, about target_programs programs in all.
-    tiles = [_cdiv(s.n, SCORE_BLOCK_N) for s in scored]
+    tiles = [cdiv(s.n, SCORE_BLOCK_N) for s in scored]
     want = max(1, target_programs // max(heads, 1))
-    per = max(1, _cdiv(sum(tiles), want)) if tiles else 1
+    per = max(1, cdiv(sum(tiles), want)) if tiles else 1
     chunks, chunk_seq = [], []
     for si, (s, t) in enumerate(zip(scored, tiles)):
         for t0 in range(0, t, per):

@@ -19,6 +19,7 @@ import yaml
 
 from ._io import write_atomic
 from .limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS
+from .settings import LAYER_FIELDS, PbsSettings
 
 __all__ = ["LayerConfig", "PbsProfile", "ProfileError", "builtin_profile"]
 
@@ -153,11 +154,14 @@ class LayerConfig:
         object.__setattr__(self, "threshold", float(self.threshold))
 
     def plan_kwargs(self) -> dict[str, Any]:
-        """The pbs_plan / pbs_attention keywords this layer sets (min_seq_len and dense are the
-        caller's to apply)."""
-        return dict(block_size=self.block_size, segment_size=self.segment_size, threshold=self.threshold,
-                    permute=self.permute, estimator=self.estimator, threshold_mass=self.threshold_mass,
-                    vertical_keys=self.vertical_keys)
+        """The pbs_plan / pbs_attention keywords this layer sets (`settings.LAYER_FIELDS`;
+        min_seq_len and dense are the caller's to apply)."""
+        return {name: getattr(self, name) for name in LAYER_FIELDS}
+
+    def settings(self, **call: Any) -> PbsSettings:
+        """The runtime's settings for this layer: its fields and min_seq_len, plus the call's
+        (window, softcap, scale, backend; any field of `PbsSettings`). `dense` is the caller's."""
+        return PbsSettings(**self.plan_kwargs(), **{"min_seq_len": self.min_seq_len, **call})
 
     def short_for(self, n_keys: int) -> bool:
         """Whether a prompt of `n_keys` keys runs dense by its length alone, as pbs_attention
@@ -172,6 +176,8 @@ class LayerConfig:
 
 
 _LAYER_KEYS = tuple(f.name for f in dataclasses.fields(LayerConfig))
+# A per-layer knob of the runtime is a key of the profile schema too.
+assert set(LAYER_FIELDS) <= set(_LAYER_KEYS) and set(LAYER_FIELDS) <= set(_LAYER_FIELDS)
 # A layer override may also say why it is what it is (`pbs tune` writes it, e.g. for a sliding-
 # window layer kept exact inside its window): free text, not a setting.
 REASON_KEY = "reason"

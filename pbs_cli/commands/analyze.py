@@ -74,6 +74,8 @@ def command(
     from ..workflows.model import build_prompt, check_seq_len, load_model, read_text_input
     from ._messages import prompt_remarks
     from ._output import Output, to_jsonable
+    from pbs_kernels.settings import PbsSettings
+
     from ..workflows.analyze import parse_layers, render_pictures, run_analysis
 
     if input is not None:
@@ -93,12 +95,10 @@ def command(
                     f"{seq_len} tokens of {'synthetic text' if input is None else input}, block {block_size}, "
                     f"segment {segment_size}" + (f", vertical keys {vertical_keys}" if vertical_keys else ""))
         with output.progress() as report_progress:
-            report = run_analysis(
-                loaded.model, prompt.input_ids, layers=chosen, block_size=block_size,
-                segment_size=segment_size, coverage=coverage, threshold=threshold,
-                model_name=loaded.name, estimator=estimator, threshold_mass=threshold_mass,
-                vertical_keys=vertical_keys, progress=report_progress,
-            )
+            settings = PbsSettings(block_size=block_size, segment_size=segment_size, threshold=threshold,
+                                   estimator=estimator, threshold_mass=threshold_mass, vertical_keys=vertical_keys)
+            report = run_analysis(loaded.model, prompt.input_ids, settings, layers=chosen, coverage=coverage,
+                                  model_name=loaded.name, progress=report_progress)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(
             f"CUDA out of memory analysing {seq_len} tokens of {model or 'the demo model'}; "

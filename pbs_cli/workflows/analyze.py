@@ -1,6 +1,6 @@
 """The workflow behind `pbs analyze`: one prefill, per-layer sparsity figures, pictures.
 
-    report = run_analysis(model, input_ids, block_size=128, coverage=0.9, progress=report_fn)
+    report = run_analysis(model, input_ids, PbsSettings(block_size=128), coverage=0.9, progress=report_fn)
     pictures = render_pictures(report)     # {"density_grid.png": b"...", ...}; the caller saves them
 
 `run_analysis` registers a capture attention function (pbs_kernels.integrations.hf), runs one
@@ -16,6 +16,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from pbs_kernels.settings import PbsSettings
 
 from .capture import CapturedLayer, capture_prefill
 from .errors import LayerMissing, LayerSpecInvalid
@@ -199,36 +201,30 @@ def _mean(xs) -> float:
 def run_analysis(
     model,
     input_ids,
+    settings: PbsSettings | None = None,
     *,
     layers: list[int] | None = None,
-    block_size: int = 128,
-    segment_size: int = 256,
     coverage: float = 0.9,
-    threshold: float = 0.9,
     verdict_margin: float = VERDICT_MARGIN,
     model_name: str = "",
-    backend: str = "auto",
     chunk_bytes: int | None = None,
-    estimator: str = "mean",
-    threshold_mass: str = "earlier",
-    vertical_keys: int = 0,
     progress: ProgressFn = no_progress,
 ) -> AnalysisReport:
     """Analyse `model`'s attention on one prompt (`input_ids` [1, N]).
 
-    layers: layer indices to analyse (None: all). The forward pass stops after the last one.
-    vertical_keys: PBS's figures with that many vertical keys (0 to block_size).
-    Raises the capture's errors (workflows.capture.capture_prefill) when nothing can be captured.
+    settings: the PBS settings whose figures are measured (`pbs_kernels.settings.PbsSettings`,
+    checked when built; default: the method's defaults); each layer adds its own scale,
+    soft-cap and window. layers: layer indices to analyse (None: all). The forward pass stops
+    after the last one. Raises the capture's errors (workflows.capture.capture_prefill) when
+    nothing can be captured.
     """
     import torch
 
     from pbs_kernels.analysis import analyze_layer
-    from pbs_kernels.attention import check_vertical_keys
 
     from .capture import model_layers
 
-    check_vertical_keys("run_analysis", vertical_keys, block_size)  # before the forward pass
-
+    settings = PbsSettings() if settings is None else settings
     t0 = time.perf_counter()
     on_cuda = input_ids.is_cuda
     if on_cuda:
@@ -251,13 +247,9 @@ def run_analysis(
     def on_layer(layer: CapturedLayer) -> None:
         q, k = layer.q, layer.k
         window = layer.sliding_window
-        la = analyze_layer(
-            q, k, block_size=block_size, segment_size=segment_size, coverage=coverage, threshold=threshold,
-            scale=layer.scale, softcap=layer.softcap,
-            sliding_window=window if window is not None and window < N else None,
-            backend=backend, return_maps=True, chunk_bytes=chunk_bytes, estimator=estimator,
-            threshold_mass=threshold_mass, vertical_keys=vertical_keys,
-        )
+        layer_settings = settings.replace(scale=layer.scale, softcap=layer.softcap,
+                                          window=window if window is not None and window < N else None)
+        la = analyze_layer(q, k, layer_settings, coverage=coverage, return_maps=True, chunk_bytes=chunk_bytes)
         shapes.update(num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[3])
         fallbacks[layer.layer] = layer.fallback
         softcaps[layer.layer] = layer.softcap
@@ -319,9 +311,9 @@ def run_analysis(
         # of tile counts summed over heads and layers (pbs_kernels.metrics.selection_efficiency).
         "selection_efficiency": _mean(h.oracle_density_at_recall for _, h in all_heads)
         / max(_mean(h.pbs_work for _, h in all_heads), 1e-12),
-        "estimator": estimator,
-        "threshold_mass": threshold_mass,
-        "vertical_keys": int(vertical_keys),
+        "estimator": settings.estimator,
+        "threshold_mass": settings.threshold_mass,
+        "vertical_keys": int(settings.vertical_keys),
         "pbs_vertical_density": _mean(h.pbs_vertical_density for _, h in all_heads),
         "sink_mass": _mean(h.sink_mass for _, h in all_heads),
         "local_mass": _mean(h.local_mass for _, h in all_heads),
@@ -337,10 +329,10 @@ def run_analysis(
     return AnalysisReport(
         model=name,
         seq_len=N,
-        block_size=block_size,
-        segment_size=segment_size,
+        block_size=settings.block_size,
+        segment_size=settings.segment_size,
         coverage=float(coverage),
-        threshold=float(threshold),
+        threshold=settings.threshold,
         verdict_margin=float(verdict_margin),
         num_layers=len(all_layers),
         num_heads=shapes["num_heads"],
@@ -353,7 +345,7 @@ def run_analysis(
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         peak_gpu_memory_gib=torch.cuda.max_memory_allocated(input_ids.device) / 2**30 if on_cuda else None,
         heatmaps=[extremes[k] for k in ("most sparse", "least sparse") if k in extremes],
-        vertical_keys=int(vertical_keys),
+        vertical_keys=int(settings.vertical_keys),
     )
 
 

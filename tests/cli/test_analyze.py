@@ -14,6 +14,7 @@ from pbs_kernels.analysis import analyze_layer, cover_count
 from pbs_kernels.attention import pbs_plan
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.settings import PbsSettings
 
 runner = CliRunner()
 
@@ -49,8 +50,8 @@ def _brute(q, k, bs, S, coverage, threshold, softcap=None, window=None):
     tiles = nb * (nb + 1) / 2
     k_perm = torch.gather(k, 2, pos.long()[..., None].expand(-1, -1, -1, D))
     # PBS's selection as the runtime makes it for the layer: inside the window, if any
-    kept = select_blocks(q, k_perm, pos, block_size=bs, segment_size=S, threshold=threshold, scale=scale,
-                         window=window).dense_mask()
+    s = PbsSettings(block_size=bs, segment_size=S, threshold=threshold, scale=scale, window=window)
+    kept = select_blocks(q, k_perm, pos, s).dense_mask()
     blk = torch.arange(N) // bs
     recall = (P_perm * kept[:, :, blk][..., blk]).sum(-1).mean(-1)
     sink = P[..., :bs].sum(-1)[..., bs:].mean(-1) if N > bs else P[..., :bs].sum(-1).mean(-1)
@@ -92,8 +93,8 @@ def test_figures_match_brute_force(N, bs, S, HQ, H, softcap, window, gather_path
     k = torch.randn(2, H, N, 64) * 1.5
     k[:, :, 5] *= 4  # a few strong keys so the oracle has something to find
     # A tiny chunk budget forces several chunks per head (chunk edges inside segments).
-    got = analyze_layer(q, k, block_size=bs, segment_size=S, coverage=0.8, threshold=0.7, softcap=softcap,
-                        sliding_window=window, return_maps=True, chunk_bytes=150_000)
+    got = analyze_layer(q, k, PbsSettings(block_size=bs, segment_size=S, threshold=0.7, softcap=softcap, window=window),
+                        coverage=0.8, return_maps=True, chunk_bytes=150_000)
     want = _brute(q, k, bs, S, 0.8, 0.7, softcap, window)
     tiles = math.ceil(N / bs) * (math.ceil(N / bs) + 1) / 2
     for name, ref in want.items():
@@ -122,8 +123,8 @@ def test_vertical_keys_match_the_attend_reference(gather_path, monkeypatch):
     k[:, :, ::37] *= 3  # scattered strong keys, what vertical keys are for
     kw = dict(block_size=bs, segment_size=S, threshold=0.6)
     # 3 query blocks of 2 heads per chunk: chunk edges inside segments.
-    base = analyze_layer(q, k, coverage=0.8, chunk_bytes=1_300_000, **kw)
-    got = analyze_layer(q, k, coverage=0.8, chunk_bytes=1_300_000, vertical_keys=n, **kw)
+    base = analyze_layer(q, k, PbsSettings(**kw), coverage=0.8, chunk_bytes=1_300_000)
+    got = analyze_layer(q, k, PbsSettings(vertical_keys=n, **kw), coverage=0.8, chunk_bytes=1_300_000)
     s = (q.double() @ k.repeat_interleave(HQ // H, 1).double().transpose(-1, -2)) / 8.0
     lse_dense = s.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
     for permute, la, recall, vdens in ((True, got, got.pbs_recall, got.pbs_vertical_density),
@@ -154,7 +155,7 @@ def test_vertical_keys_match_the_attend_reference(gather_path, monkeypatch):
 def test_vertical_keys_out_of_range(bad):
     q, k = torch.randn(1, 2, 80, 64), torch.randn(1, 1, 80, 64)
     with pytest.raises(ValueError, match="vertical_keys .* must be an integer from 0 to block_size 32") as exc:
-        analyze_layer(q, k, block_size=32, segment_size=64, vertical_keys=bad)
+        analyze_layer(q, k, PbsSettings(block_size=32, segment_size=64, vertical_keys=bad))
     assert "\n" not in str(exc.value)
 
 
@@ -170,7 +171,7 @@ def test_oracle_finds_scattered_keys_and_permutation_gathers_them():
     strong = torch.tensor([3, 40, 77, 100, 150, 200, 260, 300, 333, 390, 420, 470])
     k[0, 0, strong] += 8 * direction / direction.norm()
     q[0, 0] += 8 * direction / direction.norm()
-    got = analyze_layer(q, k, block_size=bs, segment_size=S, coverage=0.9)
+    got = analyze_layer(q, k, PbsSettings(block_size=bs, segment_size=S), coverage=0.9)
     assert got.oracle_density_perm[0] < 0.8 * got.oracle_density[0]
 
 
@@ -178,9 +179,9 @@ def test_triton_scoring_gives_the_same_figures():
     # On CUDA the permutation is scored by the Triton kernel; here it runs in the interpreter.
     torch.manual_seed(1)
     q, k = torch.randn(1, 2, 80, 64), torch.randn(1, 1, 80, 64)
-    kw = dict(block_size=16, segment_size=32, coverage=0.9, threshold=0.8)
-    a = analyze_layer(q, k, backend="torch", **kw)
-    b = analyze_layer(q, k, backend="triton", **kw)
+    s = PbsSettings(block_size=16, segment_size=32, threshold=0.8)
+    a = analyze_layer(q, k, s.replace(backend="torch"), coverage=0.9)
+    b = analyze_layer(q, k, s.replace(backend="triton"), coverage=0.9)
     for name in ("oracle_density", "oracle_density_perm", "pbs_density", "pbs_recall"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5)
 

@@ -17,6 +17,7 @@ from pbs_cli.app import app, main
 from pbs_kernels.ops.attend import attend
 from pbs_kernels.ops.permute import permute_keys_naive
 from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.settings import PbsSettings
 from pbs_kernels.workloads import HEAD_KINDS, make_workload, workload_info
 
 from _ref import dense_ref, rel_err
@@ -212,7 +213,7 @@ def test_tile_reference_and_kernel_error():
     q, k, v = make_workload(640, 4, 2, 64, dtype=torch.float32, seed=5)
     scale = 0.125
     kp, vp, pos = permute_keys_naive(q, k, v, block_size=32, segment_size=64, scale=scale)
-    blocks = select_blocks(q, kp, pos, block_size=32, segment_size=64, threshold=0.8, scale=scale)
+    blocks = select_blocks(q, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=0.8, scale=scale))
     out = attend(q, kp, vp, pos, blocks, scale=scale)
     qblocks = bw.check_blocks(blocks.num_blocks, 32, 64)
     assert qblocks[-1] == blocks.num_blocks - 1 and qblocks[0] == 2 and len(qblocks) == bw.N_CHECK_BLOCKS
@@ -225,7 +226,7 @@ def test_flex_block_mask_holds_exactly_the_kept_tiles():
     pytest.importorskip("torch.nn.attention.flex_attention")
     q, k, v = make_workload(512, 4, 2, 64, dtype=torch.float32, seed=6)
     kp, vp, pos = permute_keys_naive(q, k, v, block_size=32, segment_size=64, scale=0.125)
-    blocks = select_blocks(q, kp, pos, block_size=32, segment_size=64, threshold=0.8, scale=0.125)
+    blocks = select_blocks(q, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=0.8, scale=0.125))
     for checked in (False, True):
         bm = bw.flex_block_mask(blocks, pos, 2, 512, tile_checked_mask=checked)
         assert torch.equal(bm.to_dense().bool(), blocks.dense_mask())

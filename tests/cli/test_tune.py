@@ -25,6 +25,7 @@ from pbs_cli.workflows.tune.alloc import Choice, allocate, fastest_speedup, pare
 from pbs_cli.workflows.tune.cost import predicted_cost
 from pbs_cli.workflows.tune.study import SearchSpace, StudyMismatchError, open_storage, open_study, parse_storage, seed_configs
 from pbs_kernels.profile import LayerConfig, PbsProfile
+from pbs_kernels.settings import PbsSettings
 
 N = 1024
 runner = CliRunner()
@@ -153,12 +154,14 @@ def test_search_space():
     with pytest.raises(UsageError, match="too short"):
         SearchSpace.for_length(40)
     space = SearchSpace.for_length(512, min_seq_len=512)
-    cfg = space.config(128, 8, 0.9, True)
+    cfg = space.config(PbsSettings(block_size=128, segment_size=128 * 8, threshold=0.9, permute=True))
     assert cfg.segment_size == 256  # clipped: at least two segments in the prompt
     assert cfg.min_seq_len == 512
     again = space.params(cfg)
     assert again["block_size"] == 128 and again["permute"] is True
-    assert space.config(again["block_size"], again["segment_blocks"], 1 - again["tail"], again["permute"]) == cfg
+    b = again["block_size"]
+    assert space.config(PbsSettings(block_size=b, segment_size=b * again["segment_blocks"], threshold=1 - again["tail"],
+                                    permute=again["permute"])) == cfg
     seeds = seed_configs(space, None)
     assert seeds and all(s.block_size == 32 for s in seeds)  # >= 16 blocks in 512 tokens
 

@@ -12,6 +12,7 @@ from pbs_cli.workflows.tune.study import SearchSpace
 from pbs_cli.workflows.tune.workflow import TuneSettings, _windowed_option, run_tune
 from pbs_kernels.blocks import window_density
 from pbs_kernels.profile import PbsProfile
+from pbs_kernels.settings import PbsSettings
 
 VOCAB = 256
 WINDOW = 64
@@ -48,7 +49,7 @@ def test_window_density_counts_the_tiles_a_window_meets():
 def test_analyze_reports_window_layers_as_windowed(tmp_path_factory):
     model = _gemma3(tmp_path_factory)
     N = 300
-    report = run_analysis(model, _ids(N), block_size=16, segment_size=64, threshold=0.9)
+    report = run_analysis(model, _ids(N), PbsSettings(block_size=16, segment_size=64, threshold=0.9))
     win, full = report.layers
     assert report.head_dim == 256
     assert win.pbs_fallback is None and full.pbs_fallback is None  # head dim 256 and the window: PBS runs

@@ -6,6 +6,7 @@ from pbs_kernels.ops.attend import attend_naive
 from pbs_kernels.ops.attend.fwd import attend_triton
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.settings import PbsSettings
 
 from _ref import masked_ref, max_err, rand_qkv, rel_err, token_mask
 
@@ -23,7 +24,7 @@ def test_attend_matches_token_mask_reference(N, HQ, H, D, dtype, tol, tau):
     q, k, v = rand_qkv(2, HQ, H, N, D, dtype)
     scale = D ** -0.5
     kp, vp, pos = permute_keys(q, k, v, block_size=64, segment_size=128, scale=scale)
-    blocks = select_blocks(q, kp, pos, block_size=64, segment_size=128, threshold=tau, scale=scale)
+    blocks = select_blocks(q, kp, pos, PbsSettings(block_size=64, segment_size=128, threshold=tau, scale=scale))
     ref = masked_ref(q, kp, vp, token_mask(blocks, pos, N), scale)
     out = torch.full_like(q, float("nan"))
     attend_triton(q, kp, vp, pos, blocks, scale=scale, out=out)
@@ -39,8 +40,8 @@ def test_attend_matches_token_mask_reference(N, HQ, H, D, dtype, tol, tau):
 def test_attend_lse_gives_recall():
     q, k, v = rand_qkv(1, 2, 2, 400, 64)
     kp, vp, pos = permute_keys(q, k, v, block_size=32, segment_size=64, scale=0.125)
-    full = select_blocks(q, kp, pos, block_size=32, segment_size=64, threshold=1.0, scale=0.125)
-    part = select_blocks(q, kp, pos, block_size=32, segment_size=64, threshold=0.5, scale=0.125)
+    full = select_blocks(q, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=1.0, scale=0.125))
+    part = select_blocks(q, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=0.5, scale=0.125))
     _, lse_full = attend_triton(q, kp, vp, pos, full, scale=0.125, return_lse=True)
     _, lse_part = attend_triton(q, kp, vp, pos, part, scale=0.125, return_lse=True)
     recall = torch.exp(lse_part - lse_full)

@@ -9,7 +9,7 @@ import torch
 from pbs_kernels import crossover, pbs_attention, pbs_attention_varlen
 from pbs_kernels.attention import dense_causal_attention
 from pbs_kernels.graphs import PbsGraphs, auto_worth_it, why_eager
-from pbs_kernels.ops import _common
+from pbs_kernels import _host
 from pbs_kernels.profile import LayerConfig, PbsProfile, ProfileError
 
 from _ref import dense_ref, max_err, rand_qkv, rel_err
@@ -151,7 +151,7 @@ def test_legacy_host_path_gives_the_same_output(monkeypatch, N, G):
     # The fused score LSE, one-launch pooling and int64 sink must not change a single tile.
     q, k, v = rand_qkv(1, 2 * G, 2, N, 64, seed=7)
     new, st_new = pbs_attention(q, k, v, backend="triton", return_stats=True, **SMALL)
-    monkeypatch.setattr(_common, "LEGACY_HOST", True)
+    monkeypatch.setattr(_host, "LEGACY_HOST", True)
     old, st_old = pbs_attention(q, k, v, backend="triton", return_stats=True, **SMALL)
     assert torch.equal(st_new.blocks.dense_mask(), st_old.blocks.dense_mask())
     assert torch.equal(st_new.pos, st_old.pos)

@@ -10,6 +10,7 @@ from pbs_kernels.ops.permute import permute_keys, score_keys_naive
 from pbs_kernels.ops.permute.score import score_keys_triton
 from pbs_kernels.blocks import BlockList
 from pbs_kernels.ops.select import select_blocks
+from pbs_kernels.settings import PbsSettings
 
 from _ref import rel_err
 
@@ -49,7 +50,8 @@ def test_sparse_matches_reference_bf16(N, b, S):
     st = score_keys_triton(q, k, block_size=b, scale=scale)
     assert rel_err(st, score_keys_naive(q, k, block_size=b, scale=scale)) < 1e-2
     kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=scale, backend="triton")
-    bl = select_blocks(q, kp, pos, block_size=b, segment_size=S, threshold=0.9, scale=scale)
+    bl = select_blocks(q, kp, pos, PbsSettings(block_size=b, segment_size=S, threshold=0.9, scale=scale,
+                                               backend="torch"))
     out = torch.full_like(q, float("nan"))
     attend_triton(q, kp, vp, pos, bl, scale=scale, out=out)
     assert not torch.isnan(out).any()
@@ -64,9 +66,9 @@ def test_sparse_matches_reference_bf16(N, b, S):
 def test_select_triton_matches_torch_bf16(N, b, tau):
     q, k, v = _qkv(N)
     kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=256, scale=128 ** -0.5, backend="triton")
-    want = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5)
-    got = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5,
-                        backend="triton")
+    s = PbsSettings(block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5, backend="torch")
+    want = select_blocks(q, kp, pos, s)
+    got = select_blocks(q, kp, pos, s.replace(backend="triton"))
     # The Triton path's pooled GEMM runs in TF32 (the reference in fp32): borderline blocks may
     # flip, nothing more.
     diff = (got.n_total - want.n_total).abs().float()
@@ -75,8 +77,7 @@ def test_select_triton_matches_torch_bf16(N, b, tau):
     kp2, vp2, pos2, stats = permute_keys(q, k, v, block_size=b, segment_size=256, scale=128 ** -0.5,
                                          backend="triton", block_stats=True)
     assert torch.equal(pos2, pos) and torch.equal(kp2, kp) and torch.equal(vp2, vp)
-    fused = select_blocks(q, kp, pos, block_size=b, segment_size=256, threshold=tau, scale=128 ** -0.5,
-                          backend="triton", key_stats=stats)
+    fused = select_blocks(q, kp, pos, s.replace(backend="triton"), key_stats=stats)
     assert (fused.n_total != got.n_total).float().mean() < 0.005
     assert (got.n_total - want.n_total).abs().max() <= 2
 
@@ -86,7 +87,8 @@ def test_attend_tma_and_pointer_paths_agree(use_tma):
     q, k, v = _qkv(9000)
     scale = 128 ** -0.5
     kp, vp, pos = permute_keys(q, k, v, block_size=128, segment_size=256, scale=scale, backend="triton")
-    bl = select_blocks(q, kp, pos, block_size=128, segment_size=256, threshold=0.9, scale=scale, backend="triton")
+    bl = select_blocks(q, kp, pos, PbsSettings(block_size=128, segment_size=256, threshold=0.9, scale=scale,
+                                               backend="triton"))
     out = torch.full_like(q, float("nan"))
     attend_triton(q, kp, vp, pos, bl, scale=scale, out=out, use_tma=use_tma)
     ref = attend_triton(q.float(), kp.float(), vp.float(), pos, bl, scale=scale, use_tma=False)

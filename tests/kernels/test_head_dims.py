@@ -13,6 +13,7 @@ from pbs_kernels.ops.permute import permute_keys, score_keys_naive
 from pbs_kernels.ops.permute.score import score_keys_triton
 from pbs_kernels.ops.select import select_blocks_naive
 from pbs_kernels.ops.select.fused import select_blocks_triton
+from pbs_kernels.settings import PbsSettings
 
 from _ref import dense_reference, max_err, rand_qkv, rel_err
 
@@ -68,9 +69,9 @@ def test_triton_ops_match_references_below_threshold_one(D):
     ref_pool, ref_min = key_block_stats(k_r, pos_r, b)
     assert torch.allclose(stats[0], ref_pool, atol=1e-5) and torch.equal(stats[1], ref_min)
 
-    blk = select_blocks_triton(q, k_p, pos, block_size=b, segment_size=S, threshold=0.6, scale=scale,
+    blk = select_blocks_triton(q, k_p, pos, PbsSettings(block_size=b, segment_size=S, threshold=0.6, scale=scale),
                                key_stats=stats)
-    ref_blk = select_blocks_naive(q, k_p, pos, block_size=b, segment_size=S, threshold=0.6, scale=scale)
+    ref_blk = select_blocks_naive(q, k_p, pos, PbsSettings(block_size=b, segment_size=S, threshold=0.6, scale=scale))
     assert torch.equal(blk.dense_mask(), ref_blk.dense_mask())
     assert float(blk.density_per_head().mean()) < 1.0  # the threshold dropped tiles
 

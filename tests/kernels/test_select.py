@@ -6,6 +6,7 @@ import torch
 from pbs_kernels.blocks import block_geometry, pool_blocks
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks, topp_keep
+from pbs_kernels.settings import PbsSettings
 
 from _ref import rand_qkv
 
@@ -66,7 +67,7 @@ def _brute_select(q, kp, pos, b, S, tau, scale):
 def test_select_matches_brute_force(tau):
     q, k, v = rand_qkv(1, 4, 2, 333, 64, seed=None)
     kp, vp, pos = permute_keys(q, k, v, block_size=32, segment_size=64, scale=0.125)
-    blocks = select_blocks(q, kp, pos, block_size=32, segment_size=64, threshold=tau, scale=0.125)
+    blocks = select_blocks(q, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=tau, scale=0.125))
     want = _brute_select(q, kp, pos, 32, 64, tau, 0.125)
     got = blocks.dense_mask()
     # Exact up to ties at the top-p boundary (fp32 rounding of cumulative sums).
@@ -90,8 +91,8 @@ def test_select_triton_matches_naive(N, b, S, tau, HQ, H):
 
     q, k, v = rand_qkv(2, HQ, H, N, 64)
     kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)
-    want = select_blocks_naive(q, kp, pos, block_size=b, segment_size=S, threshold=tau, scale=0.125)
-    got = select_blocks_triton(q, kp, pos, block_size=b, segment_size=S, threshold=tau, scale=0.125)
+    want = select_blocks_naive(q, kp, pos, PbsSettings(block_size=b, segment_size=S, threshold=tau, scale=0.125))
+    got = select_blocks_triton(q, kp, pos, PbsSettings(block_size=b, segment_size=S, threshold=tau, scale=0.125))
     # Same tiles (bisection vs sort can differ only at exact ties) and the same list order.
     assert (got.dense_mask() != want.dense_mask()).float().mean() < 0.005
     if torch.equal(got.n_total, want.n_total):
@@ -105,8 +106,8 @@ def test_threshold_one_keeps_blocks_whose_probability_underflows(backend):
     q, k, v = rand_qkv(1, 2, 2, 512, 64)
     k[:, :, :64] *= 200.0  # pooled scores far apart: other blocks' softmax mass is exactly 0
     pos = torch.arange(512, dtype=torch.int32).expand(1, 2, 512).contiguous()
-    blocks = select_blocks(q, k, pos, block_size=64, segment_size=128, threshold=1.0, scale=0.125,
-                           backend=backend)
+    blocks = select_blocks(q, k, pos, PbsSettings(block_size=64, segment_size=128, threshold=1.0, scale=0.125,
+                                                  backend=backend))
     assert blocks.density_per_head().tolist() == pytest.approx([1.0, 1.0])
 
 
@@ -126,8 +127,9 @@ def test_select_bisection_separates_near_ties(step):
         k[0, 0, j * b:(j + 1) * b, 0] = 1.0 + step * ((j * 7) % (N // b))
     pos = torch.arange(N, dtype=torch.int32).expand(1, 1, N).contiguous()
     for tau in (0.3, 0.7):
-        got = select_blocks(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0, backend="triton")
-        want = select_blocks_naive(q, k, pos, block_size=b, segment_size=64, threshold=tau, scale=1.0)
+        got = select_blocks(q, k, pos, PbsSettings(block_size=b, segment_size=64, threshold=tau, scale=1.0,
+                                                   backend="triton"))
+        want = select_blocks_naive(q, k, pos, PbsSettings(block_size=b, segment_size=64, threshold=tau, scale=1.0))
         assert torch.equal(got.dense_mask(), want.dense_mask())
 
 
@@ -151,8 +153,8 @@ def test_select_estimators_triton_matches_naive(N, b, S, tau, HQ, H, est, mass):
     k[..., :4] += torch.linspace(-1.0, 2.0, N)[:, None]
     kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)
     kw = dict(block_size=b, segment_size=S, threshold=tau, scale=0.125, estimator=est, threshold_mass=mass)
-    want = select_blocks_naive(q, kp, pos, **kw)
-    got = select_blocks_triton(q, kp, pos, **kw)
+    want = select_blocks_naive(q, kp, pos, PbsSettings(**kw))
+    got = select_blocks_triton(q, kp, pos, PbsSettings(**kw))
     assert (got.dense_mask() != want.dense_mask()).float().mean() < 0.005
     assert (got.n_total - want.n_total).abs().float().mean() < 0.05
 
@@ -195,8 +197,8 @@ def test_top_estimator_keeps_the_block_of_one_strong_key():
     pos = torch.arange(N, dtype=torch.int32).view(1, 1, N)
     kw = dict(block_size=b, segment_size=64, threshold=0.5, scale=1.0)
     row = N // b - 2  # the last block but one (segment 7's first); the final block keeps every tile
-    mean = select_blocks_naive(q, k, pos, estimator="mean", **kw).dense_mask()[0, 0, row]
-    top = select_blocks_naive(q, k, pos, estimator="top", **kw).dense_mask()[0, 0, row]
+    mean = select_blocks_naive(q, k, pos, PbsSettings(estimator="mean", **kw)).dense_mask()[0, 0, row]
+    top = select_blocks_naive(q, k, pos, PbsSettings(estimator="top", **kw)).dense_mask()[0, 0, row]
     assert bool(top[5]) and not bool(mean[5])
     assert int(top[:row].sum()) < 6  # of the 14 earlier blocks: the strong key's, the sink and few others
 
@@ -217,8 +219,8 @@ def test_total_mass_keeps_no_earlier_block_for_a_local_row():
     k = (code * 3.0 + 0.1 * torch.randn(N, D, generator=g)).view(1, 1, N, D)
     pos = torch.arange(N, dtype=torch.int32).view(1, 1, N)
     kw = dict(block_size=b, segment_size=64, threshold=0.8, scale=1.0)
-    earlier = select_blocks_naive(q, k, pos, threshold_mass="earlier", **kw)
-    total = select_blocks_naive(q, k, pos, threshold_mass="total", **kw)
+    earlier = select_blocks_naive(q, k, pos, PbsSettings(threshold_mass="earlier", **kw))
+    total = select_blocks_naive(q, k, pos, PbsSettings(threshold_mass="total", **kw))
     assert int(total.n_off.sum()) < int(earlier.n_off.sum())
     # The rule itself: a row whose own share reaches the threshold keeps only the sink.
     assert float(earlier_threshold(0.8, torch.tensor(0.9))) < 0 < float(earlier_threshold(0.8, torch.tensor(0.5)))
@@ -291,10 +293,10 @@ def test_head_rule_triton_matches_naive_on_windows_and_chunks(window, chunk):
     kp, vp, pos = permute_keys(q, k, v, block_size=b, segment_size=S, scale=0.125)
     qc = q[:, :, chunk:]
     kw = dict(block_size=b, segment_size=S, threshold=0.8, scale=0.125, threshold_mass="head", window=window)
-    want = select_blocks_naive(qc, kp, pos, **kw)
-    got = select_blocks_triton(qc, kp, pos, **kw)
+    want = select_blocks_naive(qc, kp, pos, PbsSettings(**kw))
+    got = select_blocks_triton(qc, kp, pos, PbsSettings(**kw))
     assert (got.dense_mask() != want.dense_mask()).float().mean() < 0.005
-    row = select_blocks_naive(qc, kp, pos, **{**kw, "threshold_mass": "earlier"})
+    row = select_blocks_naive(qc, kp, pos, PbsSettings(**{**kw, "threshold_mass": "earlier"}))
     if not chunk:
         # The same tau buys fewer tiles here. Not asserted for the 300-row chunk: its 15 query
         # blocks hold two final ones kept whole (issue 21), and the head rule then kept 855 tiles

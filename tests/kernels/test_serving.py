@@ -10,6 +10,7 @@ from pbs_kernels.ops.permute import permute_keys, score_keys_naive
 from pbs_kernels.ops.permute.score import score_keys_triton
 from pbs_kernels.ops.select import select_blocks_naive
 from pbs_kernels.ops.select.fused import select_blocks_triton
+from pbs_kernels.settings import PbsSettings
 
 from _ref import dense_reference, masked_ref, max_err, rand_qkv, rel_err, token_mask
 
@@ -55,7 +56,7 @@ def test_chunk_rows_equal_whole_prompt_rows_with_the_same_permutation():
     q, k, v = rand_qkv(1, 2, 1, N, 64)
     qc = _chunk(q, M)
     kp, vp, pos = permute_keys(qc, k, v, block_size=32, segment_size=64, scale=0.125)
-    blocks = select_blocks_naive(qc, kp, pos, block_size=32, segment_size=64, threshold=0.7, scale=0.125)
+    blocks = select_blocks_naive(qc, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=0.7, scale=0.125))
     assert blocks.q_block0 == (N - M) // 32 and blocks.num_blocks == -(-N // 32)
     ref = masked_ref(qc, kp, vp, token_mask(blocks, pos, N, M), 0.125)
     out = torch.full_like(qc, float("nan"))
@@ -73,10 +74,9 @@ def test_select_triton_matches_naive_on_chunks_and_windows():
     kp, vp, pos = permute_keys(qc, k, v, block_size=32, segment_size=64, scale=0.125)
     for window in (None, 150):
         for tau in (0.8, 1.0):
-            want = select_blocks_naive(qc, kp, pos, block_size=32, segment_size=64, threshold=tau, scale=0.125,
-                                       window=window)
-            got = select_blocks_triton(qc, kp, pos, block_size=32, segment_size=64, threshold=tau, scale=0.125,
-                                       window=window)
+            s = PbsSettings(block_size=32, segment_size=64, threshold=tau, scale=0.125, window=window)
+            want = select_blocks_naive(qc, kp, pos, s)
+            got = select_blocks_triton(qc, kp, pos, s)
             assert got.q_block0 == want.q_block0
             assert torch.equal(got.n_off, want.n_off) and torch.equal(got.n_total, want.n_total)
             assert torch.equal(got.dense_mask(), want.dense_mask()), (window, tau)
@@ -120,7 +120,8 @@ def test_window_sparse_attend_uses_masked_straddling_tiles():
     N, M, W = 640, 640, 100
     q, k, v = rand_qkv(1, 2, 1, N, 64)
     kp, vp, pos = permute_keys(q, k, v, block_size=32, segment_size=64, scale=0.125)
-    blocks = select_blocks_naive(q, kp, pos, block_size=32, segment_size=64, threshold=0.6, scale=0.125, window=W)
+    blocks = select_blocks_naive(q, kp, pos, PbsSettings(block_size=32, segment_size=64, threshold=0.6, scale=0.125,
+                                                         window=W))
     ref = masked_ref(q, kp, vp, token_mask(blocks, pos, N, M, window=W), 0.125)
     out = torch.full_like(q, float("nan"))
     attend_triton(q, kp, vp, pos, blocks, scale=0.125, out=out, window=W)

@@ -6,6 +6,7 @@ import torch
 
 from pbs_kernels.attention import _varlen_per_sequence, pbs_attention_varlen
 from pbs_kernels.packing import build_layout
+from pbs_kernels.settings import PbsSettings
 
 from _ref import dense_reference, rand_qkv, rel_err
 
@@ -27,7 +28,9 @@ def _run(shapes, packed=True, seed=0, data=None, **kw):
     mq, mk = max(m for _, m in shapes), max(n for n, _ in shapes)
     if packed:
         return pbs_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_stats=True, packed=True, **kw), cu_q, seqs
-    return _varlen_per_sequence(q, k, v, cu_q.tolist(), cu_k.tolist(), None, return_stats=True, **kw), cu_q, seqs
+    call = {name: kw.pop(name) for name in ("sinks", "graph") if name in kw}
+    return (_varlen_per_sequence(q, k, v, cu_q.tolist(), cu_k.tolist(), None, PbsSettings(**kw), return_stats=True,
+                                 **call), cu_q, seqs)
 
 
 # (N, M): lengths off the block (32) and segment (64) grid, one token, a chunk M < N whose first

@@ -1,4 +1,5 @@
-"""Small helpers shared by the ops (geometry of blocks and segments, backend choice)."""
+"""Small helpers shared by the ops (launch fitting, backend choice, scale). Block geometry
+(`cdiv`) lives below the ops in `pbs_kernels.blocks`, the host-path switch in `pbs_kernels._host`."""
 from __future__ import annotations
 
 import math
@@ -6,12 +7,9 @@ import os
 
 import torch
 
-LOG2E = 1.4426950408889634
+from ..blocks import cdiv  # noqa: F401  (re-exported: the Triton launchers import it from here)
 
-# The per-call host path before issue 22 (no cached checks, torch ops for the score LSE, the
-# block pooling and the sink's dtype, no cached device queries), kept so that one process can
-# time both (scripts/gpu_fixed_cost.py sets it; PBS_LEGACY_HOST=1 sets it at import).
-LEGACY_HOST = os.environ.get("PBS_LEGACY_HOST", "0") == "1"
+LOG2E = 1.4426950408889634
 
 
 # The launch options that fit, by kernel key (see launch_fitting).
@@ -51,10 +49,6 @@ def fallback_tiles(block_n: int, num_warps: int, num_stages: int) -> list[tuple[
         if opt not in out:
             out.append(opt)
     return out
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def interpreting() -> bool:

@@ -194,9 +194,7 @@ def _efficiency(c: Prompt) -> Optional[float]:
     layer = c.h.layer
     if not layer.permute:
         return None
-    a = analyze_layer(c.q, c.k, block_size=layer.block_size, segment_size=layer.segment_size,
-                      threshold=layer.threshold, scale=c.scale, backend=c.h.backend, estimator=layer.estimator,
-                      threshold_mass=layer.threshold_mass, vertical_keys=layer.vertical_keys)
+    a = analyze_layer(c.q, c.k, layer.settings(scale=c.scale, backend=c.h.backend))
     return a.selection_efficiency
 
 

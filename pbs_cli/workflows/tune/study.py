@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pbs_kernels.limits import BLOCK_SIZES, ESTIMATORS, THRESHOLD_MASS, VERTICAL_KEYS
+from pbs_kernels.settings import PbsSettings
 
 from ..errors import (PbsError, SeqLenTooShort, StorageDriverMissing, StorageInvalid, StorageUnwritable,
                       StudyMismatchError)
@@ -110,21 +111,15 @@ class SearchSpace:
             "max_layer_error": MAX_LAYER_ERROR,
         }
 
-    def config(self, block_size: int, segment_blocks: int, threshold: float, permute: bool,
-               estimator: str = "mean", threshold_mass: str = "earlier", vertical_keys: int = 0) -> LayerConfig:
+    def config(self, settings: PbsSettings) -> LayerConfig:
+        """The profile layer of `settings`' per-layer fields: its segment clipped so that the
+        tuned length holds at least two (never under one block), and this space's min_seq_len."""
         from pbs_kernels.profile import LayerConfig
 
-        most = max(1, (self.n_tokens // 2) // block_size)
-        return LayerConfig(
-            block_size=block_size,
-            segment_size=block_size * min(segment_blocks, most),
-            threshold=threshold,
-            permute=permute,
-            min_seq_len=self.min_seq_len,
-            estimator=estimator,
-            threshold_mass=threshold_mass,
-            vertical_keys=vertical_keys,
-        )
+        b = settings.block_size
+        most = max(1, (self.n_tokens // 2) // b)
+        return LayerConfig(**{**settings.layer_kwargs(), "segment_size": min(settings.segment_size, b * most)},
+                           min_seq_len=self.min_seq_len)
 
     def suggest(self, trial: optuna.Trial) -> LayerConfig:
         b = trial.suggest_categorical("block_size", list(self.block_sizes))
@@ -138,7 +133,8 @@ class SearchSpace:
         vertical = trial.suggest_categorical("vertical_keys", list(VERTICAL_KEYS))  # all <= the smallest block
         # Four decimals: what a profile shows, and finer than selection can tell apart.
         threshold = min(round(1.0 - tail, 4), 1.0 - MIN_TAIL)
-        return self.config(b, m, threshold, permute, estimator, mass, vertical)
+        return self.config(PbsSettings(block_size=b, segment_size=b * m, threshold=threshold, permute=permute,
+                                       estimator=estimator, threshold_mass=mass, vertical_keys=vertical))
 
     def params(self, config: LayerConfig) -> dict[str, Any]:
         """Trial parameters that reproduce `config` (for enqueue_trial)."""
@@ -161,9 +157,9 @@ def seed_configs(space: SearchSpace, analysis: LayerAnalysis | None) -> list[Lay
     b = analysis.block_size if analysis is not None else space.seed_block_size()
     if b not in space.block_sizes:
         b = space.seed_block_size()
-    m = 2  # the method's default segment (256 = 2 x 128)
+    base = PbsSettings(block_size=b, segment_size=2 * b)  # the method's default segment (256 = 2 x 128)
     if analysis is None:
-        return [space.config(b, m, t, True) for t in (0.9, 0.97, 0.8)]
+        return [space.config(base.replace(threshold=t)) for t in (0.9, 0.97, 0.8)]
     gain = float(analysis.oracle_density.mean()) / max(float(analysis.oracle_density_perm.mean()), 1e-9)
     permute = gain >= 1.0
     recall = float((analysis.pbs_recall if permute else analysis.pbs_recall_noperm).mean())
@@ -173,13 +169,14 @@ def seed_configs(space: SearchSpace, analysis: LayerAnalysis | None) -> list[Lay
         thresholds = (0.9, 0.8, 0.95)
     else:
         thresholds = (0.9, 0.95, 0.8)
-    seeds = [space.config(b, m, t, permute) for t in thresholds]
+    seeds = [space.config(base.replace(threshold=t, permute=permute)) for t in thresholds]
     if abs(gain - 1.0) < 0.05:  # undecided: try the other way too
-        seeds.append(space.config(b, m, 0.9, not permute))
+        seeds.append(space.config(base.replace(threshold=0.9, permute=not permute)))
+    first = base.replace(threshold=thresholds[0], permute=permute)
     # The estimator that sees lone strong keys, at the first threshold (section 8 of BENCHMARKS.md).
-    seeds.append(space.config(b, m, thresholds[0], permute, "top"))
+    seeds.append(space.config(first.replace(estimator="top")))
     # Each segment's two strongest keys kept exactly (scattered "vertical" keys; section 11).
-    seeds.append(space.config(b, m, thresholds[0], permute, "mean", "earlier", 2))
+    seeds.append(space.config(first.replace(vertical_keys=2)))
     return seeds
 
 

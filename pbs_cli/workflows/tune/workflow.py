@@ -330,6 +330,7 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
 
     from pbs_kernels.analysis import analyze_layer
     from pbs_kernels.profile import LayerConfig
+    from pbs_kernels.settings import PbsSettings
 
     from . import study as ts
     from .alloc import Choice, allocate, fastest_speedup, pareto_front
@@ -427,8 +428,8 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
             seeds = []
             if settings.analyze:
                 b0 = space.seed_block_size()
-                la = analyze_layer(work.q, work.k, block_size=b0, segment_size=2 * b0, scale=work.scale,
-                                   softcap=work.softcap, sliding_window=work.window)
+                la = analyze_layer(work.q, work.k, PbsSettings(block_size=b0, segment_size=2 * b0, scale=work.scale,
+                                                               softcap=work.softcap, window=work.window))
                 lr.analysis = {
                     "oracle_density": float(la.oracle_density.mean()),
                     "oracle_density_perm": float(la.oracle_density_perm.mean()),

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _common
+from ... import _host
 from .._common import LOG2E, cdiv, fallback_tiles, launch_fitting
 from ...blocks import BlockList
 
@@ -293,7 +293,7 @@ def _tma_default(q, k_perm, v_perm) -> bool:
         return False
     if not (k_perm.is_contiguous() and v_perm.is_contiguous()):
         return False
-    if not _common.LEGACY_HOST:
+    if not _host.LEGACY_HOST:
         hit = _TMA_OK.get(q.device)
         if hit is None:
             hit = _TMA_OK[q.device] = _tma_usable(q.device)

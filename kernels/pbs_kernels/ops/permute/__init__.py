@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import resolve_backend
 from .naive import gather_keys, permute_keys_naive, score_keys_naive, sort_within_segments
 
 
@@ -15,7 +16,7 @@ def score_keys(q, k, *, block_size: int, scale: float, backend: str = "torch") -
 
 
 def segment_order(q, k, *, block_size: int, segment_size: int, scale: float, backend: str = "torch",
-                  prefix_pos: torch.Tensor | None = None) -> torch.Tensor:
+                  prefix_pos: torch.Tensor | None = None, packed=None) -> torch.Tensor:
     """Original position of each slot [B, H, N] int32: the keys of every full segment sorted by
     the attention they get from the last block of q (q: the last M of k's N positions).
 
@@ -23,7 +24,16 @@ def segment_order(q, k, *, block_size: int, segment_size: int, scale: float, bac
     segments from an earlier call (a previous chunk of the same prompt). Those segments keep it
     and only keys P .. N - 1 are scored, with the softmax taken over those keys alone, so a
     chunk costs O(M + segment) scored keys instead of O(N) (docs/serving.md).
+
+    packed (a `pbs_kernels.packing.PackedLayout`): a packed batch, q [1, HQ, total_q, D] and k
+    [1, H, total_k, D] in packed rows; each sorted sequence's keys are scored by its own last
+    query block and the result holds virtual positions [1, H, n_virtual] (dense sequences and
+    each sequence's padded last segment keep their order).
     """
+    backend = resolve_backend(backend, q)
+    if packed is not None:
+        return _segment_order_packed(q, k, packed, block_size=block_size, segment_size=segment_size, scale=scale,
+                                     backend=backend)
     B, HQ, M, _ = q.shape
     H, N = k.shape[1], k.shape[2]
     p0 = 0 if prefix_pos is None else prefix_pos.shape[-1]
@@ -42,9 +52,42 @@ def segment_order(q, k, *, block_size: int, segment_size: int, scale: float, bac
     return pos
 
 
-def gather_permuted(k, v, pos, *, block_size: int, backend: str = "torch", block_stats: bool = False):
+def _segment_order_packed(q, k, layout, *, block_size: int, segment_size: int, scale: float, backend: str):
+    H, nv = k.shape[1], layout.n_virtual
+    if not layout.n_scored:
+        from ...blocks import identity_positions
+
+        return identity_positions(1, H, nv, q.device)
+    if backend == "triton":
+        from .order import segment_order_triton
+        from .score import score_keys_packed_triton
+
+        per_head = score_keys_packed_triton(q, k, layout, block_size=block_size, scale=scale)
+        return segment_order_triton(per_head, 1, H, nv, segment_size, sort=layout.seg_sort)
+    from .naive import score_keys_packed_naive
+
+    scores = score_keys_packed_naive(q, k, layout, block_size=block_size, scale=scale)
+    return sort_within_segments(scores, segment_size, layout.seg_sort).to(torch.int32)
+
+
+def gather_permuted(k, v, pos, *, block_size: int, backend: str = "torch", block_stats: bool = False,
+                    packed=None):
     """K and V in the slot order `pos` (and with `block_stats` the pooled keys and earliest
-    position per block, `key_block_stats`)."""
+    position per block, `key_block_stats`).
+
+    packed (a `pbs_kernels.packing.PackedLayout`): k, v are packed rows [1, H, total_k, D] and
+    pos holds virtual positions [1, H, n_virtual]; K/V come back in virtual slots (zero rows for
+    padding). The block statistics come from the Triton gather only (None from torch: the
+    reference selection computes its own)."""
+    backend = resolve_backend(backend, k)
+    if packed is not None:
+        if backend == "triton":
+            from .gather import gather_keys_triton
+
+            return gather_keys_triton(k, v, pos, pool_block=block_size, packed=packed)
+        from .naive import gather_keys_packed
+
+        return (*gather_keys_packed(k, v, pos, packed), None)
     if backend == "triton" and k.stride(-1) == 1 and v.stride(-1) == 1:
         from .gather import gather_keys_triton
 

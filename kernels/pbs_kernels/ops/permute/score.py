@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _common
+from ... import _host
 from .._common import LOG2E, cdiv, launch_fitting
 
 # Programs to aim for: a few waves on a 132-SM H100 without making chunks so short that each
@@ -272,7 +272,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     )
     grid = (NC, B * HQ)
     _launch_pass(_lse_pass, grid, (q, k, m_part, l_part, m_part), dict(NC=NC, **common), explicit)
-    if _common.LEGACY_HOST:
+    if _host.LEGACY_HOST:
         m_part = m_part.view(-1, NC)
         l_part = l_part.view(-1, NC)
         m_row = m_part.amax(dim=1, keepdim=True)

@@ -13,12 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _common
-from .._common import cdiv, interpreting
+from ... import _host
+from .._common import cdiv, default_scale, interpreting
 from ...blocks import BlockList, block_representatives, key_block_max_pos, key_block_stats, pool_query_blocks
+from ...settings import PbsSettings
+from . import MAX_ROW
 from .naive import HEAD_BINS, HEAD_BINS_PER_OCTAVE, head_cut
-
-MAX_ROW = 8192  # key blocks held in registers per program (1M tokens at b=128)
 
 
 def _configs():
@@ -216,14 +216,15 @@ def pooled_scores(q_pool: torch.Tensor, k_pool: torch.Tensor) -> torch.Tensor:
         torch.backends.cuda.matmul.allow_tf32 = flag
 
 
-def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
-                         scale: float, key_stats=None, estimator: str = "mean",
-                         threshold_mass: str = "earlier", window: int | None = None) -> BlockList | None:
+def select_blocks_triton(q, k_perm, pos, settings: PbsSettings, *, key_stats=None) -> BlockList | None:
     """Same contract as `select_blocks_naive`; None when a row would not fit in registers.
     key_stats: `key_block_stats(k_perm, pos, block_size)` if the caller already has it."""
+    block_size, segment_size, window = settings.block_size, settings.segment_size, settings.window
+    threshold, estimator, threshold_mass = settings.threshold, settings.estimator, settings.threshold_mass
     if threshold_mass not in ("earlier", "total", "head"):
         raise ValueError(f"select_blocks: unknown threshold_mass {threshold_mass!r}")
     B, HQ, M, D = q.shape
+    scale = default_scale(D) if settings.scale is None else settings.scale
     H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
     nb = cdiv(N, block_size)
@@ -245,7 +246,7 @@ def select_blocks_triton(q, k_perm, pos, *, block_size: int, segment_size: int, 
     s = pooled_scores(q_pool, reps.reshape(B, H, nrep * nb, D)).reshape(B, HQ, nqb, nrep, nb)
     logw = s if logw is None else logw  # unused when NREP == 1
     sink = torch.argmin(min_pos, dim=-1)  # the block holding token 0 (int64: the kernel loads either)
-    if _common.LEGACY_HOST:
+    if _host.LEGACY_HOST:
         sink = sink.to(torch.int32).contiguous()
     max_pos = key_block_max_pos(pos, block_size) if window is not None else min_pos
     idx = torch.empty(B, HQ, nqb, nb, device=q.device, dtype=torch.int32)
@@ -305,9 +306,7 @@ def _pool_packed_kernel(Q, QPOOL, BLK, stride_qh, stride_qn, NB, HQ,
     tl.store(QPOOL + (i_hq * NB + i_q) * HEAD_DIM + o_d, b_mean, mask=m_d)
 
 
-def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, scale: float, key_stats=None,
-                                estimator: str = "mean", threshold_mass: str = "earlier",
-                                window: int | None = None) -> BlockList:
+def select_blocks_packed_triton(q, k_perm, pos, layout, settings: PbsSettings, *, key_stats=None) -> BlockList:
     """Packed batches: the contract of `select_blocks_naive(..., packed=layout)` (q [1, HQ,
     total_q, D] packed rows; k_perm / pos in virtual slots), one row per virtual block. The
     pooled scores cover the whole virtual sequence (one GEMM); each query block's row starts at
@@ -315,11 +314,14 @@ def select_blocks_packed_triton(q, k_perm, pos, layout, *, threshold: float, sca
     sequence."""
     from ...packing import block_counts, packed_sinks, slot_valid
 
+    threshold, estimator, threshold_mass, window = (settings.threshold, settings.estimator, settings.threshold_mass,
+                                                    settings.window)
     if threshold_mass not in ("earlier", "total"):
         raise ValueError(f"select_blocks: threshold_mass {threshold_mass!r} is not one of the packed rules "
                          "(earlier, total); 'head' cuts per sequence, so pbs_attention_varlen runs it one "
                          "sequence at a time")
     _, HQ, _, D = q.shape
+    scale = default_scale(D) if settings.scale is None else settings.scale
     H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
     b = layout.block_size

@@ -5,6 +5,8 @@ import torch
 
 from ...blocks import (BlockList, block_representatives, estimated_block_logits, key_block_max_pos,
                        key_block_stats, pool_query_blocks, query_geometry)
+from ...settings import PbsSettings
+from .._common import default_scale
 
 
 def topp_keep(p: torch.Tensor, threshold) -> torch.Tensor:
@@ -119,14 +121,13 @@ def earlier_threshold(threshold: float, p_own: torch.Tensor) -> torch.Tensor:
     return (threshold - p_own) / (1.0 - p_own).clamp_min(1e-30)
 
 
-def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, threshold: float,
-                        scale: float, estimator: str = "mean", threshold_mass: str = "earlier",
-                        window: int | None = None, packed=None) -> BlockList:
+def select_blocks_naive(q, k_perm, pos, settings: PbsSettings, *, packed=None) -> BlockList:
     """q: [B, HQ, M, D] (the last M of the N positions); k_perm: [B, H, N, D] (permuted); pos:
-    [B, H, N] original positions. estimator / threshold_mass: see `pbs_kernels.limits.ESTIMATORS`
-    and `THRESHOLD_MASS`. With a sliding `window`, blocks wholly outside every query's window are
-    never kept (nor counted in the mass), and earlier-segment blocks that straddle the window's
-    edge go to the masked part of the list.
+    [B, H, N] original positions. From `settings` (`pbs_kernels.settings.PbsSettings`):
+    block_size, segment_size, threshold, scale (None: 1/sqrt(D)), window, and estimator /
+    threshold_mass (see `pbs_kernels.limits.ESTIMATORS` and `THRESHOLD_MASS`). With a sliding
+    `window`, blocks wholly outside every query's window are never kept (nor counted in the mass),
+    and earlier-segment blocks that straddle the window's edge go to the masked part of the list.
 
     packed (a `pbs_kernels.packing.PackedLayout`): a packed batch. q is then [1, HQ, total_q, D]
     in packed rows, k_perm / pos [1, H, n_virtual(, D)] in virtual slots, and the list has one
@@ -136,6 +137,9 @@ def select_blocks_naive(q, k_perm, pos, *, block_size: int, segment_size: int, t
     B, HQ, M, D = q.shape
     H, N = k_perm.shape[1], k_perm.shape[2]
     G = HQ // H
+    block_size, segment_size, window = settings.block_size, settings.segment_size, settings.window
+    threshold, estimator, threshold_mass = settings.threshold, settings.estimator, settings.threshold_mass
+    scale = default_scale(D) if settings.scale is None else settings.scale
     nb = -(-N // block_size)
     seg_k = torch.arange(nb, device=q.device) // (segment_size // block_size)
     if packed is None:
