@@ -26,7 +26,7 @@ from triton.testing import do_bench
 
 from pbs_kernels import pbs_attention
 from pbs_kernels.analysis import analyze_layer
-from pbs_kernels.attention import pbs_plan, permute_stage, select_stage
+from pbs_kernels.attention import pbs_plan
 from pbs_kernels.metrics import output_error
 from pbs_kernels.ops.permute import permute_keys
 from pbs_kernels.ops.select import select_blocks_naive

@@ -104,3 +104,66 @@ def test_no_import_cycle():
 if __name__ == "__main__":
     for comp in cycles(import_graph()):
         print(" <-> ".join(comp))
+
+
+# -- the rest of issue 20's house rules, read from the source the same way ---------------------
+
+GEOMETRY = ("pbs_kernels.blocks", "pbs_kernels.packing")
+
+
+def test_geometry_stands_on_nothing_above_it():
+    # Block geometry is what the ops stand on: it imports no op module (it once took cdiv from
+    # ops/_common.py).
+    graph = import_graph()
+    for name in GEOMETRY:
+        assert not {m for m in graph[name] if m.startswith("pbs_kernels.ops")}, name
+
+
+def test_attention_imports_only_op_packages():
+    # attention.py chains the ops through their dispatchers; which backend or layout runs is
+    # the op package's business, so no module below ops/<op>/ is imported here.
+    ops = {m for m in import_graph()["pbs_kernels.attention"] if m.startswith("pbs_kernels.ops.")}
+    below = {m for m in ops if m.count(".") > 2 and not m.startswith("pbs_kernels.ops._common")}
+    assert not below, below
+
+
+def _functions_with_parameter(param: str) -> list[str]:
+    found = []
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                if param in [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]:
+                    found.append(f"{name}.{node.name}")
+    return found
+
+
+def test_a_knob_travels_inside_the_settings_object():
+    # A per-layer knob is a field of pbs_kernels.settings.PbsSettings; only the public entry
+    # points (pbs_attention, its varlen and plan forms, select_stage) and the CLI option take it
+    # loose. Before issue 20, threshold_mass was in 17 signatures.
+    where = _functions_with_parameter("threshold_mass")
+    assert 0 < len(where) <= 6, where
+
+
+_WRITES = ("write_atomic", "write_text", "write_bytes")
+
+
+def test_one_module_writes_files():
+    # Every command's files go through workflows/outputs.py, which keeps them in a temporary
+    # folder when a write fails after the work. Pictures are rendered to bytes (savefig into a
+    # buffer); the caches (GGUF dequantized weights, Optuna storage) are not command files.
+    writers = set()
+    for name, path in _modules().items():
+        if not name.startswith("pbs_cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                if called in _WRITES:
+                    writers.add(name)
+                if called == "open" and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
+                                            and set(a.value) & set("wax") for a in node.args[1:2]):
+                    writers.add(name)
+    assert writers == {"pbs_cli.workflows.outputs"}, writers

@@ -21,7 +21,8 @@ PY = [p for p in FILES if p.suffix == ".py"]
 SH = [p for p in FILES if p.suffix == ".sh"]
 # Where scripts are referenced by path (the scripts' docstrings call each other too).
 DOCS = [ROOT / "BENCHMARKS.md", ROOT / "README.md", ROOT / "Makefile", SCRIPTS / "README.md",
-        *sorted((ROOT / "docs").glob("*.md")), *FILES, *sorted((ROOT / "tests").rglob("*.py"))]
+        *sorted((ROOT / "docs").glob("*.md")), *FILES, *sorted((ROOT / "tests").rglob("*.py")),
+        *sorted((ROOT / "kernels" / "pbs_kernels").rglob("*.py")), *sorted((ROOT / "pbs_cli").rglob("*.py"))]
 # A script path not preceded by "REV:" (`git show REV:<path>` names an old commit's file).
 REF = re.compile(r"(?<![\w:])scripts/([\w.-]+\.(?:py|sh))\b")
 PROJECT = ("pbs_kernels", "pbs_cli")

@@ -12,6 +12,9 @@ import torch
 from . import _host
 
 
+NO_POS = 2**31 - 1  # "no key here": the earliest position of a block with no key (packed padding)
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for non-negative integers: blocks of b that cover a rows."""
     return (a + b - 1) // b
@@ -201,12 +204,10 @@ def key_block_stats(k_perm: torch.Tensor, pos: torch.Tensor, block_size: int, va
     gather computes the same while it permutes (`gather_keys_triton(..., pool_block=b)`).
 
     valid [B, H, N] bool (packed batches): which slots hold a key; a block averages those only
-    (zero with none) and its earliest position counts those only (`packing.NO_POS` with none)."""
+    (zero with none) and its earliest position counts those only (`NO_POS` with none)."""
     B, H, N = pos.shape
     nb = cdiv(N, block_size)
     if valid is not None:
-        from .packing import NO_POS
-
         vb = valid.reshape(B, H, nb, block_size)  # packed batches: N is a multiple of the block
         sums = torch.where(vb[..., None], k_perm.reshape(B, H, nb, block_size, -1), 0).sum(3, dtype=torch.float32)
         count = vb.sum(-1, keepdim=True).clamp_min(1).float()

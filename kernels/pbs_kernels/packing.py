@@ -30,9 +30,8 @@ import math
 
 import torch
 
-from .blocks import cdiv
+from .blocks import NO_POS, cdiv  # noqa: F401  (NO_POS: packing.NO_POS is public)
 
-NO_POS = 2**31 - 1  # "no key here": the earliest position of a block with no key
 # Rows of PackedLayout.blk
 KB0, KDELTA, KEND, QLO, QHI, QDELTA, DENSE, BSEQ = range(8)
 # Columns of PackedLayout.chunks: tile range, sequence length, query offset (N - M), packed K

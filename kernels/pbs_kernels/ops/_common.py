@@ -16,6 +16,9 @@ LOG2E = 1.4426950408889634
 _FITS: dict = {}
 
 
+MAX_ROW = 8192  # key blocks the Triton selection holds in registers per program (1M tokens at b=128)
+
+
 def launch_fitting(key, options: list, launch):
     """`launch(option)` with the first of `options` (largest tiles first) whose compiled kernel
     fits the device's shared memory and registers; the pick is remembered per `key` (what sets the

@@ -345,7 +345,7 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   softcap: float | None = None, packed=None, vertical_keys: int = 0,
                   segment_size: int | None = None, vertical_compact: bool = True):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
-    knobs after `out` are for kernel tuning (scripts/gpu_kernel_dev.py --variants). `packed`:
+    knobs after `out` are for kernel tuning (scripts/gpu_attend_tile_rate.py --variants). `packed`:
     see `attend_packed_triton`."""
     if packed is None:
         _check(q, k_perm, v_perm, pos, blocks)

@@ -246,7 +246,7 @@ def score_keys_per_head(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sc
     """Sum over the last `block_size` query rows of each query head's softmax, per key (q may
     hold the last M >= block_size of k's N positions):
     [B * HQ, N] float32 (heads of one KV group adjacent). `score_keys_triton` is its group mean.
-    The keyword knobs after `scale` are for kernel tuning (scripts/gpu_permute_dev.py)."""
+    The keyword knobs after `scale` are for kernel tuning (scripts/gpu_permute_variants.py)."""
     B, HQ, M, D = q.shape
     H, N = k.shape[1], k.shape[2]
     BLOCK_M = block_size

@@ -1,8 +1,6 @@
 """Select key blocks per query block: top-p over earlier segments + own segment + sink."""
-from .._common import resolve_backend
+from .._common import MAX_ROW, resolve_backend
 from .naive import select_blocks_naive, topp_keep
-
-MAX_ROW = 8192  # key blocks the Triton selection holds in registers per program (1M tokens at b=128)
 
 
 def select_blocks(q, k_perm, pos, settings, *, key_stats=None, packed=None):

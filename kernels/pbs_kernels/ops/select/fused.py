@@ -14,10 +14,9 @@ import triton
 import triton.language as tl
 
 from ... import _host
-from .._common import cdiv, default_scale, interpreting
+from .._common import MAX_ROW, cdiv, default_scale, interpreting
 from ...blocks import BlockList, block_representatives, key_block_max_pos, key_block_stats, pool_query_blocks
 from ...settings import PbsSettings
-from . import MAX_ROW
 from .naive import HEAD_BINS, HEAD_BINS_PER_OCTAVE, head_cut
 
 
@@ -204,7 +203,7 @@ def pooled_scores(q_pool: torch.Tensor, k_pool: torch.Tensor) -> torch.Tensor:
     TF32 on the GPU: at 128K tokens the GEMM takes 0.06 ms instead of 0.22 in fp32, and the whole
     selection 0.81 ms instead of 0.97 (H100); on the synthetic workload 99.2% of rows keep the
     same number of blocks as in fp32, with density and output error equal to 4 digits
-    (scripts/gpu_permute_dev.py). The torch reference stays fp32.
+    (scripts/gpu_permute_variants.py). The torch reference stays fp32.
     """
     if not q_pool.is_cuda:
         return torch.matmul(q_pool, k_pool.transpose(-1, -2))
