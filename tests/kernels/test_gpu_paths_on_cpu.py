@@ -1,0 +1,218 @@
+"""Code that runs only on a CUDA GPU, driven on the CPU with stand-ins (issue 20's refactor moved
+the graph and crossover keys onto PbsSettings; the GPU tests of test_fixed_cost.py skip here).
+
+* PbsGraphs: capture, replay, "auto", eviction and a failed capture, with a stand-in CUDA graph
+  whose replay re-runs the captured call on the capture's own input buffers into its own output
+  (what a real replay does to the same memory), and no-op streams.
+* pbs_attention's graph path (`_attention` -> `pbs_graphs().run(key, _pbs_eager ...)`) with
+  `why_eager` answering as it would for CUDA tensors: a capture, then replays on fresh inputs
+  equal the eager call; the dense fallback, sinks and other settings are other keys.
+* min_seq_len="auto" through graphs, its choice kept in the JSON file under the key pbs_attention
+  builds (`choice_key` with `PbsSettings.values()`), read back by a "new process" unmeasured.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+
+import pytest
+import torch
+
+from pbs_kernels import attention, crossover, graphs, pbs_attention
+from pbs_kernels.attention import dense_causal_attention
+from pbs_kernels.graphs import PbsGraphs
+from pbs_kernels.settings import PbsSettings
+
+from _ref import rand_qkv
+
+SMALL = dict(block_size=32, segment_size=64, threshold=0.5)
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph's stand-in: `replay()` runs `body` (set after the capture)."""
+
+    def __init__(self):
+        self.body = None
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.body()
+
+
+class FakeStream:
+    def __init__(self, device=None):
+        self.device = device
+
+    def wait_stream(self, other):
+        assert isinstance(other, FakeStream)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Stand-in graphs and streams; pbs_attention's graph path as for CUDA tensors; a fresh
+    process graph cache. Yields the state: `fail` (captures raise RuntimeError while set), `calls`
+    (fn calls inside a capture)."""
+    state = {"fail": False, "captured_calls": 0, "capturing": False}
+
+    @contextlib.contextmanager
+    def graph_ctx(graph, **kw):
+        assert isinstance(graph, FakeGraph)
+        state["capturing"] = True
+        try:
+            if state["fail"]:
+                raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            yield
+        finally:
+            state["capturing"] = False
+
+    real_capture = PbsGraphs._capture
+
+    def capture(self, key, fn, inputs):
+        def counted(*t):
+            state["captured_calls"] += state["capturing"]
+            return fn(*t)
+
+        entry = real_capture(self, key, counted, inputs)
+        if entry is not None:
+            # A replay: the captured work on the capture's own buffers, into its own output.
+            entry.graph.body = lambda: entry.out.copy_(fn(*entry.inputs))
+        return entry
+
+    sig = inspect.signature(graphs.why_eager)
+
+    def why_eager_cuda(q, k, v, backend, **kw):
+        """why_eager's answers except "CPU tensors" (and "already inside a capture")."""
+        sig.bind(q, k, v, backend, **kw)
+        if backend == "torch":
+            return "torch backend"
+        if kw.get("return_stats"):
+            return "statistics are read on the host"
+        if kw.get("cache") is not None:
+            return "a prefix cache is updated on the host"
+        if kw.get("auto") and not graphs.auto_worth_it(q):
+            return "graph='auto' and a large call"
+        return None
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(PbsGraphs, "_capture", capture)
+    monkeypatch.setattr(attention, "why_eager", why_eager_cuda)
+    monkeypatch.setattr(graphs, "_DEFAULT", PbsGraphs())
+    yield state
+
+
+def _add(*t):
+    return t[0] + 2 * t[1] + (0 if t[2] is None else t[2])
+
+
+def test_graphs_capture_replay_and_bookkeeping(fake_cuda):
+    g = PbsGraphs(max_graphs=2)
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    out = g.run("a", _add, (x, y, None))
+    assert torch.equal(out, _add(x, y, None)) and (g.captures, g.replays, g.eager) == (1, 0, 0)
+    assert fake_cuda["captured_calls"] == 1  # one call recorded, after the warm-up outside
+    out.fill_(float("nan"))  # the caller owns its copy
+    x2, y2 = torch.randn(3, 4), torch.randn(3, 4)
+    again = g.run("a", _add, (x2, y2, None))  # fresh inputs copied into the capture's buffers
+    assert torch.equal(again, _add(x2, y2, None)) and g.replays == 1
+    assert again.data_ptr() != g._graphs["a"].out.data_ptr()
+    z = torch.randn(3, 4)
+    assert torch.equal(g.run("b", _add, (x, y, z)), _add(x, y, z))
+    # auto: the first call of a key runs eagerly, the second captures
+    assert torch.equal(g.run("c", _add, (x, y, None), auto=True), _add(x, y, None)) and g.eager == 1
+    assert "c" not in g
+    g.run("c", _add, (x, y, None), auto=True)
+    assert "c" in g and g.captures == 3
+    assert len(g) == 2 and "a" not in g  # least recently used first out ("b" was used after "a")
+    # A capture that fails: a warning, the key runs eagerly from then on, never captured again.
+    fake_cuda["fail"] = True
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        assert torch.equal(g.run("d", _add, (x, y, None)), _add(x, y, None))
+    fake_cuda["fail"] = False
+    assert g.failed["d"].startswith("operation not permitted") and "\n" not in g.failed["d"]
+    g.run("d", _add, (x, y, None))
+    assert "d" not in g and g.eager == 3
+    g.clear()
+    assert len(g) == 0 and not g.failed
+
+
+@pytest.mark.parametrize("N", [300, 64], ids=["sparse-T300", "dense-T64"])
+def test_pbs_attention_graph_replays_equal_eager(fake_cuda, N):
+    g = graphs.pbs_graphs()
+    for seed in range(3):  # a capture, then two replays on fresh inputs
+        q, k, v = rand_qkv(1, 4, 2, N, 64, seed=seed)
+        got = pbs_attention(q, k, v, graph=True, **SMALL)
+        want = pbs_attention(q, k, v, **SMALL)
+        assert torch.equal(got, want), seed
+    assert (g.captures, g.replays) == (1, 2)
+    key, = g._graphs
+    assert key[5] == (N <= SMALL["segment_size"])  # the dense fallback is its own key
+    s = key[-1]
+    assert isinstance(s, PbsSettings) and s.scale == 64 ** -0.5 and s.threshold == SMALL["threshold"]
+    if N <= SMALL["segment_size"]:
+        assert torch.equal(got, dense_causal_attention(q, k, v, scale=64 ** -0.5))
+
+
+def test_graph_keys_follow_settings_and_sinks(fake_cuda):
+    g = graphs.pbs_graphs()
+    q, k, v = rand_qkv(1, 4, 2, 300, 64, seed=4)
+    sinks = torch.randn(4)
+    pbs_attention(q, k, v, graph=True, **SMALL)
+    pbs_attention(q, k, v, graph=True, **{**SMALL, "threshold": 0.7})
+    got = pbs_attention(q, k, v, graph=True, sinks=sinks, **SMALL)
+    assert g.captures == 3
+    q2, k2, v2 = rand_qkv(1, 4, 2, 300, 64, seed=5)
+    sinks2 = torch.randn(4)
+    got = pbs_attention(q2, k2, v2, graph=True, sinks=sinks2, **SMALL)  # the sinks are an input too
+    assert torch.equal(got, pbs_attention(q2, k2, v2, sinks=sinks2, **SMALL)) and g.replays == 1
+    # Calls that need the host stay eager (statistics, the torch backend).
+    _, st = pbs_attention(q, k, v, graph=True, return_stats=True, **SMALL)
+    pbs_attention(q, k, v, graph=True, backend="torch", **SMALL)
+    assert g.captures == 3 and g.replays == 1 and not st.dense
+
+
+def test_auto_min_seq_len_through_graphs_and_the_file(fake_cuda, tmp_path, monkeypatch):
+    """The measured choice with graph=True: both paths run through graphs while timed, the
+    choice is written to the crossover file under pbs_attention's own key and a new process
+    reads it back without measuring."""
+    monkeypatch.setenv("PBS_CACHE_DIR", str(tmp_path))
+    crossover.forget()
+    crossover._FILE_LOADED.clear()
+    timed, keys = [], []
+    real_wins = crossover.sparse_wins
+
+    def timer(fn, device):
+        fn()
+        timed.append(fn)
+        return 1.0 if len(timed) % 2 == 1 else 0.2  # dense first, then sparse: sparse wins
+
+    def wins_with_file(key, run_sparse, run_dense, device, **kw):
+        keys.append(key)
+        return real_wins(key, run_sparse, run_dense, device, **{**kw, "use_file": True})
+
+    monkeypatch.setattr(crossover, "time_call", timer)
+    monkeypatch.setattr(crossover, "sparse_wins", wins_with_file)
+    try:
+        q, k, v = rand_qkv(1, 4, 2, 300, 64, seed=6)
+        out = pbs_attention(q, k, v, min_seq_len="auto", graph=True, **SMALL)
+        assert len(timed) == 2 and torch.equal(out, pbs_attention(q, k, v, min_seq_len=0, **SMALL))
+        g = graphs.pbs_graphs()
+        assert g.captures == 2 and sorted(key[5] for key in g._graphs) == [False, True]  # dense and sparse
+        key, = keys
+        want = PbsSettings(**SMALL, min_seq_len="auto", scale=64 ** -0.5).values()
+        assert key == crossover.choice_key(q, k, (False, True) + want)  # no sinks; graphed
+        rows = json.loads(crossover.cache_path().read_text())
+        assert rows == [{"key": list(key), "sparse": True}]
+        crossover.forget()
+        crossover._FILE_LOADED.clear()  # a new process
+        q2, k2, v2 = rand_qkv(1, 4, 2, 300, 64, seed=7)
+        out2 = pbs_attention(q2, k2, v2, min_seq_len="auto", graph=True, **SMALL)
+        assert len(timed) == 2 and torch.equal(out2, pbs_attention(q2, k2, v2, min_seq_len=0, **SMALL))
+    finally:
+        crossover.forget()
+        crossover._FILE_LOADED.clear()
