@@ -13,8 +13,11 @@ the graph and crossover keys onto PbsSettings; the GPU tests of test_fixed_cost.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +219,120 @@ def test_auto_min_seq_len_through_graphs_and_the_file(fake_cuda, tmp_path, monke
     finally:
         crossover.forget()
         crossover._FILE_LOADED.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU scripts the next GPU session runs: every call they make, on tiny CPU shapes (the timers,
+# the profiler and cuDNN stood in for, each bound to the real signature first).
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bound(real):
+    sig = inspect.signature(real)
+    return lambda *a, **kw: sig.bind(*a, **kw)
+
+
+@pytest.fixture
+def cpu_for_cuda(monkeypatch):
+    """Stand-ins a GPU script's module attributes take: timers that call fn once, a call_cost
+    of the right keys, dense SDPA on the math backend, workloads on the CPU at <= 512 tokens."""
+    from triton.testing import do_bench
+
+    from pbs_cli.workflows import timing
+    from pbs_kernels.workloads import make_workload
+
+    def once(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def stand_ins(module, **extra):
+        fits = {name: _bound(real) for name, real in (("do_bench", do_bench), ("time_ms", timing.time_ms),
+                                                      ("call_cost", timing.call_cost),
+                                                      ("sdpa_runner", timing.sdpa_runner),
+                                                      ("make_workload", make_workload))}
+
+        def runner(name, q, k, v, **kw):
+            fits["sdpa_runner"](name, q, k, v, **kw)
+            return timing.SdpaRun(name, timing.sdpa_runner("math", q, k, v, **kw).fn)
+
+        def workload(n, *a, **kw):
+            fits["make_workload"](n, *a, **kw)
+            return make_workload(min(n, 512), *a, **{**kw, "device": "cpu"})
+
+        def cost(fn, **kw):
+            fits["call_cost"](fn, **kw)
+            fn()
+            return dict(launches=1.0, gpu_us=1.0, host_us=1.0, wall_us=1.0)
+
+        def bench(fn, *a, **kw):
+            fits["do_bench"](fn, *a, **kw)
+            return once(fn)
+
+        def time_ms(fn, **kw):
+            fits["time_ms"](fn, **kw)
+            return once(fn)
+
+        found = {"do_bench": bench, "time_ms": time_ms, "call_cost": cost, "sdpa_runner": runner, "make_workload": workload, **extra}
+        for name, fn in found.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, fn)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu stand-in")
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    return stand_ins
+
+
+def test_gpu_fixed_cost_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
+    monkeypatch.setenv("PBS_CACHE_DIR", str(tmp_path))
+    m = _script("gpu_fixed_cost")
+    cpu_for_cuda(m)
+    crossover.forget()
+    try:
+        check = m.check_graph(9, 3, 64, 8192)
+        assert check["graph_equals_eager"] and check["err_eager"] < 0.05
+        assert len(m.gate_rows()) == 8
+        rows = m.measure(9, 3, 64, 8192, True)
+    finally:
+        crossover.forget()
+    assert [r["mode"] for r in rows] == ["before", "eager", "graph", "auto", "cudnn", "fallback"]
+    assert all(r["err"] < 0.05 and r["ms"] > 0 and r["x_cudnn"] > 0 for r in rows)
+    m.show(rows)  # the table's fields all present
+    assert not graphs.pbs_graphs().failed
+
+
+def test_gpu_head_dims_script_on_cpu(cpu_for_cuda, monkeypatch):
+    m = _script("gpu_head_dims")
+    real_attend = m.attend_triton
+    fits = _bound(real_attend)
+
+    def attend(q, k, v, pos, blocks, **kw):
+        """The Triton attend's knobs checked; the torch reference computes (the interpreter
+        would take minutes at D=256)."""
+        fits(q, k, v, pos, blocks, **kw)
+        return m.attend_naive(q, k, v, pos, blocks, scale=kw["scale"])
+
+    cpu_for_cuda(m, attend_triton=attend)
+    monkeypatch.setattr(m, "N_CHECK", 384)
+    monkeypatch.setattr(m, "M_CHECK", 100)
+    monkeypatch.setattr(m, "N_FP32", 256)
+    monkeypatch.setattr(m, "VARLEN", [(301, 301), (1, 1), (400, 70)])
+    monkeypatch.setattr(m, "DIMS", (64, 96, 256))
+    monkeypatch.setattr(m, "ROWS", [(256, 4, 1), (96, 4, 4)])
+    monkeypatch.setattr(m, "SWEEP", m.SWEEP[:1])
+    cpu = torch.device("cpu")
+    checks = m.correctness(cpu, 0.9, 1)
+    assert all(r["ok"] for r in checks), [r for r in checks if not r["ok"]]
+    assert {r["D"] for r in checks} == {64, 96, 256} and any("TMA" in r["check"] for r in checks)
+    sweep, = m.sweep(cpu, 0.9)
+    assert "note" not in sweep and sweep["ms"] > 0
+    rows = m.bench(cpu, [512], 0.9)
+    assert len(rows) == 2 and all(r["dense"] in ("cudnn", "flash") and r["err_vs_dense"] < 0.05 for r in rows)
