@@ -196,3 +196,26 @@ def test_permute_off_and_serving_rows_timed(timed, tmp_path):
     assert timed["varlen"] >= 4  # checked and timed, in both cases
     # The console table shows the timed columns (left out on the CPU pass).
     assert "speedup" in r.stderr and "TFLOP/s" in r.stderr
+
+
+def test_a_cuda_device_makes_a_timed_triton_harness_and_env(monkeypatch):
+    """What the harness and the report header are on a GPU (the device object only; nothing runs)."""
+    from pbs_kernels.profile import LayerConfig
+
+    from pbs_cli.workflows.bench.render import header_line
+
+    cuda = torch.device("cuda")
+    cfg = bw.PbsConfig(LayerConfig(min_seq_len=4096), "defaults")
+    h = harness.Harness(bw.BenchSettings(seq_lens=[8192]), cfg, cuda, torch.bfloat16, lambda *a: None)
+    assert h.timed and h.backend == "triton" and h.kernel_tol == harness.KERNEL_TOL["low"] and h.max_error == 0.05
+    assert h.pbs_kwargs(min_seq_len=0) == {**cfg.layer.plan_kwargs(), "min_seq_len": 0, "backend": "triton"}
+    assert h.pbs_kwargs()["min_seq_len"] == 4096
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert bw.resolve_bench_device("auto") == cuda and bw.resolve_bench_device("cuda") == cuda
+    env = bw.environment(cuda, torch.bfloat16)
+    assert (env.device, env.cuda, env.dtype, env.timing) == ("NVIDIA H200", "12.8", "bfloat16",
+                                                            "median of triton.testing.do_bench")
+    report = bw.BenchReport(env, {}, cfg, "synthetic")
+    assert header_line(report).startswith("device NVIDIA H200 | CUDA 12.8 | ")
