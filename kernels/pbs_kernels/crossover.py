@@ -69,11 +69,19 @@ def _load(path: Path) -> None:
         return  # no file yet, or one we cannot read: measure again
     for row in rows if isinstance(rows, list) else []:
         if isinstance(row, dict) and isinstance(row.get("key"), list) and isinstance(row.get("sparse"), bool):
-            _CHOICES.setdefault(tuple(row["key"]), row["sparse"])
+            try:
+                _CHOICES.setdefault(tuple(row["key"]), row["sparse"])
+            except TypeError:  # a nested list (another version's key): not one of ours
+                continue
+
+
+_PLAIN = (str, int, float, bool, type(None))  # what a key holds that JSON writes and reads back as it was
 
 
 def _save(path: Path) -> None:
-    rows = [{"key": list(k), "sparse": v} for k, v in _CHOICES.items()]
+    # A key with another value (a numpy int passed as a setting) stays in memory only: json.dumps
+    # would raise on it, on CUDA alone (the CPU keeps no file).
+    rows = [{"key": list(k), "sparse": v} for k, v in _CHOICES.items() if all(isinstance(x, _PLAIN) for x in k)]
     try:
         write_atomic(path, json.dumps(rows, indent=1))
     except OSError:
