@@ -336,3 +336,33 @@ def test_gpu_head_dims_script_on_cpu(cpu_for_cuda, monkeypatch):
     assert "note" not in sweep and sweep["ms"] > 0
     rows = m.bench(cpu, [512], 0.9)
     assert len(rows) == 2 and all(r["dense"] in ("cudnn", "flash") and r["err_vs_dense"] < 0.05 for r in rows)
+
+
+def test_crossover_file_survives_keys_json_cannot_hold(tmp_path, monkeypatch):
+    """On CUDA the choice is written to the file: a setting passed as a numpy int (accepted by
+    the checks) must not make json.dumps raise inside pbs_attention; a row of another version's
+    key (a nested list) must not make the load raise."""
+    np = pytest.importorskip("numpy")
+    monkeypatch.setenv("PBS_CACHE_DIR", str(tmp_path))
+    crossover.forget()
+    crossover._FILE_LOADED.clear()
+    crossover.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    crossover.cache_path().write_text(json.dumps([{"key": [["a"], 1], "sparse": True},
+                                                  {"key": ["gpu", 2], "sparse": False}]))
+    times = iter([1.0, 0.2, 1.0, 0.2])
+    real_wins = crossover.sparse_wins
+    monkeypatch.setattr(crossover, "sparse_wins", lambda *a, **kw: real_wins(*a, **{**kw, "use_file": True}))
+    monkeypatch.setattr(crossover, "time_call", lambda fn, device: (fn(), next(times))[1])
+    try:
+        q, k, v = rand_qkv(1, 4, 2, 300, 64, seed=8)
+        kw = dict(SMALL, block_size=np.int64(32), min_seq_len="auto")
+        out = pbs_attention(q, k, v, **kw)
+        assert torch.equal(out, pbs_attention(q, k, v, **{**SMALL, "min_seq_len": 0}))
+        assert crossover._CHOICES[("gpu", 2)] is False  # the readable row was loaded
+        pbs_attention(q, k, v, **{**SMALL, "threshold": 0.6}, min_seq_len="auto")  # a plain key: written
+        rows = json.loads(crossover.cache_path().read_text())
+        assert [r["key"][0] for r in rows] == ["gpu", "cpu"] and rows[1]["sparse"] is True
+        assert rows[1]["key"][-12:-9] == [32, 64, 0.6]  # block_size, segment_size, threshold
+    finally:
+        crossover.forget()
+        crossover._FILE_LOADED.clear()
