@@ -90,6 +90,8 @@ class Harness:
         self.s, self.cfg, self.layer = s, cfg, cfg.layer
         self.device, self.dtype, self.progress = device, dtype, progress
         self.timed = device.type == "cuda"
+        # The pbs row's timing.call_cost (torch.profiler's CUDA activity, CUDA syncs): the GPU's too.
+        self.profiled = self.timed
         self.backend = "triton" if self.timed else "torch"
         # The bench runs fp32, bf16 or fp16: 4 bytes is fp32.
         self.kernel_tol = KERNEL_TOL["fp32"] if dtype.itemsize == 4 else KERNEL_TOL["low"]

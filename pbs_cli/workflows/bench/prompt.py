@@ -158,7 +158,7 @@ def _pbs_rows(c: Prompt) -> list[MethodResult]:
     pbs.selection_efficiency = _efficiency(c)
     call = c.pbs_call()
     pbs.ms = h.time(call, N)
-    if h.timed:  # timed means the GPU (Harness); tests stand in a CPU stopwatch for call_cost
+    if h.profiled:
         # a few calls under the profiler: ~1% of the row's timing budget
         c.call_cost = timing.call_cost(call, reps=3 if N > 65536 else 10, host_calls=5 if N > 65536 else 30)
 
