@@ -100,7 +100,7 @@ def timed(monkeypatch):
 
     def timed_init(self, *a, **kw):
         real_init(self, *a, **kw)
-        self.timed = True  # the backend stays torch: the CPU's
+        self.timed = self.profiled = True  # the backend stays torch: the CPU's
 
     monkeypatch.setattr(harness.Harness, "__init__", timed_init)
     monkeypatch.setattr(timing, "time_ms", stopwatch)
@@ -207,7 +207,7 @@ def test_a_cuda_device_makes_a_timed_triton_harness_and_env(monkeypatch):
     cuda = torch.device("cuda")
     cfg = bw.PbsConfig(LayerConfig(min_seq_len=4096), "defaults")
     h = harness.Harness(bw.BenchSettings(seq_lens=[8192]), cfg, cuda, torch.bfloat16, lambda *a: None)
-    assert h.timed and h.backend == "triton" and h.kernel_tol == harness.KERNEL_TOL["low"] and h.max_error == 0.05
+    assert h.timed and h.profiled and h.backend == "triton" and h.kernel_tol == harness.KERNEL_TOL["low"] and h.max_error == 0.05
     assert h.pbs_kwargs(min_seq_len=0) == {**cfg.layer.plan_kwargs(), "min_seq_len": 0, "backend": "triton"}
     assert h.pbs_kwargs()["min_seq_len"] == 4096
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -349,6 +349,9 @@ def test_crossover_file_survives_keys_json_cannot_hold(tmp_path, monkeypatch):
     crossover.cache_path().parent.mkdir(parents=True, exist_ok=True)
     crossover.cache_path().write_text(json.dumps([{"key": [["a"], 1], "sparse": True},
                                                   {"key": ["gpu", 2], "sparse": False}]))
+    # Settings are cached by value: a plain-int twin from an earlier test would stand in for the numpy one.
+    monkeypatch.setattr(attention, "_SETTINGS", {})
+    monkeypatch.setattr(attention, "_REPLACED", {})
     times = iter([1.0, 0.2, 1.0, 0.2])
     real_wins = crossover.sparse_wins
     monkeypatch.setattr(crossover, "sparse_wins", lambda *a, **kw: real_wins(*a, **{**kw, "use_file": True}))
@@ -361,8 +364,8 @@ def test_crossover_file_survives_keys_json_cannot_hold(tmp_path, monkeypatch):
         assert crossover._CHOICES[("gpu", 2)] is False  # the readable row was loaded
         pbs_attention(q, k, v, **{**SMALL, "threshold": 0.6}, min_seq_len="auto")  # a plain key: written
         rows = json.loads(crossover.cache_path().read_text())
-        assert [r["key"][0] for r in rows] == ["gpu", "cpu"] and rows[1]["sparse"] is True
-        assert rows[1]["key"][-12:-9] == [32, 64, 0.6]  # block_size, segment_size, threshold
+        assert [r["key"][0] for r in rows] == ["gpu", "cpu"] and rows[0]["sparse"] is False
+        assert rows[1]["key"][-12:-9] == [32, 64, 0.6] and rows[1]["sparse"] is True  # block, segment, threshold
     finally:
         crossover.forget()
         crossover._FILE_LOADED.clear()
