@@ -138,7 +138,8 @@ def test_whole_prompt_rows_timed(timed, tmp_path):
     rows = {m["method"]: m for m in res["methods"]}
     assert list(rows) == ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "pbs", "pbs.permute", "pbs.select",
                           "pbs.attend", "pbs-auto", "flex", "flex.attend", "pbs-noperm"]
-    assert doc["ok"] and not doc["failed"], [(m["method"], m["note"]) for m in res["methods"] if m["status"] == "FAILED"]
+    failed = [(m["method"], m["note"]) for m in res["methods"] if m["status"] == "FAILED"]
+    assert doc["ok"] and not doc["failed"], failed
     base = res["fastest_dense_ms"]
     assert res["fastest_dense"] in ("cudnn", "flash") and res["reference"] == f"sdpa-{res['fastest_dense']}"
     assert base == rows[res["reference"]]["ms"] and rows[res["reference"]]["error"] == 0.0
@@ -172,7 +173,8 @@ def test_permute_off_and_serving_rows_timed(timed, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["bench", "--device", "cpu", "--seq-len", "512", "--heads", "4", "--kv-heads", "2",
                                  "--head-dim", "64", "--profile", _profile(tmp_path, permute="false"),
-                                 "--baselines", "cudnn,flex", "--max-error", "1", "--chunk", "128", "--lengths", "150,300",
+                                 "--baselines", "cudnn,flex", "--max-error", "1", "--chunk", "128",
+                                 "--lengths", "150,300",
                                  "--out", str(out)], prog_name="pbs")
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
@@ -207,7 +209,8 @@ def test_a_cuda_device_makes_a_timed_triton_harness_and_env(monkeypatch):
     cuda = torch.device("cuda")
     cfg = bw.PbsConfig(LayerConfig(min_seq_len=4096), "defaults")
     h = harness.Harness(bw.BenchSettings(seq_lens=[8192]), cfg, cuda, torch.bfloat16, lambda *a: None)
-    assert h.timed and h.profiled and h.backend == "triton" and h.kernel_tol == harness.KERNEL_TOL["low"] and h.max_error == 0.05
+    assert h.timed and h.profiled and h.backend == "triton"
+    assert h.kernel_tol == harness.KERNEL_TOL["low"] and h.max_error == 0.05
     assert h.pbs_kwargs(min_seq_len=0) == {**cfg.layer.plan_kwargs(), "min_seq_len": 0, "backend": "triton"}
     assert h.pbs_kwargs()["min_seq_len"] == 4096
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

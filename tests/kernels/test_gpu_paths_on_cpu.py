@@ -281,7 +281,8 @@ def cpu_for_cuda(monkeypatch):
             fits["time_ms"](fn, **kw)
             return once(fn)
 
-        found = {"do_bench": bench, "time_ms": time_ms, "call_cost": cost, "sdpa_runner": runner, "make_workload": workload, **extra}
+        found = {"do_bench": bench, "time_ms": time_ms, "call_cost": cost, "sdpa_runner": runner,
+                 "make_workload": workload, **extra}
         for name, fn in found.items():
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, fn)
