@@ -129,8 +129,9 @@ def prose_ids(tok, n: int, seed: int = 0) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="9/3/64,9/3/128", help="HQ/H/D list")
+    ap.add_argument("--shapes", default="9/3/64,9/3/128", help="HQ/H/D list ('': none)")
     ap.add_argument("--lens", default="4096,8192")
+    ap.add_argument("--seeds", default="0", help="workload seeds (one D against another differs per seed)")
     ap.add_argument("--taus", default="0.85,0.9,0.93,0.95")
     ap.add_argument("--rules", default="mean-earlier,top-earlier,mean-head",
                     help=f"estimator-threshold_mass rules; the first gets every tau, the others 0.9 ({', '.join(RULES)})")
@@ -144,11 +145,11 @@ def main() -> None:
     rules = args.rules.split(",")
     result = {"synthetic": [], "real": []}
     print(HEADER, flush=True)
-    for shape in args.shapes.split(","):
+    for shape in [x for x in args.shapes.split(",") if x]:
         HQ, H, D = (int(x) for x in shape.split("/"))
-        for N in (int(n) for n in args.lens.split(",")):
+        for N, seed in ((int(n), int(s)) for n in args.lens.split(",") for s in args.seeds.split(",")):
             t0 = time.perf_counter()
-            q, k, v = make_workload(N, HQ, H, D, dtype=torch.float32, seed=0)
+            q, k, v = make_workload(N, HQ, H, D, dtype=torch.float32, seed=seed)
             scale = 1.0 / math.sqrt(D)
             ref = dense_reference(q, k, v)
             st = structure(q, k, scale)
@@ -156,19 +157,19 @@ def main() -> None:
             rows += measure(q, k, v, ref, scale, st, rules[1:], [0.9])
             if args.block64 and D == 64:
                 rows += measure(q, k, v, ref, scale, st, rules[:1], [0.9], block_size=64)
-            label = f"{shape} {N // 1024}K"
+            label = f"{shape} {N // 1024}K" + (f" s{seed}" if seed else "")
             for r in rows:
                 print(line(label, st, r), flush=True)
             print(f"  per head eff keys {[round(x) for x in st['eff_keys']]}, own mass "
                   f"{[round(x, 2) for x in st['own_mass']]}, bg σ {[round(x, 2) for x in st['bg_logit_std']]} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            result["synthetic"].append({"shape": shape, "seq_len": N, "structure": st, "rows": rows})
+            result["synthetic"].append({"shape": shape, "seq_len": N, "seed": seed, "structure": st, "rows": rows})
             del q, k, v, ref
     if args.real:
         from pbs_cli.workflows.capture import capture_prefill
         from pbs_cli.workflows.model import load_model
 
-        loaded = load_model("smollm2", device="cpu", dtype="float32")
+        loaded = load_model("smollm2", device="cpu", dtype="fp32")
         layers = [int(x) for x in args.real_layers.split(",")]
         for N in (int(n) for n in args.real.split(",")):
             ids = prose_ids(loaded.tokenizer, N)

@@ -32,3 +32,26 @@ def test_logit_noise_does_not_depend_on_head_dim():
         noise = _noise_std(D) * torch.randn(20000, D, generator=g)
         stds[D] = float((noise @ (k_size * u) * scale).std())
     assert abs(stds[64] / stds[128] - 1) < 0.03, stds
+
+
+def test_head_dim_64_meets_the_bench_gate_at_threshold_093():
+    # BENCHMARKS.md section 17: at D 64 the bench workload sits at the 5% gate with tau 0.9
+    # (8K: 3.4-5.0% over seeds 0-3 on the CPU, 5.33% on the H200) and under it at 0.93. At 2K
+    # (seconds on the CPU) the same order: more mass kept, less error, under the gate; and
+    # tau's promise (true dropped mass <= 1 - tau) holds at both.
+    from pbs_cli.workflows.bench.harness import MAX_ERROR
+    from pbs_kernels.attention import pbs_plan
+    from pbs_kernels.metrics import output_error, recall_from_lse
+    from pbs_kernels.reference import dense_reference
+    from pbs_kernels.workloads import make_workload
+
+    q, k, v = make_workload(2048, 9, 3, 64, dtype=torch.float32, seed=0)
+    ref = dense_reference(q, k, v)
+    _, lse_full = pbs_plan(q, k, v, threshold=1.0, backend="torch").attend(q, return_lse=True)
+    err, recall = {}, {}
+    for tau in (0.9, 0.93):
+        out, lse = pbs_plan(q, k, v, threshold=tau, backend="torch").attend(q, return_lse=True)
+        err[tau], recall[tau] = output_error(out, ref), recall_from_lse(lse, lse_full)
+        assert 1.0 - recall[tau] <= 1.0 - tau, (tau, recall[tau])
+    assert recall[0.93] > recall[0.9] and err[0.93] < err[0.9], (err, recall)
+    assert err[0.93] < MAX_ERROR, err
