@@ -25,7 +25,9 @@ Every KV head's keys carry all four; each query head weights them (its `HeadSpec
 group of query heads sharing keys still differs, as in grouped-query models. Strengths are
 logits (q·k·scale at an exact match, in nats) on top of Gaussian noise in every coordinate
 (std 0.6 in q and k at D=128, scaled by (D/128)^(1/4) so the logit noise does not depend on D;
-1 in v, whose rows also share a per-head mean).
+1 in v, whose rows also share a per-head mean). Below D=128 the positional codes map their
+Fourier features into the head's free dims exactly (fewer features, as RoPE has D/2 frequency
+pairs), so far positions correlate about as much as at D=128 (`_n_freq`).
 
 Cost is O(N·D) per head (plus O(N·F·D) for the codes, F = 48 frequencies), generated on the
 target device, so 128K tokens x 32 heads takes milliseconds on a GPU. The same seed gives the
@@ -175,16 +177,36 @@ def _code(pos: torch.Tensor, omega: torch.Tensor, mix: torch.Tensor) -> torch.Te
     return code / code.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
+def _n_freq(D: int, n_dirs: int) -> int:
+    """Fourier features of a code at head dim D with `n_dirs` directions projected out.
+
+    D >= 128: 48, mixed into D dims by a random (not isometric) map, as every figure measured so
+    far had it. Below 128 that map's cross-talk grows: far-apart positions (2K+ apart, 8K tokens,
+    20 random heads) correlate with std 0.150 at D 64 against 0.125 at D 128 (0.097 for the
+    exact kernel), so a D 64 head had wider background logits (std 2.94 against 2.53 at 8K),
+    dropped more mass past pooled selection and lost more per unit dropped (BENCHMARKS.md
+    section 17). Below 128 a code takes as many features as fit into the free dims exactly, as
+    RoPE puts its D/2 frequency pairs in orthogonal planes (32 at SmolLM2's D 64): 29 at D 64,
+    whose far correlation is then about D 128's (0.112 against 0.125 at 8K)."""
+    return _N_FREQ if D >= 128 else max(1, min(_N_FREQ, (D - n_dirs) // 2))
+
+
 def _code_mix(dirs: torch.Tensor, D: int, gen: torch.Generator) -> torch.Tensor:
-    """Random [2F, D] feature-to-space map with `dirs` ([k, D] orthonormal) projected out."""
-    mix = torch.randn(2 * _N_FREQ, D, generator=gen) / math.sqrt(_N_FREQ * D)
-    return mix - (mix @ dirs.T) @ dirs
+    """[2F, D] feature-to-space map with `dirs` ([k, D] orthonormal) projected out: random at
+    D >= 128, with orthonormal rows (an isometry, so the code keeps its kernel) below."""
+    F = _n_freq(D, dirs.shape[0])
+    mix = torch.randn(2 * F, D, generator=gen) / math.sqrt(F * D)
+    mix = mix - (mix @ dirs.T) @ dirs
+    if D < 128:
+        basis, _ = torch.linalg.qr(mix.T)  # [D, 2F]: orthonormal, in the span of mix's rows
+        mix = basis.T / math.sqrt(F)
+    return mix
 
 
-def _frequencies(width: float, gen: torch.Generator) -> torch.Tensor:
+def _frequencies(width: float, gen: torch.Generator, F: int = _N_FREQ) -> torch.Tensor:
     # Cauchy frequencies give the Laplace kernel exp(-|n - m| / width): a sharp peak with a
     # long tail, like the recency bias of trained models.
-    u = torch.rand(_N_FREQ, generator=gen, dtype=torch.float64)
+    u = torch.rand(F, generator=gen, dtype=torch.float64)
     return torch.tan(math.pi * (u - 0.5)) / width
 
 
@@ -247,8 +269,9 @@ def make_workload(
         dirs = dirs_cpu.to(device)
         mix_loc = _code_mix(dirs_cpu, D, gen).to(device)
         mix_sl = _code_mix(dirs_cpu, D, gen).to(device)
-        om_loc = _frequencies(spec.window, gen).to(device)
-        om_sl = _frequencies(spec.slash_width, gen).to(device)
+        F = _n_freq(D, dirs_cpu.shape[0])
+        om_loc = _frequencies(spec.window, gen, F).to(device)
+        om_sl = _frequencies(spec.slash_width, gen, F).to(device)
         v_mean = (torch.randn(D, generator=gen) * _V_MEAN).to(device)
         needle_scale = torch.rand(_N_NEEDLE_GROUPS, generator=gen) * 0.6 + 0.7
 
@@ -346,8 +369,9 @@ def make_vertical_slash(
         dirs = dirs_cpu.to(device)
         mix_loc = _code_mix(dirs_cpu, D, gen).to(device)
         mix_sl = _code_mix(dirs_cpu, D, gen).to(device)
-        om_loc = _frequencies(math.exp(_u(gen, math.log(256.0), math.log(1024.0))), gen).to(device)
-        om_sl = _frequencies(_u(gen, 2.0, 6.0), gen).to(device)
+        F = _n_freq(D, dirs_cpu.shape[0])
+        om_loc = _frequencies(math.exp(_u(gen, math.log(256.0), math.log(1024.0))), gen, F).to(device)
+        om_sl = _frequencies(_u(gen, 2.0, 6.0), gen, F).to(device)
         offsets = (int(math.exp(_u(gen, math.log(8.0), math.log(192.0)))),
                    int(math.exp(_u(gen, math.log(256.0), math.log(max(512.0, N / 4))))))
         vert_pos = (1 + torch.randperm(max(1, N - 1), generator=gen)[: min(n_vert, max(1, N - 1))]).to(device)

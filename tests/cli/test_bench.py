@@ -412,6 +412,25 @@ def test_vertical_keys_from_the_profile(tmp_path):
     assert flex["status"] == "skipped" and "vertical keys" in flex["note"]
 
 
+def test_error_gate_is_an_absolute_floor_at_every_threshold_below_one():
+    # harness.MAX_ERROR: the floor a speedup is credited at, whatever tau (a tau-derived gate
+    # would pass any tau); 2e-2 at threshold 1.0 (dense); --max-error overrides both.
+    from types import SimpleNamespace
+
+    from pbs_cli.workflows.bench.harness import MAX_ERROR, Harness
+    from pbs_cli.workflows.bench.results import PbsConfig
+    from pbs_kernels.profile import LayerConfig
+
+    def gate(tau, max_error=None):
+        cfg = PbsConfig(LayerConfig(threshold=tau), "defaults")
+        return Harness(SimpleNamespace(max_error=max_error), cfg, torch.device("cpu"), torch.float32,
+                       lambda *a: None).max_error
+
+    assert MAX_ERROR == 0.05
+    assert [gate(t) for t in (0.5, 0.9, 0.93, 0.99)] == [MAX_ERROR] * 4
+    assert gate(1.0) == 2e-2 and gate(0.9, max_error=0.07) == 0.07
+
+
 def test_error_gate_fails_rows_and_exits_1(tmp_path):
     r = invoke(*TINY, "--baselines", "noperm", "--max-error", "1e-12", "--format", "json", "--out", str(tmp_path))
     assert r.exit_code == 1
