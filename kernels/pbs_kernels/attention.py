@@ -565,20 +565,66 @@ def pbs_attention(
     return _attention(q, k, v, s, sinks=sinks, cache=cache, return_stats=return_stats, graph=graph)
 
 
+def _call_key(q, k, v, sinks, s: PbsSettings, graph):
+    """What a graphed call's checks, key and dense-or-sparse choice depend on besides the
+    per-call state (gradients, an open capture, a forgotten crossover choice): shapes, dtypes,
+    devices, last strides, the sinks' kind and shape, the settings and the graph mode. None for a
+    call the fast path does not take (not graphed, statistics, a cache, not tensors)."""
+    if not (graph is True or (type(graph) is str and graph == "auto")):
+        return None
+    try:
+        return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                q.stride(-1), k.stride(-1), v.stride(-1),
+                None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), s, graph)
+    except AttributeError:  # not tensors: the checks name the problem
+        return None
+
+
+def _replay_known(call_key, q, k, v, sinks):
+    """The fast path of a graphed call whose `_call_key` went through the graph cache before:
+    one dict lookup for what the checks, `why_eager` and the key build gave then, the per-call
+    state checked again, then `PbsGraphs.run` (a replay). None: take the full path."""
+    g = pbs_graphs()
+    hit = g.calls.get(call_key)
+    if hit is None:
+        return None
+    key, fn, choice, auto = hit
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # why_eager's "gradients"
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # why_eager's "already inside a capture"
+    if choice is not None:  # min_seq_len="auto": the remembered choice must still stand
+        from .crossover import _CHOICES
+
+        if _CHOICES.get(choice[0]) != choice[1]:
+            return None
+    return g.run(key, fn, (q, k, v, sinks), auto=auto)
+
+
 def _attention(q, k, v, s: PbsSettings, *, sinks=None, cache=None, return_stats=False, graph=False):
     """pbs_attention on built settings."""
+    call_key = None
+    if not return_stats and cache is None and not _host.LEGACY_HOST:
+        call_key = _call_key(q, k, v, sinks, s, graph)
+        if call_key is not None:
+            out = _replay_known(call_key, q, k, v, sinks)
+            if out is not None:
+                return out
     _validate_cached(q, k, v, sinks, s)
     check_graph_mode("pbs_attention", graph)
     N = k.shape[2]
     s = _with_scale(s, q)  # the backend stays as asked: a dense call never needs it
     eager_reason = (why_eager(q, k, v, s.backend, return_stats=return_stats, cache=cache, auto=graph == "auto")
                     if graph else "graph=False")
+    choice = None  # (crossover key, sparse) under min_seq_len="auto"
 
-    def run(dense: bool, qs, ks, vs, ss, stats: bool, kv_cache):
+    def run(dense: bool, qs, ks, vs, ss, stats: bool, kv_cache, last: bool = False):
         if eager_reason is None:
             key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, dense, s)
-            return pbs_graphs().run(key, lambda *t: _pbs_eager(*t, s, dense=dense), (qs, ks, vs, ss),
-                                    auto=graph == "auto")
+            fn = lambda *t: _pbs_eager(*t, s, dense=dense)  # noqa: E731
+            if last and call_key is not None:
+                pbs_graphs().remember(call_key, (key, fn, choice, graph == "auto"))
+            return pbs_graphs().run(key, fn, (qs, ks, vs, ss), auto=graph == "auto")
         return _pbs_eager(qs, ks, vs, ss, s, dense=dense, return_stats=stats, cache=kv_cache)
 
     if N <= s.segment_size:
@@ -590,9 +636,10 @@ def _attention(q, k, v, s: PbsSettings, *, sinks=None, cache=None, return_stats=
         key = choice_key(q, k, (sinks is not None, eager_reason is None) + s.values())
         dense = not sparse_wins(key, lambda: run(False, q, k, v, sinks, False, None),
                                 lambda: run(True, q, k, v, sinks, False, None), q.device)
+        choice = (key, not dense)
     else:
         dense = N < s.min_seq_len
-    return run(dense, q, k, v, sinks, return_stats, cache)
+    return run(dense, q, k, v, sinks, return_stats, cache, last=True)
 
 
 def _pbs_eager(q, k, v, sinks, s: PbsSettings, *, dense: bool, return_stats=False, cache=None):

@@ -23,12 +23,31 @@ from typing import Callable
 
 import torch
 
+from . import _host
+
 
 @dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
     inputs: tuple  # static input buffers (None where the call has no such input)
     out: torch.Tensor  # static output, rewritten by every replay
+    dsts: list | None = None  # the inputs that are not None, for one multi-tensor copy
+
+
+# One multi-tensor launch for a replay's 3-4 input copies instead of one `copy_` launch each
+# (torch._foreach_copy_, in torch since 2.1; a source of another dtype or layout takes its
+# per-tensor path inside the op). None: the per-tensor loop.
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+
+
+def copy_inputs(dsts: list, srcs: list) -> None:
+    """dst.copy_(src) for each pair: one `_foreach_copy_` where torch has it (and not under
+    PBS_LEGACY_HOST), else one copy_ per tensor."""
+    if _FOREACH_COPY is not None and not _host.LEGACY_HOST:
+        _FOREACH_COPY(dsts, srcs)
+        return
+    for dst, src in zip(dsts, srcs):
+        dst.copy_(src)
 
 
 class PbsGraphs:
@@ -44,6 +63,11 @@ class PbsGraphs:
         self._graphs: OrderedDict = OrderedDict()
         self._seen: OrderedDict = OrderedDict()  # keys called once under "auto"
         self.failed: dict = {}  # key -> why its capture failed (it runs eagerly)
+        # pbs_attention's calls that went through this cache: (shapes, dtypes, devices, settings,
+        # graph mode) -> what `_attention` worked out for them (graph key, fn, ...), so that the
+        # next such call skips its checks and key build (`attention._replay_known`). Kept here so
+        # that a new cache (or clear()) forgets them with the graphs.
+        self.calls: dict = {}
         self.captures = self.replays = self.eager = 0
 
     def __len__(self) -> int:
@@ -54,8 +78,15 @@ class PbsGraphs:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self.calls.clear()
         self._seen.clear()
         self.failed.clear()
+
+    def remember(self, call_key, value) -> None:
+        """Keep what `_attention` worked out for a call that ran through this cache (bounded)."""
+        if len(self.calls) > 4096:
+            self.calls.clear()
+        self.calls[call_key] = value
 
     def discard(self, key) -> None:
         self._graphs.pop(key, None)
@@ -66,9 +97,12 @@ class PbsGraphs:
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)
-            for dst, src in zip(entry.inputs, inputs):
-                if dst is not None:
-                    dst.copy_(src)
+            if _host.LEGACY_HOST:
+                for dst, src in zip(entry.inputs, inputs):
+                    if dst is not None:
+                        dst.copy_(src)
+            else:  # the key holds which inputs are None (sinks), so the lists pair up
+                copy_inputs(entry.dsts, [t for t in inputs if t is not None])
             entry.graph.replay()
             self.replays += 1
             return entry.out.clone()
@@ -110,7 +144,7 @@ class PbsGraphs:
             warnings.warn(f"pbs: CUDA graph capture failed ({reason}); this shape runs eagerly", RuntimeWarning,
                           stacklevel=4)
             return None
-        entry = _Entry(graph, static, out)
+        entry = _Entry(graph, static, out, [t for t in static if t is not None])
         self._graphs[key] = entry
         self.captures += 1
         while len(self._graphs) > self.max_graphs:
