@@ -126,7 +126,11 @@ class PbsGraphs:
 
     def _capture(self, key, fn, inputs) -> _Entry | None:
         device = next(t.device for t in inputs if t is not None)
-        static = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
+        # Buffers in the inputs' own layout (empty_like keeps a dense view's strides, e.g. the
+        # transposed [B, heads, N, D] views transformers passes): a later call of that layout
+        # copies in with the same strides, which _foreach_copy_'s one-launch CUDA route needs.
+        static = tuple(None if t is None else (torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
+                                               if _host.LEGACY_HOST else torch.empty_like(t, device=device).copy_(t))
                        for t in inputs)
         main = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)

@@ -94,6 +94,8 @@ def fake_cuda(monkeypatch):
             return "statistics are read on the host"
         if kw.get("cache") is not None:
             return "a prefix cache is updated on the host"
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return "gradients"
         if kw.get("auto") and not graphs.auto_worth_it(q):
             return "graph='auto' and a large call"
         return None
@@ -219,6 +221,115 @@ def test_auto_min_seq_len_through_graphs_and_the_file(fake_cuda, tmp_path, monke
     finally:
         crossover.forget()
         crossover._FILE_LOADED.clear()
+
+
+def _count_validations(monkeypatch) -> list:
+    """Calls of `_validate_cached` (the full path's first step; the known-call fast path skips it)."""
+    seen = []
+    real = attention._validate_cached
+    monkeypatch.setattr(attention, "_validate_cached", lambda *a: (seen.append(1), real(*a))[1])
+    return seen
+
+
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_known_call_fast_path_equals_eager(fake_cuda, monkeypatch, mode):
+    """A graphed call seen before skips the checks and key build (one lookup, then the replay)
+    and still equals the eager call on fresh inputs; the sinks are an input of the replay."""
+    g = graphs.pbs_graphs()
+    seen = _count_validations(monkeypatch)
+    sinks, validated = None, []
+    for seed in range(5):
+        q, k, v = rand_qkv(1, 4, 2, 300, 64, seed=seed)
+        if seed >= 3:
+            sinks = torch.randn(4, generator=torch.Generator().manual_seed(seed))
+        want = pbs_attention(q, k, v, sinks=sinks, **SMALL)
+        before = len(seen)
+        got = pbs_attention(q, k, v, graph=mode, sinks=sinks, **SMALL)
+        validated.append(len(seen) - before)
+        assert torch.equal(got, want), seed
+    # graph=True: capture, 2 replays; with sinks (another key): capture, replay.
+    # "auto": eager, capture, replay; with sinks: eager, capture.
+    assert (g.captures, g.replays) == ((2, 3) if mode is True else (2, 1))
+    assert validated == [1, 0, 0, 1, 0] and len(g.calls) == 2  # a key's first call takes the full path
+
+
+def test_fast_path_leaves_for_per_call_state(fake_cuda):
+    """After replays, a call that needs gradients or statistics runs eagerly (neither is in the
+    known-call key), and a forgotten min_seq_len="auto" choice is measured again."""
+    g = graphs.pbs_graphs()
+    q, k, v = rand_qkv(1, 4, 2, 300, 64, seed=9)
+    for _ in range(3):
+        pbs_attention(q, k, v, graph=True, **SMALL)
+    assert (g.captures, g.replays) == (1, 2)
+    qg = q.clone().requires_grad_()
+    out = pbs_attention(qg, k, v, graph=True, **SMALL)
+    assert out.grad_fn is not None and g.replays == 2  # eager, differentiable (torch backend)
+    assert torch.equal(out.detach(), pbs_attention(q, k, v, **SMALL))
+    with torch.no_grad():
+        pbs_attention(qg, k, v, graph=True, **SMALL)
+    assert g.replays == 3  # no gradients under no_grad: the replay again
+    out, st = pbs_attention(q, k, v, graph=True, return_stats=True, **SMALL)
+    assert g.replays == 3 and not st.dense and torch.equal(out, pbs_attention(q, k, v, **SMALL))
+    pbs_attention(q, k, v, graph=True, **SMALL)
+    assert g.replays == 4
+
+
+def test_fast_path_measures_a_forgotten_choice_again(fake_cuda, monkeypatch):
+    timed = []
+
+    def timer(fn, device):
+        fn()
+        timed.append(fn)
+        return 1.0 if len(timed) % 2 == 1 else 0.2  # dense first, then sparse: sparse wins
+
+    monkeypatch.setattr(crossover, "time_call", timer)
+    crossover.forget()
+    try:
+        q, k, v = rand_qkv(1, 4, 2, 300, 64, seed=10)
+        for _ in range(3):
+            pbs_attention(q, k, v, graph=True, min_seq_len="auto", **SMALL)
+        assert len(timed) == 2
+        crossover.forget()
+        out = pbs_attention(q, k, v, graph=True, min_seq_len="auto", **SMALL)
+        assert len(timed) == 4 and torch.equal(out, pbs_attention(q, k, v, **SMALL))
+    finally:
+        crossover.forget()
+
+
+def test_foreach_copy_equals_per_tensor_copies(monkeypatch):
+    """One `_foreach_copy_` (the replay's input copies) writes what one copy_ per tensor writes,
+    sources of another layout or dtype included (transposed views, float32 sinks into bf16); the
+    fallback loop (no `_foreach_copy_`, PBS_LEGACY_HOST) too."""
+    assert callable(getattr(torch, "_foreach_copy_", None))  # torch 2.11 and 2.13 both have it
+    g = torch.Generator().manual_seed(11)
+    srcs = [torch.randn(1, 7, 4, 64, generator=g).transpose(1, 2), torch.randn(1, 2, 7, 64, generator=g),
+            torch.randn(1, 2, 7, 64, generator=g).to(torch.bfloat16), torch.randn(4, generator=g)]
+    want = [torch.empty(t.shape, dtype=torch.bfloat16) for t in srcs]
+    for dst, src in zip(want, srcs):
+        dst.copy_(src)
+    for setup in ("foreach", "no-foreach", "legacy"):
+        if setup == "no-foreach":
+            monkeypatch.setattr(graphs, "_FOREACH_COPY", None)
+        if setup == "legacy":
+            monkeypatch.setattr(graphs._host, "LEGACY_HOST", True)
+        got = [torch.full(t.shape, float("nan"), dtype=torch.bfloat16) for t in srcs]
+        graphs.copy_inputs(got, srcs)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), setup
+
+
+def test_capture_buffers_keep_the_inputs_layout(fake_cuda):
+    """The static buffers take the capturing call's strides (transformers' transposed views), and
+    a later call of another layout still replays to the eager answer."""
+    g = graphs.pbs_graphs()
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in rand_qkv(1, 4, 2, 300, 64, seed=12))
+    assert not q.is_contiguous()
+    got = pbs_attention(q, k, v, graph=True, **SMALL)
+    entry, = g._graphs.values()
+    assert [t.stride() for t in entry.inputs[:3]] == [q.stride(), k.stride(), v.stride()]
+    assert torch.equal(got, pbs_attention(q, k, v, **SMALL))
+    q2, k2, v2 = rand_qkv(1, 4, 2, 300, 64, seed=13)  # contiguous
+    assert torch.equal(pbs_attention(q2, k2, v2, graph=True, **SMALL), pbs_attention(q2, k2, v2, **SMALL))
+    assert g.replays == 1
 
 
 # ---------------------------------------------------------------------------------------------
