@@ -201,10 +201,10 @@ def base_tree(rev: str, into: Path) -> Path:
 def show(rows: list) -> None:
     """One row per tree: host ns per call (whole ns: the us differ by a few), best / median."""
     names = ("pbs_attention", "PbsGraphs.run", "HF forward")
-    print(f"{'host ns per replayed call':<35}" + "".join(f"{n:>15}" for n in names))
+    print(f"{'host ns per replayed call':<32}" + "".join(f"{n:>15}" for n in names))
     print("  (best / median of rounds)")
     for label, r in rows:
-        print(f"{label:<35}" + "".join(f"{r[n]['best'] * 1e3:>8.0f} /{r[n]['median'] * 1e3:>6.0f}" for n in names))
+        print(f"{label:<32}" + "".join(f"{r[n]['best'] * 1e3:>8.0f} /{r[n]['median'] * 1e3:>6.0f}" for n in names))
 
 
 def main() -> int:
@@ -224,7 +224,7 @@ def main() -> int:
     if not ok:
         print("cpu_host_path: a replay differs from the eager call; the timings would mean nothing", file=sys.stderr)
         return 1
-    rows = [("PBS_LEGACY_HOST=1 (before issue 22)", found["legacy"])]
+    rows = [("PBS_LEGACY_HOST=1 (pre-issue 22)", found["legacy"])]
     base = None
     if args.base:
         with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +241,7 @@ def main() -> int:
     print(f"CPU proxy: {SHAPE['HQ']}/{SHAPE['H']} heads, N {SHAPE['N']}, D {SHAPE['D']}, bf16, no-op replay, "
           f"torch {torch.__version__}")
     show(rows)
-    print("A GPU adds a launch per copy, replay and clone: scripts/gpu_fixed_cost.py --quick")
+    print("A GPU adds a launch per copy, replay, clone: scripts/gpu_fixed_cost.py --quick")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         data = dict(shape=SHAPE, settings=SETTINGS, torch=torch.__version__, calls=args.calls, rounds=args.rounds,

@@ -9,7 +9,8 @@
 2. Per shape (9/3/64 at 8K and 32K; 8/1/128, 4/1/128 and 32/8/128 at 32K and 128K), per mode:
      before  eager with the old host path (pbs_kernels._host.LEGACY_HOST = True)
      eager   eager with this branch's host path (cached checks, fewer launches)
-     graph   graph=True (a replay: input copies, the graph, an output copy)
+     g-before graph=True with the old host path (a copy launch per input, no known-call lookup)
+     graph   graph=True (a replay: one multi-tensor input copy, the graph, an output copy)
      auto    min_seq_len="auto", graph=True: whichever path the crossover measured faster
      cudnn   dense cuDNN SDPA (the fallback's kernel; GQA without copying K/V where it takes it)
    launches  CUDA launch API calls per call (kernels, graph launches, copies; torch.profiler)
@@ -101,6 +102,7 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
     modes = {
         "before": lambda: pbs_attention(q, k, v, min_seq_len=0),
         "eager": lambda: pbs_attention(q, k, v, min_seq_len=0),
+        "g-before": lambda: pbs_attention(q, k, v, min_seq_len=0, graph=True),
         "graph": lambda: pbs_attention(q, k, v, min_seq_len=0, graph=True),
         "auto": lambda: pbs_attention(q, k, v, min_seq_len="auto", graph=True),
         "cudnn": sdpa_runner("cudnn", q, k, v, check=False),  # K/V expanded once, outside the timing
@@ -109,7 +111,7 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
     rows = []
     t_cudnn = None
     for name, fn in modes.items():
-        _host.LEGACY_HOST = name == "before"
+        _host.LEGACY_HOST = name in ("before", "g-before")
         try:
             out = fn()
             err = sampled_error(out, q, k, v)

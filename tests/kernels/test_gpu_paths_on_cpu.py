@@ -415,7 +415,7 @@ def test_gpu_fixed_cost_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
         rows = m.measure(9, 3, 64, 8192, True)
     finally:
         crossover.forget()
-    assert [r["mode"] for r in rows] == ["before", "eager", "graph", "auto", "cudnn", "fallback"]
+    assert [r["mode"] for r in rows] == ["before", "eager", "g-before", "graph", "auto", "cudnn", "fallback"]
     assert all(r["err"] < 0.05 and r["ms"] > 0 and r["x_cudnn"] > 0 for r in rows)
     m.show(rows)  # the table's fields all present
     assert not graphs.pbs_graphs().failed
