@@ -3,8 +3,9 @@ replayed on later calls by copying their inputs into the capture's own buffers.
 
 Why: at 9 query / 3 KV heads, D 64, 8K tokens one call is ~19 launches and ~320 us of GPU work
 inside ~1060 us of wall time (H200, issue 22): the host (Python, Triton's launcher) is the cost.
-A replay is a handful of launches (three input copies, the graph, the output copy) whatever the
-pipeline holds.
+A replay is a handful of launches (one multi-tensor copy of the inputs, the graph, the output
+copy) whatever the pipeline holds, and a call seen before skips its checks
+(`attention._replay_known`).
 
     out = pbs_attention(q, k, v, graph=True)     # capture on the first call of a shape
     out = pbs_attention(q, k, v, graph="auto")   # run eagerly once, capture on the second call
