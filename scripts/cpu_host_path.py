@@ -73,8 +73,9 @@ def stand_ins(replaying: bool):
                 current_stream=torch.cuda.current_stream, stream=torch.cuda.stream)
     real_why, real_capture, real_default = attention.why_eager, graphs.PbsGraphs._capture, graphs._DEFAULT
 
-    def why_eager_cuda(q, k, v, backend, *, return_stats, cache, auto=False):
-        """why_eager's checks in its order, as for CUDA tensors (no open capture)."""
+    def why_eager_before(q, k, v, backend, *, return_stats, cache, auto=False):
+        """why_eager_on_device for a --base tree that predates it: why_eager's checks in its
+        order, as for CUDA tensors (no open capture)."""
         if backend == "torch":
             return "torch backend"
         if return_stats:
@@ -98,7 +99,7 @@ def stand_ins(replaying: bool):
     torch.cuda.Stream = NoOpStream
     torch.cuda.current_stream = lambda device=None: NoOpStream(device)
     torch.cuda.stream = lambda s: contextlib.nullcontext()
-    attention.why_eager = why_eager_cuda
+    attention.why_eager = getattr(graphs, "why_eager_on_device", why_eager_before)
     graphs.PbsGraphs._capture = capture
     graphs._DEFAULT = graphs.PbsGraphs()
     try:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import _host
 from .blocks import BlockList, identity_positions
-from .graphs import check_graph_mode, pbs_graphs, why_eager
+from .graphs import capturing, check_graph_mode, needs_grad, pbs_graphs, why_eager
 from .limits import HEAD_DIMS
 from .ops._common import default_scale, interpreting, resolve_backend
 from .ops.attend import attend
@@ -203,12 +203,18 @@ def _validate(q, k, v, sinks, settings: PbsSettings) -> None:
 _VALID: set = set()
 
 
+def _inputs_key(q, k, v, sinks, settings: PbsSettings) -> tuple:
+    """What `_validate` decides from: shapes, dtypes, devices, last strides, the sinks' kind and
+    shape, the settings (q, k, v must be tensors)."""
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            q.stride(-1), k.stride(-1), v.stride(-1),
+            None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), settings)
+
+
 def _validate_cached(q, k, v, sinks, settings: PbsSettings) -> None:
     if _host.LEGACY_HOST or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return _validate(q, k, v, sinks, settings)
-    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-           q.stride(-1), k.stride(-1), v.stride(-1),
-           None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), settings)
+    key = _inputs_key(q, k, v, sinks, settings)
     if key in _VALID:
         return None
     _validate(q, k, v, sinks, settings)
@@ -573,9 +579,7 @@ def _call_key(q, k, v, sinks, s: PbsSettings, graph):
     if not (graph is True or (type(graph) is str and graph == "auto")):
         return None
     try:
-        return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-                q.stride(-1), k.stride(-1), v.stride(-1),
-                None if sinks is None else (type(sinks), getattr(sinks, "shape", None)), s, graph)
+        return _inputs_key(q, k, v, sinks, s) + (graph,)
     except AttributeError:  # not tensors: the checks name the problem
         return None
 
@@ -589,10 +593,8 @@ def _replay_known(call_key, q, k, v, sinks):
     if hit is None:
         return None
     key, fn, choice, auto = hit
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None  # why_eager's "gradients"
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None  # why_eager's "already inside a capture"
+    if needs_grad(q, k, v) or capturing(q):  # the per-call part of why_eager
+        return None
     if choice is not None:  # min_seq_len="auto": the remembered choice must still stand
         from .crossover import _CHOICES
 

@@ -195,16 +195,33 @@ def why_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *
     """Why a pbs_attention call cannot be captured (None when it can)."""
     if not q.is_cuda:
         return "CPU tensors"
+    return why_eager_on_device(q, k, v, backend, return_stats=return_stats, cache=cache, auto=auto)
+
+
+def why_eager_on_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *, return_stats: bool,
+                        cache, auto: bool = False) -> str | None:
+    """why_eager's answer without the device check (the CPU tests and scripts/cpu_host_path.py
+    run the graph path on CPU tensors through it)."""
     if backend == "torch":
         return "torch backend"
     if return_stats:
         return "statistics are read on the host"
     if cache is not None:
         return "a prefix cache is updated on the host"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return "gradients"
     if auto and not auto_worth_it(q):
         return "graph='auto' and a large call (the GPU work hides the host)"
-    if torch.cuda.is_current_stream_capturing():
+    if capturing(q):
         return "already inside a capture"  # the caller's own graph records the launches
     return None
+
+
+def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the call records gradients (checked on every call: it can change between calls)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def capturing(q: torch.Tensor) -> bool:
+    """Whether a CUDA graph capture is open on q's device (checked on every call)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()

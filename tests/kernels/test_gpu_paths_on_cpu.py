@@ -83,30 +83,14 @@ def fake_cuda(monkeypatch):
             entry.graph.body = lambda: entry.out.copy_(fn(*entry.inputs))
         return entry
 
-    sig = inspect.signature(graphs.why_eager)
-
-    def why_eager_cuda(q, k, v, backend, **kw):
-        """why_eager's answers except "CPU tensors" (and "already inside a capture")."""
-        sig.bind(q, k, v, backend, **kw)
-        if backend == "torch":
-            return "torch backend"
-        if kw.get("return_stats"):
-            return "statistics are read on the host"
-        if kw.get("cache") is not None:
-            return "a prefix cache is updated on the host"
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return "gradients"
-        if kw.get("auto") and not graphs.auto_worth_it(q):
-            return "graph='auto' and a large call"
-        return None
-
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(PbsGraphs, "_capture", capture)
-    monkeypatch.setattr(attention, "why_eager", why_eager_cuda)
+    # why_eager's answers but "CPU tensors" (an open capture needs CUDA tensors, so none here)
+    monkeypatch.setattr(attention, "why_eager", graphs.why_eager_on_device)
     monkeypatch.setattr(graphs, "_DEFAULT", PbsGraphs())
     yield state
 
