@@ -555,7 +555,7 @@ def test_timed_path_simulated_on_cpu(monkeypatch):
         run = real_runner("math", q, k, v, **kw)
         return timing.SdpaRun(name, run.fn)
 
-    real_init = bw._Bench.__init__
+    real_init = bw.Harness.__init__
 
     def timed_init(self, *a, **kw):
         real_init(self, *a, **kw)
@@ -563,7 +563,7 @@ def test_timed_path_simulated_on_cpu(monkeypatch):
 
     monkeypatch.setattr(timing, "time_ms", wall_ms)
     monkeypatch.setattr(timing, "sdpa_runner", math_runner)
-    monkeypatch.setattr(bw._Bench, "__init__", timed_init)
+    monkeypatch.setattr(bw.Harness, "__init__", timed_init)
     s = bw.BenchSettings(seq_lens=[512], heads=4, kv_heads=2, head_dim=64, device="cpu",
                          baselines=("cudnn", "flash", "efficient", "noperm"), fp32_ref_max_len=256)
     report = bw.run_bench(s)

@@ -77,7 +77,6 @@ from .results import CSV_COLUMNS, MethodResult, SeqLenResult, csv_rows  # noqa: 
 __all__ = ["BenchSettings", "BenchReport", "CPU_MAX_SEQ_LEN", "CSV_COLUMNS", "EnvInfo", "MethodResult", "N_CHECK_BLOCKS",
            "PbsConfig", "SeqLenResult", "causal_flops", "check_blocks", "csv_rows", "environment", "flex_block_mask",
            "kernel_error", "pbs_config", "rel_error", "resolve_bench_device", "run_bench", "tile_flops"]
-_Bench = Harness  # the name tests patch (test_timed_path_simulated_on_cpu)
 
 # ---------------------------------------------------------------------------------------------
 # Environment, device, profile.
