@@ -10,11 +10,12 @@ layer's min_seq_len; then the sparse baselines asked for, which reuse PBS's plan
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, Callable, Optional
 
 from pbs_kernels.analysis import analyze_layer
-from pbs_kernels.attention import pbs_attention, pbs_plan, permute_stage, select_stage
+from pbs_kernels.attention import PbsPlan, pbs_attention, pbs_plan, permute_stage, select_stage
 from pbs_kernels.metrics import output_error as rel_error
 from pbs_kernels.metrics import recall_from_lse as recall_of
 from pbs_kernels.reference import dense_reference, tile_reference
@@ -150,9 +151,17 @@ def _pbs_rows(c: Prompt) -> list[MethodResult]:
     """pbs (its plan kept on `c`), pbs.permute, pbs.select, pbs.attend, and pbs-auto where the
     layer's min_seq_len sends a model to the dense fallback (or "auto")."""
     h, layer, q, N = c.h, c.h.layer, c.q, c.n
-    c.plan = c.plan_with()
+    # One permutation for the plan, its threshold-1.0 twin and the select stage's timing (each a
+    # copy of K/V in slot order), as pbs_plan chains the stages.
+    stage = dict(block_size=layer.block_size, segment_size=layer.segment_size, scale=c.scale, backend=h.backend)
+    keys = permute_stage(q, c.k, c.v, permute=layer.permute, **stage)
+    select = partial(select_stage, q, keys, threshold=layer.threshold, estimator=layer.estimator,
+                     threshold_mass=layer.threshold_mass, **stage)
+    c.plan = PbsPlan.of(keys, select(), layer.settings(scale=c.scale, backend=h.backend))
     # The full-softmax lse recall needs: the same plan at threshold 1.0 (every causal tile).
-    _, c.lse_full = c.plan_with(threshold=1.0).attend(q, return_lse=True)
+    full = dataclasses.replace(c.plan, blocks=select_stage(q, keys, threshold=1.0, **stage), threshold=1.0)
+    _, c.lse_full = full.attend(q, return_lse=True)
+    del full
     pbs, c.tiles = c.plan_row("pbs", c.plan)
     c.pbs = pbs
     pbs.selection_efficiency = _efficiency(c)
@@ -163,17 +172,14 @@ def _pbs_rows(c: Prompt) -> list[MethodResult]:
         c.call_cost = timing.call_cost(call, reps=3 if N > 65536 else 10, host_calls=5 if N > 65536 else 30)
 
     # The stages one by one, as pbs_plan chains them, each timed alone.
-    stage = dict(block_size=layer.block_size, segment_size=layer.segment_size, scale=c.scale, backend=h.backend)
     if layer.permute:
         t_perm = h.time(lambda: permute_stage(q, c.k, c.v, permute=True, **stage), N)
         perm_row = MethodResult("pbs.permute", OK, ms=t_perm)
     else:
         t_perm = 0.0 if h.timed else None
         perm_row = MethodResult("pbs.permute", SKIPPED, note="permute off")
-    keys = permute_stage(q, c.k, c.v, permute=layer.permute, **stage)
-    t_sel = h.time(partial(select_stage, q, keys, threshold=layer.threshold, estimator=layer.estimator,
-                           threshold_mass=layer.threshold_mass, **stage), N)
-    del keys  # a copy of K/V in slot order
+    t_sel = h.time(select, N)
+    del keys, select  # the key statistics (the plan keeps K/V in slot order)
     t_att = h.time(lambda: c.plan.attend(q), N)
     c.stages_ms = t_perm + t_sel if t_perm is not None and t_sel is not None else None
     sel_row = MethodResult("pbs.select", OK, ms=t_sel)
