@@ -335,7 +335,9 @@ def main() -> None:
         mean_d = sum(per[L]["density"] for L in lengths) / len(lengths)
         print(f"{name:<34}{cells}{mean_d:>9.2f}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"real_model_passkey{args.tag}.json").write_text(json.dumps(results, indent=1))
+        out = Path(os.environ["OUT"])
+        out.mkdir(parents=True, exist_ok=True)  # the table above is printed; a missing folder must not lose the JSON
+        (out / f"real_model_passkey{args.tag}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
