@@ -9,12 +9,13 @@ log and summary.json; the tables print to stdout. Env: SAMPLES (pass keys per de
 20 prompts per length over 5 depths), HELDOUT_SAMPLES (default 8: 40 per length), TRIALS (tune's
 trials per layer, default 12), GUARD_SAMPLES (tune's --accuracy-samples, default 7), LENS
 (default "4k,8k"; 8k runs at the model's 8192 positions, its prompts shortened by the answer's
-tokens).
+tokens), PARTS (default "table,tune": run only the named parts, e.g. in two device calls), TARGETS
+(tune's --target-speedup, tried in order until one is reached; default "2x,1.5x,1.2x").
 
 1. `pbs eval MODEL --profile P --tasks passkey --seq-len 4k,8k` for the settings of the issue's
    table, every layer sparse (min_seq_len 0): paired counts per length (dense, PBS, prompts lost /
    won, McNemar p, verdict). Densities are not measured here (pbs analyze gives them).
-2. `pbs tune MODEL --seq-len L --target-speedup 2x --max-accuracy-drop 1` at each length, then
+2. `pbs tune MODEL --seq-len L --target-speedup T --max-accuracy-drop 1` at each length, then
    `pbs eval` of its profile with --seed 2024 (tune checks seed 1000 prompts; eval's default is 0).
 """
 
@@ -42,6 +43,8 @@ def main() -> int:
     trials = os.environ.get("TRIALS", "12")
     guard = os.environ.get("GUARD_SAMPLES", "7")  # tune's check: 7 x 3 depths x 2 tasks = 42 prompts
     lens = os.environ.get("LENS", "4k,8k")
+    parts = os.environ.get("PARTS", "table,tune").split(",")
+    targets = os.environ.get("TARGETS", "2x,1.5x,1.2x").split(",")
     depths = "0,0.25,0.5,0.75,1"
     log = open(out / "log.txt", "a")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'kernels'}:" + os.environ.get("PYTHONPATH", "")}
@@ -81,7 +84,7 @@ def main() -> int:
         "t 0.5 (too sparse)": {"threshold": 0.5},
     }
     rows = []
-    for label, kw in settings.items():
+    for label, kw in settings.items() if "table" in parts else ():
         path = out / f"profile-{len(rows)}.yaml"
         PbsProfile(model=name, defaults=LayerConfig(min_seq_len=0, **kw)).save(path)
         doc = pbs(f"eval-{len(rows)}", "eval", gguf, "--profile", str(path), "--seq-len", lens, "--tasks", "passkey",
@@ -91,15 +94,15 @@ def main() -> int:
 
     print("\n# pbs tune --max-accuracy-drop 1, then eval of its profile on unseen prompts (seed 2024)", flush=True)
     tuned = []
-    for n in lens.split(","):
+    for n in lens.split(",") if "tune" in parts else ():
         prof = out / f"tuned-{n}.yaml"
-        t = pbs(f"tune-{n}", "tune", gguf, "--seq-len", n, "--target-speedup", "2x", "--max-accuracy-drop", "1",
-                "--trials", trials, "--accuracy-samples", guard, "--device", "cuda", "--out", str(prof))
-        if t is None:
-            # Out of reach at 2x: the error line says the best pair; try a lower target once.
-            t = pbs(f"tune-{n}-1.5x", "tune", gguf, "--seq-len", n, "--target-speedup", "1.5x",
+        t = None
+        for target in targets:  # trials are stored beside the profile: a lower target reruns none
+            t = pbs(f"tune-{n}-{target}", "tune", gguf, "--seq-len", n, "--target-speedup", target,
                     "--max-accuracy-drop", "1", "--trials", trials, "--accuracy-samples", guard, "--device", "cuda",
                     "--out", str(prof))
+            if t is not None:
+                break
         if t is None:
             continue
         acc = t.get("accuracy") or {}
@@ -114,7 +117,7 @@ def main() -> int:
         tuned.append((f"tuned at {n} (seed 2024)", doc))
     _print_rows(tuned, header=True)
     summary = {label: doc and {"paired": doc["paired"]} for label, doc in rows + tuned}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / f"summary-{'-'.join(parts)}.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
