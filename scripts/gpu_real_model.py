@@ -10,7 +10,8 @@ log and summary.json; the tables print to stdout. Env: SAMPLES (pass keys per de
 trials per layer, default 12), GUARD_SAMPLES (tune's --accuracy-samples, default 7), LENS
 (default "4k,8k"; 8k runs at the model's 8192 positions, its prompts shortened by the answer's
 tokens), PARTS (default "table,tune": run only the named parts, e.g. in two device calls), TARGETS
-(tune's --target-speedup, tried in order until one is reached; default "2x,1.5x,1.2x").
+(tune's --target-speedup, tried in order until one is reached; default "2x,1.5x,1.2x"), PARALLEL
+(the table's evals run at once, accuracy only; default 1).
 
 1. `pbs eval MODEL --profile P --tasks passkey --seq-len 4k,8k` for the settings of the issue's
    table, every layer sparse (min_seq_len 0): paired counts per length (dense, PBS, prompts lost /
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,14 +85,18 @@ def main() -> int:
                                        "threshold": 0.97},
         "t 0.5 (too sparse)": {"threshold": 0.5},
     }
-    rows = []
-    for label, kw in settings.items() if "table" in parts else ():
-        path = out / f"profile-{len(rows)}.yaml"
+    jobs = []
+    for i, (label, kw) in enumerate(settings.items() if "table" in parts else ()):
+        path = out / f"profile-{i}.yaml"
         PbsProfile(model=name, defaults=LayerConfig(min_seq_len=0, **kw)).save(path)
-        doc = pbs(f"eval-{len(rows)}", "eval", gguf, "--profile", str(path), "--seq-len", lens, "--tasks", "passkey",
-                  "--depths", depths, "--samples", str(samples), "--device", "cuda", "--out", str(out / f"ev-{len(rows)}"))
-        rows.append((label, doc))
-        _print_rows([rows[-1]], header=len(rows) == 1)
+        jobs.append((label, (f"eval-{i}", "eval", gguf, "--profile", str(path), "--seq-len", lens, "--tasks",
+                             "passkey", "--depths", depths, "--samples", str(samples), "--device", "cuda", "--out",
+                             str(out / f"ev-{i}"))))
+    # Accuracy only, so the evals may share the GPU (PARALLEL at once); tune, which times, runs after.
+    with ThreadPoolExecutor(max(1, int(os.environ.get("PARALLEL", "1")))) as pool:
+        docs = list(pool.map(lambda job: pbs(*job[1]), jobs))
+    rows = [(label, doc) for (label, _), doc in zip(jobs, docs)]
+    _print_rows(rows, header=bool(rows))
 
     print("\n# pbs tune --max-accuracy-drop 1, then eval of its profile on unseen prompts (seed 2024)", flush=True)
     tuned = []
