@@ -621,7 +621,10 @@ def _attention(q, k, v, s: PbsSettings, *, sinks=None, cache=None, return_stats=
     choice = None  # (crossover key, sparse) under min_seq_len="auto"
 
     def run(dense: bool, qs, ks, vs, ss, stats: bool, kv_cache, last: bool = False):
-        if eager_reason is None:
+        # The dense path runs eagerly even under graph=: it is two launches, GPU-bound, and a
+        # replay's input and output copies made it slower (H200, 9/3/64 8K: 0.244 ms replayed
+        # against 0.215 eager; BENCHMARKS section 19).
+        if eager_reason is None and not dense:
             key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, dense, s)
             fn = lambda *t: _pbs_eager(*t, s, dense=dense)  # noqa: E731
             if last and call_key is not None:

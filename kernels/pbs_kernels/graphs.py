@@ -39,12 +39,16 @@ class _Entry:
 # (torch._foreach_copy_, in torch since 2.1; a source of another dtype or layout takes its
 # per-tensor path inside the op). None: the per-tensor loop.
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+# Above this size of the first input (q) the multi-tensor copy splits into many launches and
+# costs more host time than a copy per input (H200, torch 2.11, BENCHMARKS section 19: q of
+# 1 GiB 41 launches and 335 us against 5 and 157; q of 128-256 MiB 126-150 us against 208-225).
+FOREACH_MAX_BYTES = 256 << 20
 
 
 def copy_inputs(dsts: list, srcs: list) -> None:
     """dst.copy_(src) for each pair: one `_foreach_copy_` where torch has it (and not under
-    PBS_LEGACY_HOST), else one copy_ per tensor."""
-    if _FOREACH_COPY is not None and not _host.LEGACY_HOST:
+    PBS_LEGACY_HOST) for inputs up to FOREACH_MAX_BYTES, else one copy_ per tensor."""
+    if _FOREACH_COPY is not None and not _host.LEGACY_HOST and dsts[0].nbytes <= FOREACH_MAX_BYTES:
         _FOREACH_COPY(dsts, srcs)
         return
     for dst, src in zip(dsts, srcs):

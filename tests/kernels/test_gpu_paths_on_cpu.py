@@ -138,13 +138,16 @@ def test_pbs_attention_graph_replays_equal_eager(fake_cuda, N):
         got = pbs_attention(q, k, v, graph=True, **SMALL)
         want = pbs_attention(q, k, v, **SMALL)
         assert torch.equal(got, want), seed
+    if N <= SMALL["segment_size"]:
+        # The dense fallback runs eagerly under graph=True: a replay's copies only add to it.
+        assert (g.captures, g.replays, len(g)) == (0, 0, 0)
+        assert torch.equal(got, dense_causal_attention(q, k, v, scale=64 ** -0.5))
+        return
     assert (g.captures, g.replays) == (1, 2)
     key, = g._graphs
-    assert key[5] == (N <= SMALL["segment_size"])  # the dense fallback is its own key
+    assert key[5] is False  # the sparse path's key (dense is never captured)
     s = key[-1]
     assert isinstance(s, PbsSettings) and s.scale == 64 ** -0.5 and s.threshold == SMALL["threshold"]
-    if N <= SMALL["segment_size"]:
-        assert torch.equal(got, dense_causal_attention(q, k, v, scale=64 ** -0.5))
 
 
 def test_graph_keys_follow_settings_and_sinks(fake_cuda):
@@ -166,8 +169,8 @@ def test_graph_keys_follow_settings_and_sinks(fake_cuda):
 
 
 def test_auto_min_seq_len_through_graphs_and_the_file(fake_cuda, tmp_path, monkeypatch):
-    """The measured choice with graph=True: both paths run through graphs while timed, the
-    choice is written to the crossover file under pbs_attention's own key and a new process
+    """The measured choice with graph=True: the sparse path runs through a graph while timed (the
+    dense one eagerly, as it would run), the choice is written to the crossover file under pbs_attention's own key and a new process
     reads it back without measuring."""
     monkeypatch.setenv("PBS_CACHE_DIR", str(tmp_path))
     crossover.forget()
@@ -191,7 +194,8 @@ def test_auto_min_seq_len_through_graphs_and_the_file(fake_cuda, tmp_path, monke
         out = pbs_attention(q, k, v, min_seq_len="auto", graph=True, **SMALL)
         assert len(timed) == 2 and torch.equal(out, pbs_attention(q, k, v, min_seq_len=0, **SMALL))
         g = graphs.pbs_graphs()
-        assert g.captures == 2 and sorted(key[5] for key in g._graphs) == [False, True]  # dense and sparse
+        # the sparse path through a graph; the dense one eagerly (never captured)
+        assert g.captures == 1 and [key[5] for key in g._graphs] == [False]
         key, = keys
         want = PbsSettings(**SMALL, min_seq_len="auto", scale=64 ** -0.5).values()
         assert key == crossover.choice_key(q, k, (False, True) + want)  # no sinks; graphed
@@ -283,7 +287,7 @@ def test_fast_path_measures_a_forgotten_choice_again(fake_cuda, monkeypatch):
 def test_foreach_copy_equals_per_tensor_copies(monkeypatch):
     """One `_foreach_copy_` (the replay's input copies) writes what one copy_ per tensor writes,
     sources of another layout or dtype included (transposed views, float32 sinks into bf16); the
-    fallback loop (no `_foreach_copy_`, PBS_LEGACY_HOST) too."""
+    fallback loop (q over FOREACH_MAX_BYTES, no `_foreach_copy_`, PBS_LEGACY_HOST) too."""
     assert callable(getattr(torch, "_foreach_copy_", None))  # torch 2.11 and 2.13 both have it
     g = torch.Generator().manual_seed(11)
     srcs = [torch.randn(1, 7, 4, 64, generator=g).transpose(1, 2), torch.randn(1, 2, 7, 64, generator=g),
@@ -291,7 +295,15 @@ def test_foreach_copy_equals_per_tensor_copies(monkeypatch):
     want = [torch.empty(t.shape, dtype=torch.bfloat16) for t in srcs]
     for dst, src in zip(want, srcs):
         dst.copy_(src)
-    for setup in ("foreach", "no-foreach", "legacy"):
+    def foreach_spy(d, s_):
+        calls.append(len(d))
+        torch._foreach_copy_(d, s_)
+
+    calls = []
+    monkeypatch.setattr(graphs, "_FOREACH_COPY", foreach_spy)
+    for setup in ("foreach", "large", "no-foreach", "legacy"):
+        if setup == "large":  # q above FOREACH_MAX_BYTES: one copy_ per tensor
+            monkeypatch.setattr(graphs, "FOREACH_MAX_BYTES", want[0].nbytes - 1)
         if setup == "no-foreach":
             monkeypatch.setattr(graphs, "_FOREACH_COPY", None)
         if setup == "legacy":
@@ -299,6 +311,7 @@ def test_foreach_copy_equals_per_tensor_copies(monkeypatch):
         got = [torch.full(t.shape, float("nan"), dtype=torch.bfloat16) for t in srcs]
         graphs.copy_inputs(got, srcs)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), setup
+        assert calls == [4], setup  # the multi-tensor copy ran for "foreach" only
 
 
 def test_capture_buffers_keep_the_inputs_layout(fake_cuda):

@@ -13,6 +13,12 @@ never keeps tiles wholly outside), learned sinks (HAS_SINK: one logit per head a
 softmax denominator), logit soft-capping (SOFTCAP: tanh on each score tile) and vertical keys
 (TOPK > 0: after the tiles, the first TOPK slots of every earlier segment whose first block the
 row did not keep, gathered BLOCK_N at a time with a per-(row, segment) mask).
+
+Split final rows (SPLIT, plain and chunked prefill): the final rows keep every causal tile
+(`ops/select/naive.final_rows`), N / b tiles against a mean row's few, and one program walks a
+row's tiles in turn, so at 32K and beyond those one or two rows were the kernel's critical path.
+Their tiles are shared among NSPLIT programs each, which write unnormalised partial sums;
+`_combine_kernel` merges them (log-sum-exp weights), adds the sink and writes O and LSE.
 """
 from __future__ import annotations
 
@@ -86,7 +92,7 @@ def _attend_fwd_kernel(
     RETURN_LSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     FMA: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SOFTCAP: tl.constexpr,
     PACKED: tl.constexpr = False, TOPK: tl.constexpr = 0, VCOMPACT: tl.constexpr = False,
-    PAD_D: tl.constexpr = False,
+    PAD_D: tl.constexpr = False, SPLIT: tl.constexpr = False, PART=None, NFIN=1, NSPLIT=1,
 ):
     # HEAD_DIM: the true head dim; BLOCK_D: the next power of two (tl.arange needs one). With
     # PAD_D (80, 96) every load and store is masked to the first HEAD_DIM columns: the zero
@@ -100,6 +106,8 @@ def _attend_fwd_kernel(
     i_h = i_hq // G
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
+    is_part = False
+    i_split = 0
     if PACKED:
         # A packed batch (`pbs_kernels.packing`): ORDER lists the query blocks holding a query,
         # most tiles first; BLK's rows give each block's queries (first and last virtual
@@ -111,7 +119,14 @@ def _attend_fwd_kernel(
         m_m = (o_m >= tl.load(BLK + 3 * NB_ALL + i_l)) & (o_m <= tl.load(BLK + 4 * NB_ALL + i_l))
         o_r = (o_m + tl.load(BLK + 5 * NB_ALL + i_l)).to(tl.int64)
     else:
-        i_l = NQB - 1 - tl.program_id(0)
+        # SPLIT: programs [0, NFIN * NSPLIT) are the splits of the last NFIN rows (split i_s of
+        # row NQB - 1 - i_f); the rest are the other rows, most tiles first as without it.
+        pid = tl.program_id(0)
+        if SPLIT:
+            is_part = pid < NFIN * NSPLIT
+            i_split = tl.where(is_part, pid % NSPLIT, 0)
+            pid = tl.where(is_part, pid // NSPLIT, pid - NFIN * (NSPLIT - 1))
+        i_l = NQB - 1 - pid
         i_m = QOFF // BLOCK_SIZE + i_l
         o_m = i_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         m_m = (o_m >= QOFF) & (o_m < N)
@@ -134,13 +149,23 @@ def _attend_fwd_kernel(
     p_idx = IDX + i_b * stride_ib + i_hq * stride_ih + i_l * stride_iq
     n_off = tl.load(NOFF + i_b * stride_cb + i_hq * stride_ch + i_l)
     n_tot = tl.load(NTOT + i_b * stride_cb + i_hq * stride_ch + i_l)
+    t_lo = 0
+    t_hi = n_off
+    if SPLIT:
+        # A split's share of the unmasked tiles; the masked ones and the vertical keys go to the
+        # last split (the others' masked loop is empty).
+        t_lo = tl.where(is_part, i_split * n_off // NSPLIT, 0)
+        t_hi = tl.where(is_part, (i_split + 1) * n_off // NSPLIT, n_off)
+        not_last = is_part & (i_split != NSPLIT - 1)
+        n_tot = tl.where(not_last, t_hi, n_tot)
+        n_off = tl.where(not_last, t_hi, n_off)
 
     m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc = tl.zeros([BLOCK_SIZE, BLOCK_D], dtype=tl.float32)
 
     # Tiles of earlier segments: full blocks, all keys in the past, no mask.
-    for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
+    for t in tl.range(t_lo, t_hi, warp_specialize=WARP_SPEC):
         j32 = tl.load(p_idx + t)
         i_j = j32.to(tl.int64)
         for i_s in tl.static_range(BLOCK_SIZE // BLOCK_N):
@@ -193,6 +218,8 @@ def _attend_fwd_kernel(
         # (its first block not kept by this row). VCOMPACT: KR / VR / VPOS hold just those slots,
         # row c = g * TOPK + r, contiguous; else KR / VR are the raw K / V, read at the slots.
         n_c = (i_m * BLOCK_SIZE // SEG) * TOPK
+        if SPLIT:
+            n_c = tl.where(is_part & (i_split != NSPLIT - 1), 0, n_c)
         p_seg = VSEG + i_b * stride_sb + i_hq * stride_sh + i_l * stride_sq
         if VCOMPACT:
             p_kr = KR + i_b * stride_rb + i_h * stride_rh
@@ -232,6 +259,19 @@ def _attend_fwd_kernel(
             m_i, l_i, acc = _attend_tile(b_q, b_k, b_v, m_i, l_i, acc, qk_scale, True, m_allow, IEEE, FMA,
                                          SOFTCAP, cap_in, cap_out)
 
+    m_out = m_m
+    if SPLIT:
+        # Unnormalised partial sums of split i_split of final row NQB - 1 - i_l: PART is
+        # [B * HQ, NFIN * NSPLIT, BLOCK_SIZE, BLOCK_D + 2] fp32 (acc, then m and l); such a
+        # program stores nothing else (masks, not a branch: every program runs the same code).
+        i_p = (i_bh.to(tl.int64) * NFIN * NSPLIT + (NQB - 1 - i_l) * NSPLIT + i_split) * BLOCK_SIZE
+        o_pm = i_p + tl.arange(0, BLOCK_SIZE)
+        m_part = (tl.zeros([BLOCK_SIZE], tl.int32) + is_part.to(tl.int32)) != 0
+        tl.store(PART + o_pm[:, None] * (BLOCK_D + 2) + o_d[None, :], acc, mask=m_part[:, None])
+        tl.store(PART + o_pm * (BLOCK_D + 2) + BLOCK_D, m_i, mask=m_part)
+        tl.store(PART + o_pm * (BLOCK_D + 2) + BLOCK_D + 1, l_i, mask=m_part)
+        m_out = m_m & ~m_part
+
     if HAS_SINK:
         # The sink is one more logit in the denominator with no value: rescale to the larger max.
         b_sink = tl.load(SINKS + i_hq).to(tl.float32) * 1.4426950408889634
@@ -246,13 +286,53 @@ def _attend_fwd_kernel(
     b_o = acc / l_safe[:, None]
     p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
     if PAD_D:
-        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_out[:, None] & m_d[None, :])
     else:
-        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_out[:, None])
     if RETURN_LSE:
         # Natural-log log-sum-exp of the scaled scores over the computed tiles.
         b_lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
-        tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_m)
+        tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_out)
+
+
+@triton.jit
+def _combine_kernel(PART, O, LSE, SINKS, stride_ob, stride_oh, stride_on, N, HQ, NQB, M, QOFF, NFIN, NSPLIT,
+                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    RETURN_LSE: tl.constexpr, HAS_SINK: tl.constexpr):
+    # One program per (final row i_f, batch x query head): merge its NSPLIT partial sums.
+    i_f = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // HQ
+    i_hq = i_bh % HQ
+    i_l = NQB - 1 - i_f
+    o_m = (QOFF // BLOCK_SIZE + i_l) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    m_m = (o_m >= QOFF) & (o_m < N)
+    o_r = o_m - QOFF
+    o_d = tl.arange(0, BLOCK_D)
+    p_row = (i_bh * NFIN * NSPLIT + i_f * NSPLIT) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        m_i = tl.maximum(m_i, tl.load(PART + (p_row + s * BLOCK_SIZE) * (BLOCK_D + 2) + BLOCK_D))
+    if HAS_SINK:
+        b_sink = tl.load(SINKS + i_hq).to(tl.float32) * 1.4426950408889634
+        m_i = tl.maximum(m_i, b_sink)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_SIZE, BLOCK_D], dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        p_s = (p_row + s * BLOCK_SIZE) * (BLOCK_D + 2)
+        w = tl.exp2(tl.load(PART + p_s + BLOCK_D) - m_safe)
+        l_i += tl.load(PART + p_s + BLOCK_D + 1) * w
+        acc += tl.load(PART + p_s[:, None] + o_d[None, :]) * w[:, None]
+    if HAS_SINK:
+        l_i += tl.exp2(b_sink - m_safe)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    b_o = acc / l_safe[:, None]
+    p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
+    if RETURN_LSE:
+        b_lse = (m_safe + tl.log2(l_safe)) / 1.4426950408889634
+        tl.store(LSE + i_bh * M + o_r, b_lse, mask=m_m)
 
 
 def _check(q, k_perm, v_perm, pos, blocks: BlockList):
@@ -343,10 +423,10 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
                   num_stages: int | None = None, use_tma: bool | None = None, warp_specialize: bool = False,
                   fma_softmax: bool = True, window: int | None = None, sinks: torch.Tensor | None = None,
                   softcap: float | None = None, packed=None, vertical_keys: int = 0,
-                  segment_size: int | None = None, vertical_compact: bool = True):
+                  segment_size: int | None = None, vertical_compact: bool = True, split: int | None = None):
     """Same contract as `attend_naive`; `out` (like q) receives the output if given. The keyword
     knobs after `out` are for kernel tuning (scripts/gpu_attend_tile_rate.py --variants). `packed`:
-    see `attend_packed_triton`."""
+    see `attend_packed_triton`. `split`: programs per final row (None: `final_splits`; 1: off)."""
     if packed is None:
         _check(q, k_perm, v_perm, pos, blocks)
     elif return_lse:
@@ -394,6 +474,15 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
     grid = (nqb, B * HQ)
     if packed is not None:
         grid = (packed.attend_order.numel(), B * HQ)
+        nfin, nsplit = 1, 1
+    else:
+        # The final rows: the last query block, and the one before it when N is not a multiple of
+        # b (final_rows: the last b positions span two blocks then).
+        nfin = min(nqb, 2 if N % b else 1)
+        nsplit = final_splits(blocks.num_blocks, b, window) if split is None else split
+        grid = (nqb + nfin * (nsplit - 1), B * HQ)
+    part = (torch.empty(B * HQ, nfin * nsplit, b, block_d + 2, device=q.device, dtype=torch.float32)
+            if nsplit > 1 else lse)
 
     def launch(option):
         block_n, num_warps, num_stages = option
@@ -425,13 +514,33 @@ def attend_triton(q, k_perm, v_perm, pos, blocks: BlockList, *, scale: float, re
             RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
             WARP_SPEC=warp_specialize and _HAS_WARP_SPEC, FMA=fma_softmax,
             WINDOW=window is not None, HAS_SINK=sinks is not None, SOFTCAP=softcap is not None,
-            PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact, num_warps=num_warps, num_stages=num_stages,
+            PACKED=packed is not None, TOPK=int(vertical_keys), VCOMPACT=bool(vertical_keys) and vertical_compact,
+            SPLIT=nsplit > 1, PART=part, NFIN=nfin, NSPLIT=nsplit, num_warps=num_warps, num_stages=num_stages,
         )
 
     key = ("attend", b, block_d, q.dtype, use_tma, packed is not None, bool(vertical_keys), window is not None,
-           sinks is not None, softcap is not None, q.device)
+           sinks is not None, softcap is not None, nsplit > 1, q.device)
     launch_fitting(None if explicit else key, options, launch)
+    if nsplit > 1:
+        _combine_kernel[(nfin, B * HQ)](
+            part, o, lse, sinks if sinks is not None else lse, o.stride(0), o.stride(1), o.stride(2),
+            N, HQ, nqb, M, N - M, nfin, nsplit, BLOCK_SIZE=b, HEAD_DIM=D, BLOCK_D=block_d,
+            RETURN_LSE=return_lse, HAS_SINK=sinks is not None, num_warps=8 if b * block_d >= 128 * 128 else 4)
     return (o, lse) if return_lse else o
+
+
+# Tiles a final-row program walks at most (final_splits): about a mean row's work at 32K.
+SPLIT_TILES = 32
+
+
+def final_splits(num_blocks: int, block_size: int, window: int | None) -> int:
+    """Programs per final row: its tiles (every causal one, or a window's) over SPLIT_TILES, 1
+    when they are few. Why: once the final rows kept every causal tile (commit fece5c0), per-call
+    GPU time at 9 / 3 / 64 on the H200 rose by 90 us at 8K and 388 us at 32K (BENCHMARKS section
+    19), 1.4-1.5 us per final-row tile at both lengths: one program's serial walk, long after the
+    other rows had finished. The split's own GPU timing is still to be run."""
+    tiles = num_blocks if window is None else min(num_blocks, cdiv(window, block_size) + 1)
+    return cdiv(tiles, SPLIT_TILES) if tiles > SPLIT_TILES else 1
 
 
 def attend_packed_triton(q, k_perm, v_perm, pos, blocks: BlockList, layout, *, out: torch.Tensor, scale: float,
