@@ -272,6 +272,20 @@ def _attend_fwd_kernel(
         tl.store(PART + o_pm * (BLOCK_D + 2) + BLOCK_D + 1, l_i, mask=m_part)
         m_out = m_m & ~m_part
 
+    b_o, b_lse = _finish(acc, m_i, l_i, SINKS, i_hq, HAS_SINK)
+    p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
+    if PAD_D:
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_out[:, None] & m_d[None, :])
+    else:
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_out[:, None])
+    if RETURN_LSE:
+        tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_out)
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, SINKS, i_hq, HAS_SINK: tl.constexpr):
+    """The output rows and their natural-log log-sum-exp from a row's running max m_i (log2
+    units), sum l_i and weighted values acc, with the head's sink, if any, in the denominator."""
     if HAS_SINK:
         # The sink is one more logit in the denominator with no value: rescale to the larger max.
         b_sink = tl.load(SINKS + i_hq).to(tl.float32) * 1.4426950408889634
@@ -280,19 +294,9 @@ def _attend_fwd_kernel(
         l_i = l_i * alpha + tl.exp2(b_sink - m_fin)
         acc = acc * alpha[:, None]
         m_i = m_fin
-
     # Every real row saw at least its own key; padded rows (o_m >= N) are never stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    b_o = acc / l_safe[:, None]
-    p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
-    if PAD_D:
-        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_out[:, None] & m_d[None, :])
-    else:
-        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_out[:, None])
-    if RETURN_LSE:
-        # Natural-log log-sum-exp of the scaled scores over the computed tiles.
-        b_lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
-        tl.store(LSE + i_bh.to(tl.int64) * M + o_r, b_lse, mask=m_out)
+    return acc / l_safe[:, None], (m_i + tl.log2(l_safe)) / 1.4426950408889634
 
 
 @triton.jit
@@ -313,9 +317,6 @@ def _combine_kernel(PART, O, LSE, SINKS, stride_ob, stride_oh, stride_on, N, HQ,
     m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
     for s in range(0, NSPLIT):
         m_i = tl.maximum(m_i, tl.load(PART + (p_row + s * BLOCK_SIZE) * (BLOCK_D + 2) + BLOCK_D))
-    if HAS_SINK:
-        b_sink = tl.load(SINKS + i_hq).to(tl.float32) * 1.4426950408889634
-        m_i = tl.maximum(m_i, b_sink)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc = tl.zeros([BLOCK_SIZE, BLOCK_D], dtype=tl.float32)
@@ -324,14 +325,10 @@ def _combine_kernel(PART, O, LSE, SINKS, stride_ob, stride_oh, stride_on, N, HQ,
         w = tl.exp2(tl.load(PART + p_s + BLOCK_D) - m_safe)
         l_i += tl.load(PART + p_s + BLOCK_D + 1) * w
         acc += tl.load(PART + p_s[:, None] + o_d[None, :]) * w[:, None]
-    if HAS_SINK:
-        l_i += tl.exp2(b_sink - m_safe)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    b_o = acc / l_safe[:, None]
+    b_o, b_lse = _finish(acc, m_i, l_i, SINKS, i_hq, HAS_SINK)
     p_o = O + i_b * stride_ob + i_hq * stride_oh + o_r[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
     if RETURN_LSE:
-        b_lse = (m_safe + tl.log2(l_safe)) / 1.4426950408889634
         tl.store(LSE + i_bh * M + o_r, b_lse, mask=m_m)
 
 
