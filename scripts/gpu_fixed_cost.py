@@ -9,8 +9,12 @@
 2. Per shape (9/3/64 at 8K and 32K; 8/1/128, 4/1/128 and 32/8/128 at 32K and 128K), per mode:
      before  eager with the old host path (pbs_kernels._host.LEGACY_HOST = True)
      eager   eager with this branch's host path (cached checks, fewer launches)
+     nosplit eager, each final row walked by one program (attend fwd.SPLIT_TILES huge: before
+             the final-row split)
      g-before graph=True with the old host path (a copy launch per input, no known-call lookup)
      graph   graph=True (a replay: one multi-tensor input copy, the graph, an output copy)
+     g-nosplit graph=True without the final-row split (its own capture: the graph cache is
+             cleared around it, since the split is not part of a graph's key)
      auto    min_seq_len="auto", graph=True: whichever path the crossover measured faster
      cudnn   dense cuDNN SDPA (the fallback's kernel; GQA without copying K/V where it takes it)
    launches  CUDA launch API calls per call (kernels, graph launches, copies; torch.profiler)
@@ -37,6 +41,7 @@ from pbs_kernels.attention import dense_causal_attention
 from pbs_kernels.graphs import pbs_graphs
 from pbs_kernels.metrics import output_error
 from pbs_kernels import _host
+from pbs_kernels.ops.attend import fwd as attend_fwd
 from pbs_kernels.reference import dense_reference
 from pbs_kernels.workloads import make_workload
 from pbs_cli.workflows.timing import call_cost, sdpa_runner
@@ -102,16 +107,23 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
     modes = {
         "before": lambda: pbs_attention(q, k, v, min_seq_len=0),
         "eager": lambda: pbs_attention(q, k, v, min_seq_len=0),
+        "nosplit": lambda: pbs_attention(q, k, v, min_seq_len=0),
         "g-before": lambda: pbs_attention(q, k, v, min_seq_len=0, graph=True),
         "graph": lambda: pbs_attention(q, k, v, min_seq_len=0, graph=True),
+        "g-nosplit": lambda: pbs_attention(q, k, v, min_seq_len=0, graph=True),
         "auto": lambda: pbs_attention(q, k, v, min_seq_len="auto", graph=True),
         "cudnn": sdpa_runner("cudnn", q, k, v, check=False),  # K/V expanded once, outside the timing
         "fallback": lambda: dense_causal_attention(q, k, v),
     }
     rows = []
     t_cudnn = None
+    split_tiles = attend_fwd.SPLIT_TILES
     for name, fn in modes.items():
         _host.LEGACY_HOST = name in ("before", "g-before")
+        if "nosplit" in name:
+            attend_fwd.SPLIT_TILES = 1 << 30
+        if name == "g-nosplit":
+            pbs_graphs().clear()
         try:
             out = fn()
             err = sampled_error(out, q, k, v)
@@ -121,6 +133,9 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
             row["ms"] = do_bench(fn, warmup=5 if quick else 10, rep=30 if quick else 60, return_mode="median")
         finally:
             _host.LEGACY_HOST = False
+            attend_fwd.SPLIT_TILES = split_tiles
+            if name == "g-nosplit":
+                pbs_graphs().clear()
         if name == "auto":  # the dense fallback's output is cuDNN's, bit for bit
             row["chose"] = "dense" if torch.equal(fn(), dense_causal_attention(q, k, v)) else "pbs"
         if name == "cudnn":
@@ -134,12 +149,12 @@ def measure(HQ, H, D, N, quick: bool) -> list[dict]:
 
 
 def show(rows: list[dict]) -> None:
-    print(f"{'shape':<14}{'mode':<9}{'launch':>7}{'host us':>9}{'gpu us':>9}{'wall us':>9}{'ms':>8}"
+    print(f"{'shape':<14}{'mode':<10}{'launch':>7}{'host us':>9}{'gpu us':>9}{'wall us':>9}{'ms':>8}"
           f"{'x cuDNN':>8}{'err %':>7}")
     for r in rows:
         shape = f"{r['shape']} {r['N'] // 1024}K"
         mode = r["mode"] + ("" if "chose" not in r else f"={r['chose'][0]}")
-        print(f"{shape:<14}{mode:<9}{r['launches']:>7.0f}{r['host_us']:>9.0f}{r['gpu_us']:>9.0f}"
+        print(f"{shape:<14}{mode:<10}{r['launches']:>7.0f}{r['host_us']:>9.0f}{r['gpu_us']:>9.0f}"
               f"{r['wall_us']:>9.0f}{r['ms']:>8.3f}{r['x_cudnn']:>8.2f}{100 * r['err']:>7.2f}")
 
 

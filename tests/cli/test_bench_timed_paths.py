@@ -211,7 +211,9 @@ def test_a_cuda_device_makes_a_timed_triton_harness_and_env(monkeypatch):
     h = harness.Harness(bw.BenchSettings(seq_lens=[8192]), cfg, cuda, torch.bfloat16, lambda *a: None)
     assert h.timed and h.profiled and h.backend == "triton"
     assert h.kernel_tol == harness.KERNEL_TOL["low"] and h.max_error == 0.05
-    assert h.pbs_kwargs(min_seq_len=0) == {**cfg.layer.plan_kwargs(), "min_seq_len": 0, "backend": "triton"}
+    # Timed as apply_profile runs it: graph="auto" (a replay for a q of at most 64 MiB).
+    assert h.pbs_kwargs(min_seq_len=0) == {**cfg.layer.plan_kwargs(), "min_seq_len": 0, "backend": "triton",
+                                           "graph": "auto"}
     assert h.pbs_kwargs()["min_seq_len"] == 4096
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
@@ -219,6 +221,7 @@ def test_a_cuda_device_makes_a_timed_triton_harness_and_env(monkeypatch):
     assert bw.resolve_bench_device("auto") == cuda and bw.resolve_bench_device("cuda") == cuda
     env = bw.environment(cuda, torch.bfloat16)
     assert (env.device, env.cuda, env.dtype, env.timing) == ("NVIDIA H200", "12.8", "bfloat16",
-                                                            "median of triton.testing.do_bench")
+                                                            "median of triton.testing.do_bench; pbs calls "
+                                                            "with graph=auto, as apply_profile")
     report = bw.BenchReport(env, {}, cfg, "synthetic")
     assert header_line(report).startswith("device NVIDIA H200 | CUDA 12.8 | ")

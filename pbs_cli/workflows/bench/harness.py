@@ -109,9 +109,12 @@ class Harness:
 
     def pbs_kwargs(self, **override) -> dict:
         """pbs_attention's keywords for the benched layer on this run's backend, its min_seq_len
-        included (override min_seq_len=0 for the sparse path at every length)."""
+        included (override min_seq_len=0 for the sparse path at every length), and graph="auto"
+        as apply_profile runs it: a call with q of at most 64 MiB is replayed from a CUDA graph
+        from its third call on (the first two happen before a timing starts), larger ones and
+        the CPU run eagerly (pbs_kernels.graphs)."""
         return {**self.layer.plan_kwargs(), "min_seq_len": self.layer.min_seq_len, "backend": self.backend,
-                **override}
+                "graph": "auto", **override}
 
     def steps(self, desc: str, total: int) -> Callable[[], None]:
         """Report `desc` at 0 of `total` now; each call of the returned function is one more done."""

@@ -104,7 +104,7 @@ def environment(device, dtype) -> EnvInfo:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        timing = "median of triton.testing.do_bench"
+        timing = "median of triton.testing.do_bench; pbs calls with graph=auto, as apply_profile"
         if distributed.ranks().active:
             timing = "time to first token: median over reps of the slowest rank's wall clock"
     else:

@@ -22,6 +22,7 @@ __all__ = [
     "COST_MODELS",
     "dense_time_ms",
     "kernel_time_ms",
+    "pbs_time_ms",
     "predicted_cost",
 ]
 
@@ -62,6 +63,22 @@ def kernel_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
     from ..timing import time_ms
 
     return float(time_ms(fn, **QUICK) if quick else time_ms(fn))
+
+
+def pbs_time_ms(q, k, v, *, quick: bool = False, **kwargs) -> float:
+    """Median time of `pbs_attention(q, k, v, **kwargs)` in ms as `apply_profile` runs it by
+    default: graph="auto", so a call small enough to be host-bound is a CUDA-graph replay (about
+    50 us of host time instead of 650 at 9 / 3 heads, D 64, 8K on an H200, BENCHMARKS section 19;
+    timing the eager call there made every sparse setting slower than dense). The first call runs
+    eagerly and the second captures, both before the timing starts."""
+    from pbs_kernels.attention import pbs_attention
+
+    def call():
+        return pbs_attention(q, k, v, graph="auto", **kwargs)
+
+    call()
+    call()
+    return kernel_time_ms(call, quick=quick)
 
 
 def dense_time_ms(q, k, v, *, scale: float | None = None, quick: bool = False) -> tuple[float, str]:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pbs_kernels.attention import pbs_attention, pbs_plan
+from pbs_kernels.attention import pbs_plan
 from pbs_kernels.metrics import output_error, recall_from_lse
 from pbs_kernels.profile import LayerConfig
 
-from .cost import dense_time_ms, kernel_time_ms, predicted_cost
+from .cost import dense_time_ms, pbs_time_ms, predicted_cost
 
 __all__ = ["LayerCapture", "LayerEvaluator", "LayerMeasure"]
 
@@ -132,10 +132,8 @@ class LayerEvaluator:
         time = None
         cost = predicted
         if self.cost_model == "measured":
-            time = kernel_time_ms(
-                lambda: pbs_attention(q, k, v, scale=scale, backend=be, **config.plan_kwargs(), **cap.features()),
-                quick=True,
-            )
+            time = pbs_time_ms(q, k, v, scale=scale, backend=be, quick=True, **config.plan_kwargs(),
+                               **cap.features())
             cost = time / self.dense_ms
         return LayerMeasure(error=error, recall=recall, density=density, cost=cost, predicted_cost=predicted,
                             time_ms=time, density_per_head=[round(float(x), 5) for x in per_head])

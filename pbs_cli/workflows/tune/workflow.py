@@ -376,6 +376,9 @@ def run_tune(model, calib_ids, heldout_ids, settings: TuneSettings, *, tokenizer
         "model": name,
         "calibration": ts.fingerprint(calib_ids[0].tolist()),
         "cost_model": cost_model,
+        # Measured costs time pbs_attention as apply_profile runs it (graph="auto", cost.pbs_time_ms);
+        # studies from before that (eager timings) are not resumed.
+        **({"timing": "graph-auto"} if cost_model == "measured" else {}),
         "device": device_name if cost_model == "measured" else "any",
         "dtype": dtype,
         "shape": shape,
@@ -597,11 +600,10 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
     """
     import torch
 
-    from pbs_kernels.attention import pbs_attention
     from pbs_kernels.integrations.hf import pbs_profile
 
     from ..capture import capture_during
-    from .cost import dense_time_ms, kernel_time_ms
+    from .cost import dense_time_ms, pbs_time_ms
     from .layer import LayerCapture, LayerEvaluator
 
     N = int(input_ids.shape[1])
@@ -628,8 +630,7 @@ def validate_profile(model, profile, input_ids, layers: list[LayerResult], *, co
         if cost_model == "measured":
             if key not in dense_ms:
                 dense_ms[key] = dense_time_ms(cap.q, cap.k, cap.v, scale=cap.scale)[0]
-            time_ms = kernel_time_ms(lambda: pbs_attention(cap.q, cap.k, cap.v, scale=cap.scale,
-                                                           **cfg.plan_kwargs(), **cap.features()))
+            time_ms = pbs_time_ms(cap.q, cap.k, cap.v, scale=cap.scale, **cfg.plan_kwargs(), **cap.features())
             cost = time_ms / dense_ms[key]
         lr.heldout = {"error": m.error, "recall": m.recall, "density": m.density, "cost": cost,
                       "predicted_cost": m.predicted_cost, "time_ms": time_ms,
