@@ -7,8 +7,9 @@ Each setting is one LayerConfig applied to every layer. For each, on the same in
 
 * task accuracy (run_eval on the retrieval tasks, exact match);
 * per-layer proxies on one dense prefill of `calib_ids` (each layer's own dense Q/K/V, as tune
-  scores trials): output error over all rows (tune's objective), output error of the last query
-  block only ("tail error": the rows where a question sits), and recall;
+  scores trials): output error over all rows (tune's objective) and recall. (The output error
+  of the last query block, "tail error", was one until those rows became exact under every
+  setting, issue 21: it measured rounding since.)
 * whole-model proxies with the profile applied: KL(dense || pbs) of the next-token
   distributions and the perplexity change on `calib_ids`.
 
@@ -28,7 +29,7 @@ from .run import run_eval
 __all__ = ["PROXIES", "ProxyRow", "ProxyStudy", "grid", "proxy_study", "spearman"]
 
 # proxy -> sign that makes "larger is better" (accuracy-like) for the rank correlation.
-PROXIES = {"layer_error": -1, "tail_error": -1, "recall": +1, "kl": -1, "ppl_change": -1}
+PROXIES = {"layer_error": -1, "recall": +1, "kl": -1, "ppl_change": -1}
 
 
 def _ranks(xs: Sequence[float]) -> list[float]:
@@ -79,7 +80,6 @@ class ProxyRow:
     ci_low: float
     ci_high: float
     layer_error: float
-    tail_error: float
     recall: float
     density: float
     kl: float
@@ -104,7 +104,7 @@ class ProxyStudy:
 
 
 def _layer_proxies(model, ids, settings, progress: ProgressFn) -> list[dict[str, float]]:
-    """Per setting: mean over layers of output error, tail error, recall and density, each
+    """Per setting: mean over layers of output error, recall and density, each
     layer scored on its own dense inputs (as tune's per-layer studies do)."""
     import torch
 
@@ -113,7 +113,7 @@ def _layer_proxies(model, ids, settings, progress: ProgressFn) -> list[dict[str,
 
     from ..capture import capture_prefill
 
-    sums = [dict.fromkeys(("layer_error", "tail_error", "recall", "density"), 0.0) for _ in settings]
+    sums = [dict.fromkeys(("layer_error", "recall", "density"), 0.0) for _ in settings]
     n_layers = 0
 
     def on_layer(layer) -> None:
@@ -129,9 +129,7 @@ def _layer_proxies(model, ids, settings, progress: ProgressFn) -> list[dict[str,
                 plan = pbs_plan(q, k, v, block_size=cfg.block_size, segment_size=cfg.segment_size,
                                 threshold=cfg.threshold, permute=cfg.permute, scale=scale)
                 out, lse = plan.attend(q, return_lse=True)
-                b = cfg.block_size
                 s["layer_error"] += output_error(out, ref)
-                s["tail_error"] += output_error(out[:, :, -b:], ref[:, :, -b:])
                 s["recall"] += recall_from_lse(lse, ref_lse)
                 s["density"] += float(plan.density_per_head().float().mean())
         progress("per-layer proxies", n_layers, None)
@@ -188,11 +186,11 @@ def markdown_table(study: ProxyStudy) -> str:
     lines = ["| proxy | Spearman rho with task accuracy |", "|---|---|"]
     for p, v in study.spearman.items():
         lines.append(f"| {p} | {'n/a' if math.isnan(v) else f'{v:+.2f}'} |")
-    lines += ["", "| threshold | permute | accuracy % [95% CI] (n) | layer error | tail error | recall | density | KL | ppl change |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| threshold | permute | accuracy % [95% CI] (n) | layer error | recall | density | KL | ppl change |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in study.rows:
         lines.append(
             f"| {r.setting['threshold']:g} | {'on' if r.setting['permute'] else 'off'} | "
             f"{100 * r.accuracy:.0f} [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}] ({r.n}) | {r.layer_error:.3f} | "
-            f"{r.tail_error:.3f} | {r.recall:.3f} | {r.density:.3f} | {r.kl:.4f} | {100 * r.ppl_change:+.2f}% |")
+            f"{r.recall:.3f} | {r.density:.3f} | {r.kl:.4f} | {100 * r.ppl_change:+.2f}% |")
     return "\n".join(lines)
