@@ -156,6 +156,10 @@ def test_whole_prompt_rows_timed(timed, tmp_path):
                                                + rows["pbs.select"]["ms"])
     assert rows["flex.attend"]["note"] == "same tiles as pbs" and timed["compiled_flex"] >= 2
     assert rows["pbs-auto"]["note"] == "dense fallback: 512 tokens < min_seq_len 1024"
+    # The pbs row is a graph replay at this size (graph="auto"), its stages eager: a note says so.
+    assert [n for n in doc["notes"] if "'pbs' is a CUDA-graph replay" in n] == [
+        "at 512 'pbs' is a CUDA-graph replay (graph=auto, as apply_profile runs it); pbs.permute, pbs.select and "
+        "pbs.attend are each timed eagerly with their own host cost, so there they add up to more than 'pbs'"]
     # One call_cost of the eager pbs call, carried to the JSON as measured.
     assert timed["call_cost"] == 1 and sorted(res["pbs_call"]) == sorted(COST) and res["pbs_call"]["host_us"] > 0
     # Every row with a time went through time_ms: dense 2, pbs 1 + stages 3, auto, flex, noperm.
@@ -177,6 +181,7 @@ def test_permute_off_and_serving_rows_timed(timed, tmp_path):
                                  "--lengths", "150,300",
                                  "--out", str(out)], prog_name="pbs")
     assert r.exit_code == 0, r.output
+    assert "CUDA-graph replay" in " ".join(r.stderr.split())  # printed, not only in the JSON
     doc = json.loads((out / "results.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md",
                                                       "time_vs_seq_len.png"]
@@ -225,3 +230,14 @@ def test_a_cuda_device_makes_a_timed_triton_harness_and_env(monkeypatch):
                                                             "with graph=auto, as apply_profile")
     report = bw.BenchReport(env, {}, cfg, "synthetic")
     assert header_line(report).startswith("device NVIDIA H200 | CUDA 12.8 | ")
+
+
+def test_no_replay_note_above_the_capture_size(timed, tmp_path, monkeypatch):
+    """A q above graphs.AUTO_MAX_Q_BYTES runs eagerly under graph="auto": no replay note."""
+    from pbs_kernels import graphs
+
+    monkeypatch.setattr(graphs, "AUTO_MAX_Q_BYTES", 0)
+    s = bw.BenchSettings(seq_lens=[512], heads=4, kv_heads=2, head_dim=64, device="cpu",
+                         profile=_profile(tmp_path), max_error=1.0, baselines=("cudnn",))
+    doc = json.loads(output_files(bw.run_bench(s))["results.json"])
+    assert doc["ok"] and not [n for n in doc["notes"] if "CUDA-graph replay" in n]

@@ -51,6 +51,8 @@ from typing import Optional
 import torch
 import triton
 
+from pbs_kernels.graphs import auto_worth_it
+
 from .. import distributed
 from ..errors import (DeviceError, GpuRequired, HeadsNotMultiple, OutOfMemoryAt, SeqLenNotAboveSegment,
                       TensorParallelBenchScope, UsageError, WorkloadUnknown)
@@ -224,8 +226,11 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
     if s.workload == "captured" and s.prompt_rows:
         captured = captured_workloads(s, seq_lens, device, dtype, progress, notes)
     h = Harness(s, cfg, device, dtype, progress)
+    replayed = []  # lengths whose pbs row is a CUDA-graph replay (Harness.pbs_kwargs: graph="auto")
     for n in seq_lens if s.prompt_rows else []:
         wl = captured.pop(n, None) or synthetic_workload(s, n, device, dtype)
+        if h.timed and auto_worth_it(wl.q):
+            replayed.append(format_length(n))
         try:
             report.results.append(prompt_case(h, wl))
         except torch.cuda.OutOfMemoryError:
@@ -233,6 +238,12 @@ def run_bench(s: BenchSettings, progress: ProgressFn = no_progress) -> BenchRepo
         finally:
             del wl
             _free(device)
+    if replayed:
+        # At 9 / 3 heads, D 64, 8K on an H200 the replay took 0.197 ms and the eager parts 0.195 +
+        # 0.147 + 0.140 ms (BENCHMARKS.md section 20): without this note the rows contradict.
+        report.notes.append(f"at {', '.join(replayed)} 'pbs' is a CUDA-graph replay (graph=auto, as apply_profile "
+                            "runs it); pbs.permute, pbs.select and pbs.attend are each timed eagerly with their own "
+                            "host cost, so there they add up to more than 'pbs'")
     try:
         for n in seq_lens if chunks else []:
             wl = synthetic_workload(s, n, device, dtype)
