@@ -2,7 +2,7 @@
 defaults and a profile tuned at 128K, with the Amdahl split (issue 22, item 5).
 
     python scripts/gpu_ttft.py [--layers 8] [--lens 64k,128k,256k] [--tune 128k] [--targets 5x,4x,3x]
-                               [--trials 12] [--profile P] [--out DIR]   # DIR: $OUT
+                               [--trials 12] [--no-analyze] [--profile P] [--out DIR]   # DIR: $OUT
 
 1. The model (scripts/llama8b_model.py: structured random attention, bf16, no download) is built
    on the GPU with positions for the longest length.
@@ -71,16 +71,22 @@ def save(out: Path, doc: dict) -> None:
     (out / "ttft.json").write_text(json.dumps(doc, indent=1, default=str))
 
 
-def tune(model, n: int, targets: list[str], trials: int, out: Path) -> tuple[PbsProfile | None, dict]:
+def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: bool) -> tuple[PbsProfile | None, dict]:
     calib, held = prompt(model, n, 1), prompt(model, n, 2)
     info: dict = {"seq_len": n, "tried": []}
+    t_start = time.time()
+
+    def progress(desc, done, total=None):
+        # Where a long tune spends its time (section 20: 14 trials in about 3 minutes at 128K).
+        print(f"  [{time.time() - t_start:6.1f} s] {desc} {done}/{total}", flush=True)
+
     for t in targets:
         settings = TuneSettings(target_speedup=float(t.rstrip("x")),
                                 out=out / "tuned.yaml", trials=trials, model_name="llama8b-shaped",
-                                max_accuracy_drop=None)
+                                max_accuracy_drop=None, analyze=analyze)
         t0 = time.time()
         try:
-            result = run_tune(model, calib, held, settings)
+            result = run_tune(model, calib, held, settings, progress=progress)
         except TargetUnreachableError as e:
             info["tried"].append({"target": t, "error": str(e), "s": time.time() - t0})
             print(f"tune {t}: {e}", flush=True)
@@ -101,6 +107,8 @@ def main() -> int:
     ap.add_argument("--tune", default="", help="tune at this length first (e.g. 128k)")
     ap.add_argument("--targets", default="5x,4x,3x")
     ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--no-analyze", action="store_true",
+                    help="seed the tune's studies without analyze_layer (as TuneSettings(analyze=False))")
     ap.add_argument("--profile", default="", help="a tuned profile made earlier")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -138,7 +146,8 @@ def main() -> int:
         save(out, doc)
     tuned = PbsProfile.load(args.profile) if args.profile else None
     if args.tune:
-        tuned, doc["tune"] = tune(model, parse_length(args.tune), args.targets.split(","), args.trials, out)
+        tuned, doc["tune"] = tune(model, parse_length(args.tune), args.targets.split(","), args.trials, out,
+                                  analyze=not args.no_analyze)
         save(out, doc)
     if tuned is not None:
         name = f"tuned@{args.tune or 'profile'}"
