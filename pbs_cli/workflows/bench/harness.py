@@ -111,8 +111,9 @@ class Harness:
         """pbs_attention's keywords for the benched layer on this run's backend, its min_seq_len
         included (override min_seq_len=0 for the sparse path at every length), and graph="auto"
         as apply_profile runs it: a call with q of at most 64 MiB is replayed from a CUDA graph
-        from its third call on (the first two happen before a timing starts), larger ones and
-        the CPU run eagerly (pbs_kernels.graphs)."""
+        from its third call on (the first two, eager and capture, are timing.time_ms's untimed
+        call and the one that sizes its loops, outside the median), larger ones and the CPU run
+        eagerly (pbs_kernels.graphs)."""
         return {**self.layer.plan_kwargs(), "min_seq_len": self.layer.min_seq_len, "backend": self.backend,
                 "graph": "auto", **override}
 

@@ -68,9 +68,10 @@ def kernel_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
 def pbs_time_ms(q, k, v, *, quick: bool = False, **kwargs) -> float:
     """Median time of `pbs_attention(q, k, v, **kwargs)` in ms as `apply_profile` runs it by
     default: graph="auto", so a call small enough to be host-bound is a CUDA-graph replay (about
-    50 us of host time instead of 650 at 9 / 3 heads, D 64, 8K on an H200, BENCHMARKS section 19;
-    timing the eager call there made every sparse setting slower than dense). The first call runs
-    eagerly and the second captures, both before the timing starts."""
+    50 us of host time instead of 690 at 9 / 3 heads, D 64, 8K on an H200, BENCHMARKS section 20:
+    timed eagerly every sparse setting of SmolLM2-135M at 8K looked slower than dense, "1.00x";
+    timed as it runs, tune found 1.11x). The first call runs eagerly and the second captures,
+    both before the timing starts."""
     from pbs_kernels.attention import pbs_attention
 
     def call():
