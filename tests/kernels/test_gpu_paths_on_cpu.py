@@ -409,11 +409,16 @@ def test_gpu_fixed_cost_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
         check = m.check_graph(9, 3, 64, 8192)
         assert check["graph_equals_eager"] and check["err_eager"] < 0.05
         assert len(m.gate_rows()) == 8
+        from pbs_kernels.ops.attend import fwd
+
+        split_tiles = fwd.SPLIT_TILES
         rows = m.measure(9, 3, 64, 8192, True)
     finally:
         crossover.forget()
-    assert [r["mode"] for r in rows] == ["before", "eager", "g-before", "graph", "auto", "cudnn", "fallback"]
+    assert [r["mode"] for r in rows] == ["before", "eager", "nosplit", "g-before", "graph", "g-nosplit", "auto",
+                                         "cudnn", "fallback"]
     assert all(r["err"] < 0.05 and r["ms"] > 0 and r["x_cudnn"] > 0 for r in rows)
+    assert fwd.SPLIT_TILES == split_tiles  # the split-off modes put it back
     m.show(rows)  # the table's fields all present
     assert not graphs.pbs_graphs().failed
 
