@@ -423,6 +423,40 @@ def test_gpu_fixed_cost_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
     assert not graphs.pbs_graphs().failed
 
 
+def test_gpu_ttft_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
+    """scripts/gpu_ttft.py end to end on a 2-layer model of the 8B model's head shape (the real
+    `shape_attention` on 2 heads of D 128): dense and default rows per length, a tune whose
+    first target is out of reach, the tuned rows, and the Amdahl split's arithmetic."""
+    pytest.importorskip("optuna")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    m = _script("gpu_ttft")
+
+    def tiny(layers, *, structured=True, max_positions=4096, device="cpu"):
+        cfg = LlamaConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                          intermediate_size=256, vocab_size=1000, max_position_embeddings=max_positions,
+                          num_hidden_layers=layers, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        m.sys.modules["llama8b_model"].shape_attention(model)
+        return model
+
+    cpu_for_cuda(m, build=tiny, fastest_dense_ms=lambda q, k, v, **kw: ("cudnn", 1.0))
+    monkeypatch.setattr(m.sys, "argv", ["gpu_ttft.py", "--layers", "2", "--lens", "1k", "--tune", "1k",
+                                        "--targets", "50x,1.01x", "--trials", "3", "--reps", "1",
+                                        "--out", str(tmp_path)])
+    assert m.main() == 0
+    doc = json.loads((tmp_path / "ttft.json").read_text())
+    row, = doc["rows"]
+    assert row["seq_len"] == 1024 and row["attention_dense_ms"] == 2.0  # 2 layers x the stand-in's 1 ms
+    assert row["rest_ms"] == pytest.approx(row["ttft_dense_ms"] - 2.0)
+    for name in ("defaults", "tuned@1k"):
+        assert row[name]["ttft_ms"] > 0 and row[name]["speedup"] == pytest.approx(row["ttft_dense_ms"]
+                                                                                  / row[name]["ttft_ms"])
+    assert [t["target"] for t in doc["tune"]["tried"]] == ["50x"] and doc["tune"]["target"] == "1.01x"
+    assert (tmp_path / "tuned.yaml").is_file()
+
+
 def test_gpu_head_dims_script_on_cpu(cpu_for_cuda, monkeypatch):
     m = _script("gpu_head_dims")
     real_attend = m.attend_triton
