@@ -24,16 +24,10 @@ from pbs_kernels.workloads import make_workload
 
 def union_over_own(q, k, v) -> float:
     """(tiles of each KV group's union x G) / (tiles the query heads select)."""
-    b = pbs_plan(q, k, v, threshold=0.9, backend="torch").blocks
-    B, HQ, nqb, nkb = b.idx.shape
-    listed = torch.arange(nkb)[None, None, None, :] < b.n_total[..., None].long()
-    # Each head's list as a mask over key blocks (unused slots go to a spare column).
-    mask = torch.zeros(B, HQ, nqb, nkb + 1, dtype=torch.bool)
-    mask.scatter_(3, torch.where(listed, b.idx.long(), torch.full_like(b.idx.long(), nkb)), True)
-    mask = mask[..., :nkb]
-    H = k.shape[1]
-    G = HQ // H
-    return mask.view(B, H, G, nqb, nkb).any(2).sum().item() * G / mask.sum().item()
+    mask = pbs_plan(q, k, v, threshold=0.9, backend="torch").blocks.dense_mask()  # [B, HQ, NQB, NKB]
+    B, HQ, nqb, nkb = mask.shape
+    G = HQ // k.shape[1]
+    return mask.view(B, HQ // G, G, nqb, nkb).any(2).sum().item() * G / mask.sum().item()
 
 
 def main() -> None:

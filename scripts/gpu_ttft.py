@@ -35,9 +35,10 @@ from llama8b_model import build  # noqa: E402
 
 from pbs_cli.workflows.bench.e2e import _ttft_ms  # noqa: E402
 from pbs_cli.workflows.errors import TargetUnreachableError  # noqa: E402
-from pbs_cli.commands._options import parse_length  # noqa: E402
+from pbs_cli.commands._options import parse_length, parse_speedup  # noqa: E402
 from pbs_cli.workflows.timing import fastest_dense_ms  # noqa: E402
 from pbs_cli.workflows.tune import TuneSettings, run_tune  # noqa: E402
+from pbs_kernels._io import write_atomic  # noqa: E402
 from pbs_kernels.integrations.hf import apply_profile, remove_profile  # noqa: E402
 from pbs_kernels.profile import PbsProfile  # noqa: E402
 
@@ -68,7 +69,7 @@ def measure(model, name: str, profile: PbsProfile, ids, row: dict, logits_dense,
 
 
 def save(out: Path, doc: dict) -> None:
-    (out / "ttft.json").write_text(json.dumps(doc, indent=1, default=str))
+    write_atomic(out / "ttft.json", json.dumps(doc, indent=1, default=str))
 
 
 def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: bool) -> tuple[PbsProfile | None, dict]:
@@ -81,7 +82,7 @@ def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: boo
         print(f"  [{time.time() - t_start:6.1f} s] {desc} {done}/{total}", flush=True)
 
     for t in targets:
-        settings = TuneSettings(target_speedup=float(t.rstrip("x")),
+        settings = TuneSettings(target_speedup=parse_speedup(t),
                                 out=out / "tuned.yaml", trials=trials, model_name="llama8b-shaped",
                                 max_accuracy_drop=None, analyze=analyze)
         t0 = time.time()
@@ -91,7 +92,7 @@ def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: boo
             info["tried"].append({"target": t, "error": str(e), "s": time.time() - t0})
             print(f"tune {t}: {e}", flush=True)
             continue
-        (out / "tuned.yaml").write_text(result.profile.dumps())
+        result.profile.save(out / "tuned.yaml")
         v = result.validation
         info.update(target=t, s=time.time() - t0, search=result.search, validation=v)
         print(f"tune {t} at {n}: search {result.search['speedup']:.2f}x, held-out {v['speedup']:.2f}x "
@@ -124,11 +125,12 @@ def main() -> int:
           f"({time.time() - t0:.0f} s)", flush=True)
     doc: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers, "rows": []}
     dev = model.device
-    rows, logits_dense = [], {}
+    rows, prompts, logits_dense = [], {}, {}
+    doc["rows"] = rows
     # Dense and the defaults at every length first, then the tune, then the tuned rows: what a
     # run that ends early (a device's time limit) has measured is already in ttft.json.
     for n in lens:
-        ids = prompt(model, n, 0)
+        ids = prompts[n] = prompt(model, n, 0)
         q = torch.randn(1, cfg.num_attention_heads, n, cfg.head_dim, device=dev, dtype=torch.bfloat16)
         k = torch.randn(1, cfg.num_key_value_heads, n, cfg.head_dim, device=dev, dtype=torch.bfloat16)
         backend, attn_ms = fastest_dense_ms(q, k, torch.randn_like(k))
@@ -142,7 +144,6 @@ def main() -> int:
         print(f"{n // 1024}K: dense {dense_ms:.0f} ms, attention {attn_dense:.0f} ms ({backend}) = "
               f"{100 * rows[-1]['attention_share']:.0f}%, ceiling {rows[-1]['ceiling']:.2f}x", flush=True)
         measure(model, "defaults", PbsProfile(model="llama8b-shaped"), ids, rows[-1], logits_dense[n], args.reps)
-        doc["rows"] = rows
         save(out, doc)
     tuned = PbsProfile.load(args.profile) if args.profile else None
     if args.tune:
@@ -153,7 +154,7 @@ def main() -> int:
         name = f"tuned@{args.tune or 'profile'}"
         for row in rows:
             n = row["seq_len"]
-            measure(model, name, tuned, prompt(model, n, 0), row, logits_dense[n], args.reps)
+            measure(model, name, tuned, prompts[n], row, logits_dense[n], args.reps)
             save(out, doc)
     print(f"wrote {out / 'ttft.json'} ({time.time() - t0:.0f} s)")
     return 0

@@ -18,13 +18,12 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pbs_cli.workflows.eval.proxies import grid, markdown_table, proxy_study
 from pbs_cli.workflows.jsonable import to_jsonable
 from pbs_cli.workflows.model import build_prompt, load_model
 from pbs_kernels._io import write_atomic
-from pbs_kernels.demo import demo_doc, demo_model_path
+from pbs_kernels.demo import demo_doc
 
 
 def main() -> None:
@@ -39,16 +38,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    # No --model: the demo model (load_model(None)), in fp32 as before.
+    loaded = load_model(args.model or None, device=args.device, dtype="auto" if args.model else "fp32")
+    model, tok = loaded.model.eval(), loaded.tokenizer
     if args.model:
-        loaded = load_model(args.model, device=args.device, dtype="auto")
-        model, tok = loaded.model.eval(), loaded.tokenizer
         calib = build_prompt(loaded, args.seq_len).input_ids
     else:
-        path = demo_model_path()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
-        tok = AutoTokenizer.from_pretrained(path)
         # Proxies on held-out demo text (seeds >= 1_000_000 were never trained on), as tune measures.
-        calib = torch.tensor([demo_doc(args.seq_len, 1_000_123).ids], device=args.device)
+        calib = torch.tensor([demo_doc(args.seq_len, 1_000_123).ids], device=loaded.device)
     t0 = time.perf_counter()
     settings = grid([float(t) for t in args.thresholds.split(",")], block_size=args.block_size)
     study = proxy_study(model, tok, calib, settings=settings, tasks=args.tasks.split(","),

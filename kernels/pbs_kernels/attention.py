@@ -625,8 +625,9 @@ def _attention(q, k, v, s: PbsSettings, *, sinks=None, cache=None, return_stats=
         # replay's input and output copies made it slower (H200, 9/3/64 8K: 0.244 ms replayed
         # against 0.215 eager; BENCHMARKS section 19).
         if eager_reason is None and not dense:
-            key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, dense, s)
-            fn = lambda *t: _pbs_eager(*t, s, dense=dense)  # noqa: E731
+            # Only the sparse path is captured: the key's sixth field (dense) stays, always False.
+            key = (q.shape, k.shape, q.dtype, q.device, sinks is not None, False, s)
+            fn = lambda *t: _pbs_eager(*t, s, dense=False)  # noqa: E731
             if last and call_key is not None:
                 pbs_graphs().remember(call_key, (key, fn, choice, graph == "auto"))
             return pbs_graphs().run(key, fn, (qs, ks, vs, ss), auto=graph == "auto")

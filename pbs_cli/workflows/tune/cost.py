@@ -70,14 +70,13 @@ def pbs_time_ms(q, k, v, *, quick: bool = False, **kwargs) -> float:
     default: graph="auto", so a call small enough to be host-bound is a CUDA-graph replay (about
     50 us of host time instead of 690 at 9 / 3 heads, D 64, 8K on an H200, BENCHMARKS section 20:
     timed eagerly every sparse setting of SmolLM2-135M at 8K looked slower than dense, "1.00x";
-    timed as it runs, tune found 1.11x). The first call runs eagerly and the second captures,
-    both before the timing starts."""
+    timed as it runs, tune found 1.11x). The first call runs eagerly here; the second, which
+    captures, is time_ms's untimed call, so the timing sees replays."""
     from pbs_kernels.attention import pbs_attention
 
     def call():
         return pbs_attention(q, k, v, graph="auto", **kwargs)
 
-    call()
     call()
     return kernel_time_ms(call, quick=quick)
 
