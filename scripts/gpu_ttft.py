@@ -2,7 +2,7 @@
 defaults and a profile tuned at 128K, with the Amdahl split (issue 22, item 5).
 
     python scripts/gpu_ttft.py [--layers 8] [--lens 64k,128k,256k] [--tune 128k] [--targets 5x,4x,3x]
-                               [--trials 12] [--no-analyze] [--profile P] [--out DIR]   # DIR: $OUT
+                               [--trials 12] [--no-analyze] [--storage DB] [--profile P] [--out DIR]
 
 1. The model (scripts/llama8b_model.py: structured random attention, bf16, no download) is built
    on the GPU with positions for the longest length.
@@ -10,6 +10,10 @@ defaults and a profile tuned at 128K, with the Amdahl split (issue 22, item 5).
    depends on distance, not on the tokens), measured costs, trying --targets in order until one
    is reached (the stored trials are reused, so a lower target costs no new ones); the profile is
    written to DIR/tuned.yaml. Or --profile P: a profile made earlier. Neither: no tuned rows.
+   The trials are stored in DIR/tuned.optuna.db, or in --storage DB: a tune longer than one device
+   call (section 20: ~90 s a layer at 128K) goes on in the next call from the database the first
+   left in $OUT (the studies' names come from the model, the length and the prompt, which the
+   seeds fix). --lens "" runs the tune alone.
 3. Per length, one random prompt (BOS first): the time to first token (`pbs bench --e2e`'s
    `_ttft_ms`: median wall time of one prefill up to the first token's logits) dense, with the
    defaults (PbsProfile(): block 128, segment 256, tau 0.9, permute) and with the tuned profile.
@@ -72,19 +76,31 @@ def save(out: Path, doc: dict) -> None:
     write_atomic(out / "ttft.json", json.dumps(doc, indent=1, default=str))
 
 
-def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: bool) -> tuple[PbsProfile | None, dict]:
+def compiled_kernels() -> int:
+    """Kernels in Triton's on-disk cache (one folder per compiled variant): counted before and
+    after the tune, the variants its trials compiled. Why: section 20's tune at 128K took ~13 s
+    a trial for about 0.5 s of GPU work by estimate, and 48 random trials of its space ask for
+    ~78 compilations on a fresh machine (section 21, scripts/cpu_tune_variants.py)."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+
+
+def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: bool,
+         storage: str | None = None) -> tuple[PbsProfile | None, dict]:
     calib, held = prompt(model, n, 1), prompt(model, n, 2)
-    info: dict = {"seq_len": n, "tried": []}
+    info: dict = {"seq_len": n, "tried": [], "kernels_cached_before": compiled_kernels()}
     t_start = time.time()
 
     def progress(desc, done, total=None):
-        # Where a long tune spends its time (section 20: 14 trials in about 3 minutes at 128K).
-        print(f"  [{time.time() - t_start:6.1f} s] {desc} {done}/{total}", flush=True)
+        # Where a long tune spends its time (section 20: 14 trials in about 3 minutes at 128K),
+        # and how many kernel variants it has compiled so far.
+        print(f"  [{time.time() - t_start:6.1f} s] {desc} {done}/{total} "
+              f"(+{compiled_kernels() - info['kernels_cached_before']} compiled)", flush=True)
 
     for t in targets:
         settings = TuneSettings(target_speedup=parse_speedup(t),
                                 out=out / "tuned.yaml", trials=trials, model_name="llama8b-shaped",
-                                max_accuracy_drop=None, analyze=analyze)
+                                max_accuracy_drop=None, analyze=analyze, storage=storage)
         t0 = time.time()
         try:
             result = run_tune(model, calib, held, settings, progress=progress)
@@ -94,7 +110,10 @@ def tune(model, n: int, targets: list[str], trials: int, out: Path, analyze: boo
             continue
         result.profile.save(out / "tuned.yaml")
         v = result.validation
-        info.update(target=t, s=time.time() - t0, search=result.search, validation=v)
+        info.update(target=t, s=time.time() - t0, search=result.search, validation=v,
+                    kernels_compiled=compiled_kernels() - info["kernels_cached_before"],
+                    trials_stored=sum(layer.trials_before for layer in result.layers),
+                    trials_run=sum(layer.trials_run for layer in result.layers))
         print(f"tune {t} at {n}: search {result.search['speedup']:.2f}x, held-out {v['speedup']:.2f}x "
               f"({time.time() - t0:.0f} s)", flush=True)
         return result.profile, info
@@ -110,13 +129,17 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--no-analyze", action="store_true",
                     help="seed the tune's studies without analyze_layer (as TuneSettings(analyze=False))")
+    ap.add_argument("--storage", default=None,
+                    help="the tune's Optuna storage (default: DIR/tuned.optuna.db); an earlier call's to go on")
     ap.add_argument("--profile", default="", help="a tuned profile made earlier")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lens = [parse_length(x) for x in args.lens.split(",")]
+    lens = [parse_length(x) for x in args.lens.split(",") if x.strip()]
+    if not lens and not args.tune:
+        ap.error("nothing to do: give --lens, --tune or both")
     t0 = time.time()
     model = build(args.layers, max_positions=max(lens + ([parse_length(args.tune)] if args.tune else [])))
     model.eval()
@@ -148,7 +171,7 @@ def main() -> int:
     tuned = PbsProfile.load(args.profile) if args.profile else None
     if args.tune:
         tuned, doc["tune"] = tune(model, parse_length(args.tune), args.targets.split(","), args.trials, out,
-                                  analyze=not args.no_analyze)
+                                  analyze=not args.no_analyze, storage=args.storage)
         save(out, doc)
     if tuned is not None:
         name = f"tuned@{args.tune or 'profile'}"

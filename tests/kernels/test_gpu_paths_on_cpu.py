@@ -423,6 +423,52 @@ def test_gpu_fixed_cost_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
     assert not graphs.pbs_graphs().failed
 
 
+def test_cpu_l2_order_model():
+    """scripts/cpu_l2_order.py's L2 model on hand-made programs, and its launch orders on a real
+    plan: the kernel's program numbering, every tile read once per program."""
+    from pbs_kernels.attention import pbs_plan
+    from pbs_kernels.ops.attend.fwd import final_splits
+
+    m = _script("cpu_l2_order")
+    # Two programs of one KV head reading the same 3 tiles in lockstep (0, 0, 1, 1, 2, 2): each
+    # second read hits, with room for 3 tiles or for 1.
+    same = [(0, [0, 1, 2]), (0, [0, 1, 2])]
+    assert m.misses(same, 2, 3) == (6, 3) and m.misses(same, 2, 1) == (6, 3)
+    # One at a time: with room for 3 the second program hits every tile; with room for 1, none.
+    assert m.misses(same, 1, 3) == (6, 3) and m.misses(same, 1, 1) == (6, 6)
+    # Different KV heads share nothing.
+    assert m.misses([(0, [0, 1]), (1, [0, 1])], 2, 8) == (4, 4)
+
+    q, k, v = rand_qkv(1, 4, 2, 16 * 40 + 5, 64, seed=2)
+    blocks = pbs_plan(q, k, v, block_size=16, segment_size=32, threshold=0.5, backend="torch").blocks
+    progs = m.programs(blocks, 2, q.shape[2])
+    rows = 1 + max(pid for _, pid in progs)
+    assert rows == blocks.num_query_blocks + 2 * (final_splits(blocks.num_blocks, 16, None) - 1)
+    tiles = int(blocks.n_total.sum())
+    for order in m.ORDERS:
+        launched = m.launch_order(progs, order, 4, 2, rows)
+        assert len(launched) == len(progs) and sum(len(ids) for _, ids in launched) == tiles
+    kv = m.launch_order(progs, "kv", 4, 2, rows)
+    assert [k for k, _ in kv[:4]] == [0, 0, 0, 0] and kv[1] == progs[1, 0] and kv[2] == progs[0, 1]
+    heads = m.launch_order(progs, "heads", 4, 2, rows)
+    assert [k for k, _ in heads[:4]] == [0, 0, 1, 1] and heads[0] == progs[0, 0] and heads[2] == progs[2, 0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches")
+def test_cpu_tune_variants_script():
+    """scripts/cpu_tune_variants.py on 3 trials: each trial's kernels are recorded (a plan, the
+    attend with and without LSE), and the interpreter's launch is put back afterwards."""
+    pytest.importorskip("optuna")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    m = _script("cpu_tune_variants")
+    run = InterpretedFunction.run
+    got = m.main(["--trials", "3"])
+    assert InterpretedFunction.run is run
+    assert got["variants"]["_select_kernel"] >= 1 and got["select_keys"] >= 1
+    assert got["variants"]["_attend_fwd_kernel"] >= 2  # with and without LSE
+
+
 def test_gpu_ttft_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
     """scripts/gpu_ttft.py end to end on a 2-layer model of the 8B model's head shape (the real
     `shape_attention` on 2 heads of D 128): dense and default rows per length, a tune whose
@@ -455,6 +501,18 @@ def test_gpu_ttft_script_on_cpu(cpu_for_cuda, monkeypatch, tmp_path):
                                                                                   / row[name]["ttft_ms"])
     assert [t["target"] for t in doc["tune"]["tried"]] == ["50x"] and doc["tune"]["target"] == "1.01x"
     assert (tmp_path / "tuned.yaml").is_file()
+    assert doc["tune"]["trials_stored"] == 2 * 3 and doc["tune"]["trials_run"] == 0  # 50x's trials, reused
+    assert isinstance(doc["tune"]["kernels_compiled"], int)  # Triton's cache (the interpreter adds none)
+
+    # A second call goes on from the first one's trials (--storage) and runs the tune alone (--lens "").
+    again = tmp_path / "again"
+    monkeypatch.setattr(m.sys, "argv", ["gpu_ttft.py", "--layers", "2", "--lens", "", "--tune", "1k",
+                                        "--targets", "1.01x", "--trials", "4", "--storage",
+                                        str(tmp_path / "tuned.optuna.db"), "--out", str(again)])
+    assert m.main() == 0
+    doc = json.loads((again / "ttft.json").read_text())
+    assert doc["rows"] == [] and doc["tune"]["trials_stored"] == 2 * 3 and doc["tune"]["trials_run"] == 2 * 1
+    assert not (again / "tuned.optuna.db").exists()
 
 
 def test_gpu_head_dims_script_on_cpu(cpu_for_cuda, monkeypatch):
