@@ -30,6 +30,7 @@ from collections import OrderedDict
 
 import torch
 
+from pbs_cli.commands._options import parse_length
 from pbs_kernels.attention import pbs_plan
 from pbs_kernels.ops.attend.fwd import final_splits
 from pbs_kernels.workloads import make_workload
@@ -111,9 +112,9 @@ def misses(order: list, resident: int, capacity: int) -> tuple[int, int]:
 
 
 def parse_shape(s: str) -> tuple[int, int, int, int]:
+    """HQ/H/D/N, N as `pbs bench --seq-len` takes it (32k, 131072)."""
     hq, h, d, n = s.split("/")
-    n = int(n[:-1]) * 1024 if n.lower().endswith("k") else int(n)
-    return int(hq), int(h), int(d), n
+    return int(hq), int(h), int(d), parse_length(n)
 
 
 def main() -> None:
@@ -134,17 +135,18 @@ def main() -> None:
         progs = programs(blocks, G, N)
         rows = 1 + max(pid for _, pid in progs)
         tile_bytes = 2 * b * D * 2
-        flop_per_tile = 4 * b * b * D
+        reads = sum(len(ids) for _, ids in progs.values())
+        # TB/s that n tile loads need while the reads' FLOPs run at RATE_TFLOPS
+        need = lambda n: n * tile_bytes * RATE_TFLOPS / (reads * 4 * b * b * D)  # noqa: E731
         resident = args.resident or (132 if D > 64 else 264)
         compulsory = len({(kv, t) for kv, ids in progs.values() for t in ids})
         for mib in sizes:
             cap = int(mib * 2 ** 20 // tile_bytes)
             for order in ORDERS:
-                reads, miss = misses(launch_order(progs, order, HQ, G, rows), resident, cap)
-                tbs = miss * tile_bytes / (reads * flop_per_tile / (RATE_TFLOPS * 1e12)) / 1e12
-                print(f"{spec:<16}{mib:>7.0f}{order:>7}{reads:>10}{100 * miss / reads:>8.1f}{tbs:>7.2f}", flush=True)
-        print(f"{spec:<16}{'':>7}{'bound':>7}{reads:>10}{100 * compulsory / reads:>8.1f}"
-              f"{compulsory * tile_bytes / (reads * flop_per_tile / (RATE_TFLOPS * 1e12)) / 1e12:>7.2f}"
+                _, miss = misses(launch_order(progs, order, HQ, G, rows), resident, cap)
+                print(f"{spec:<16}{mib:>7.0f}{order:>7}{reads:>10}{100 * miss / reads:>8.1f}{need(miss):>7.2f}",
+                      flush=True)
+        print(f"{spec:<16}{'':>7}{'bound':>7}{reads:>10}{100 * compulsory / reads:>8.1f}{need(compulsory):>7.2f}"
               f"   ({time.time() - t0:.0f} s)", flush=True)
 
 
